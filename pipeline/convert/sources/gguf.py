@@ -1,0 +1,180 @@
+"""GGUF files (llama.cpp): metadata becomes an HF-style config, tensors are dequantized to float32 one at a time
+and presented under HF names, with llama.cpp's Q/K row permutation undone where its converter applied one."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.convert.sources import register_source
+from pipeline.convert.sources.base import SourceModel
+from pipeline.convert.sources.files import fingerprint_prefix
+from pipeline.errors import PipelineError
+
+
+@dataclass(frozen=True)
+class GGUFArch:
+    """How one `general.architecture` of GGUF maps onto an HF architecture."""
+
+    hf_architecture: str
+    hf_model_type: str
+    # llama.cpp permutes Q/K rows (rotate-half -> interleaved RoPE) for Llama-family models only.
+    permute_qk: bool
+    hf_defaults: dict[str, Any] = field(default_factory=dict)
+
+
+GGUF_ARCHS: dict[str, GGUFArch] = {
+    "llama": GGUFArch("LlamaForCausalLM", "llama", permute_qk=True, hf_defaults={"hidden_act": "silu"}),
+    "qwen2": GGUFArch(
+        "Qwen2ForCausalLM", "qwen2", permute_qk=False, hf_defaults={"hidden_act": "silu", "attention_bias": True}
+    ),
+}
+
+# GGUF tensor names -> HF names ({layer} = block index); shared by the Llama-shaped archs above.
+GGUF_TO_HF_NAMES: dict[str, str] = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{layer}.attn_norm.weight": "model.layers.{layer}.input_layernorm.weight",
+    "blk.{layer}.attn_q.weight": "model.layers.{layer}.self_attn.q_proj.weight",
+    "blk.{layer}.attn_k.weight": "model.layers.{layer}.self_attn.k_proj.weight",
+    "blk.{layer}.attn_v.weight": "model.layers.{layer}.self_attn.v_proj.weight",
+    "blk.{layer}.attn_q.bias": "model.layers.{layer}.self_attn.q_proj.bias",
+    "blk.{layer}.attn_k.bias": "model.layers.{layer}.self_attn.k_proj.bias",
+    "blk.{layer}.attn_v.bias": "model.layers.{layer}.self_attn.v_proj.bias",
+    "blk.{layer}.attn_output.weight": "model.layers.{layer}.self_attn.o_proj.weight",
+    "blk.{layer}.ffn_norm.weight": "model.layers.{layer}.post_attention_layernorm.weight",
+    "blk.{layer}.ffn_gate.weight": "model.layers.{layer}.mlp.gate_proj.weight",
+    "blk.{layer}.ffn_up.weight": "model.layers.{layer}.mlp.up_proj.weight",
+    "blk.{layer}.ffn_down.weight": "model.layers.{layer}.mlp.down_proj.weight",
+}
+
+# HF config key <- GGUF metadata key suffix (after "<arch>.").
+GGUF_CONFIG_KEYS: dict[str, str] = {
+    "hidden_size": "embedding_length",
+    "intermediate_size": "feed_forward_length",
+    "num_hidden_layers": "block_count",
+    "num_attention_heads": "attention.head_count",
+    "num_key_value_heads": "attention.head_count_kv",
+    "rms_norm_eps": "attention.layer_norm_rms_epsilon",
+    "rope_theta": "rope.freq_base",
+    "max_position_embeddings": "context_length",
+    "head_dim": "attention.key_length",
+}
+
+_BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+
+def gguf_name_to_hf(name: str) -> str | None:
+    m = _BLOCK.match(name)
+    if m:
+        return GGUF_TO_HF_NAMES.get(f"blk.{{layer}}.{m.group(2)}", "").format(layer=m.group(1)) or None
+    return GGUF_TO_HF_NAMES.get(name)
+
+
+def unpermute_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Undo llama.cpp's per-head row permutation: rows (h, i, 2) back to (h, 2, i), i.e. interleaved -> halves."""
+    half = w.shape[0] // heads // 2
+    return w.reshape(heads, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+@register_source("gguf")
+class GGUFSource(SourceModel):
+    def __init__(self, path: Path):
+        from gguf import GGUFReader
+
+        if not path.is_file():
+            raise PipelineError(f"model.path: GGUF file {path} does not exist")
+        self.path = path
+        try:
+            self._reader = GGUFReader(str(path))
+        except Exception as e:
+            raise PipelineError(f"{path} is not a readable GGUF file (truncated or corrupt?): {e}") from None
+        arch_name = self._field("general.architecture")
+        if arch_name not in GGUF_ARCHS:
+            raise PipelineError(
+                f"{path}: GGUF architecture {arch_name!r} is not supported; supported: {sorted(GGUF_ARCHS)}"
+            )
+        self._arch = GGUF_ARCHS[arch_name]
+        self._prefix = arch_name
+        self._tensors = {}
+        for t in self._reader.tensors:
+            hf_name = gguf_name_to_hf(t.name)
+            if hf_name is None:
+                raise PipelineError(f"{path}: GGUF tensor {t.name} has no HF equivalent this converter knows")
+            self._tensors[hf_name] = t
+        self.hf_config = self._hf_config()
+
+    def _field(self, key: str, default: Any = None) -> Any:
+        f = self._reader.fields.get(key)
+        return default if f is None else f.contents()
+
+    def _hf_config(self) -> dict[str, Any]:
+        cfg: dict[str, Any] = {
+            "architectures": [self._arch.hf_architecture],
+            "model_type": self._arch.hf_model_type,
+            **self._arch.hf_defaults,
+        }
+        for hf_key, suffix in GGUF_CONFIG_KEYS.items():
+            value = self._field(f"{self._prefix}.{suffix}")
+            if value is not None:
+                cfg[hf_key] = value
+        for required in ("hidden_size", "num_hidden_layers", "num_attention_heads"):
+            if required not in cfg:
+                raise PipelineError(f"{self.path}: GGUF metadata lacks {self._prefix}.{GGUF_CONFIG_KEYS[required]}")
+        cfg.setdefault("num_key_value_heads", cfg["num_attention_heads"])
+        embed = self._tensors.get("model.embed_tokens.weight")
+        if embed is None:
+            raise PipelineError(f"{self.path}: GGUF file has no token_embd.weight")
+        cfg["vocab_size"] = int(self.shape("model.embed_tokens.weight")[0])
+        cfg["tie_word_embeddings"] = "lm_head.weight" not in self._tensors
+        scaling = self._field(f"{self._prefix}.rope.scaling.type")
+        if scaling not in (None, "none"):
+            cfg["rope_scaling"] = {
+                "rope_type": scaling,
+                "factor": self._field(f"{self._prefix}.rope.scaling.factor", 1.0),
+                "original_max_position_embeddings": self._field(f"{self._prefix}.rope.scaling.original_context_length"),
+            }
+        for key, gguf_key in (("bos_token_id", "tokenizer.ggml.bos_token_id"), ("eos_token_id", "tokenizer.ggml.eos_token_id")):
+            value = self._field(gguf_key)
+            if value is not None:
+                cfg[key] = value
+        return cfg
+
+    def names(self) -> set[str]:
+        return set(self._tensors)
+
+    def where(self, name: str) -> str:
+        return f"{self.path} (GGUF tensor {self._tensors[name].name})"
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        # GGUF lists dimensions innermost first; torch order is the reverse.
+        return tuple(int(d) for d in reversed(self._tensors[name].shape))
+
+    def read(self, name: str) -> torch.Tensor:
+        from gguf.quants import dequantize
+
+        t = self._tensors[name]
+        try:
+            data = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        except Exception as e:
+            raise PipelineError(f"cannot dequantize {self.where(name)} ({t.tensor_type.name}): {e}") from None
+        w = torch.from_numpy(data.copy()).reshape(self.shape(name))
+        if self._arch.permute_qk:
+            if name.endswith("self_attn.q_proj.weight"):
+                w = unpermute_rows(w, self.hf_config["num_attention_heads"])
+            elif name.endswith("self_attn.k_proj.weight"):
+                w = unpermute_rows(w, self.hf_config["num_key_value_heads"])
+        return w
+
+    def fingerprint(self) -> dict[str, Any]:
+        # The header (metadata and tensor table) plus size and mtime; see pipeline.convert.sources.files.
+        return {"format": "gguf", "files": [fingerprint_prefix(self.path, int(self._reader.data_offset))]}
+
+    def close(self) -> None:
+        self._reader = None

@@ -1,0 +1,39 @@
+"""JSON Schema validation of everything the pipeline writes (schemas live in the top-level `schemas/` folder)."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+from pipeline.errors import PipelineError
+
+SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+
+
+@lru_cache(maxsize=None)
+def load_schema(name: str) -> dict[str, Any]:
+    path = SCHEMA_DIR / f"{name}.schema.json"
+    if not path.is_file():
+        raise PipelineError(f"schema {path} is missing; is the package installed from a full source tree (pip install -e .)?")
+    schema = json.loads(path.read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return schema
+
+
+def schema_errors(instance: Any, name: str) -> list[str]:
+    """Every violation as 'json.path: message', best match first."""
+    validator = jsonschema.Draft202012Validator(load_schema(name))
+    errors = sorted(validator.iter_errors(instance), key=jsonschema.exceptions.relevance)
+    return [f"{e.json_path}: {e.message}" for e in errors]
+
+
+def validate(instance: Any, name: str, what: str) -> None:
+    """Raise a PipelineError naming the JSON path of the first (most relevant) violation."""
+    errors = schema_errors(instance, name)
+    if errors:
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise PipelineError(f"{what} violates schema {name}: {errors[0]}{more}")

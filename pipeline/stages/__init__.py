@@ -1,0 +1,1 @@
+"""Stage bodies, one module per stage, each registered with `pipeline.executor.stage`."""
