@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import check_mapping, register_configs
+from pipeline.config import PipelineConfig, check_mapping, register_configs
 from pipeline.errors import PipelineError
 
 log = logging.getLogger("pipeline")
@@ -25,7 +26,26 @@ RECIPES_DIR = str(Path(__file__).resolve().parent.parent / "recipes")
 def resolved_config(cfg: DictConfig) -> dict:
     """The recipe as plain JSON-able data (enums as their names), with cross-field checks applied."""
     check_mapping(cfg.mapping)
-    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    unknown = unknown_keys(config, PipelineConfig)
+    if unknown:  # Hydra's `+key=value` adds keys even to typed nodes; nothing would read them
+        raise PipelineError(f"recipe: unknown key(s) {', '.join(unknown)}; check the spelling against the recipe groups")
+    return config
+
+
+def unknown_keys(config: dict, schema: type, prefix: str = "") -> list[str]:
+    """Dotted keys present in `config` but not declared by the structured-config dataclass `schema`."""
+    declared = {f.name: f.type for f in dataclasses.fields(schema)}
+    found = []
+    for key, value in config.items():
+        if key not in declared:
+            found.append(prefix + key)
+            continue
+        sub = getattr(schema, "__dataclass_fields__")[key]
+        sub_type = sub.default_factory if sub.default_factory is not dataclasses.MISSING else None
+        if isinstance(value, dict) and dataclasses.is_dataclass(sub_type):
+            found += unknown_keys(value, sub_type, f"{prefix}{key}.")
+    return found
 
 
 def run_recipe(cfg: DictConfig, run_dir: Path | None):
