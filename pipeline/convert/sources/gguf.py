@@ -109,6 +109,10 @@ class GGUFSource(SourceModel):
                 raise PipelineError(f"{path}: GGUF tensor {t.name} has no HF equivalent this converter knows")
             self._tensors[hf_name] = t
         self.hf_config = self._hf_config()
+        self._data_offset = int(self._reader.data_offset)
+        # The parsed metadata (tokenizer vocabulary and merges as one small array each) is large; the config holds
+        # what conversion needs and each tensor keeps its own view of the file mapping.
+        self._reader = None
 
     def _field(self, key: str, default: Any = None) -> Any:
         f = self._reader.fields.get(key)
@@ -164,7 +168,9 @@ class GGUFSource(SourceModel):
             data = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
         except Exception as e:
             raise PipelineError(f"cannot dequantize {self.where(name)} ({t.tensor_type.name}): {e}") from None
-        w = torch.from_numpy(data.copy()).reshape(self.shape(name))
+        if not data.flags.writeable:  # unquantized types come back as views of the read-only file mapping
+            data = data.copy()
+        w = torch.from_numpy(data).reshape(self.shape(name))
         if self._arch.permute_qk:
             if name.endswith("self_attn.q_proj.weight"):
                 w = unpermute_rows(w, self.hf_config["num_attention_heads"])
@@ -174,7 +180,7 @@ class GGUFSource(SourceModel):
 
     def fingerprint(self) -> dict[str, Any]:
         # The header (metadata and tensor table) plus size and mtime; see pipeline.convert.sources.files.
-        return {"format": "gguf", "files": [fingerprint_prefix(self.path, int(self._reader.data_offset))]}
+        return {"format": "gguf", "files": [fingerprint_prefix(self.path, self._data_offset)]}
 
     def close(self) -> None:
-        self._reader = None
+        self._tensors = {}
