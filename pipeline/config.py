@@ -117,13 +117,16 @@ class BuildConfig:
 
     backend: Backend = Backend.cpu
     max_batch_size: int = 8
-    max_input_len: int = 1024
-    max_seq_len: Optional[int] = 2048
+    max_input_len: int = 924
+    max_seq_len: Optional[int] = 1024
     max_num_tokens: Optional[int] = None
     max_beam_width: int = 1
     gather_context_logits: bool = False
     gather_generation_logits: bool = False
     logits_dtype: LogitsDtype = LogitsDtype.float32
+    # After building, generate this many tokens from a fixed prompt on every rank (under mpirun when the engine has
+    # several) to prove the engine loads and runs; 0 skips it.
+    smoke_test_tokens: int = 8
 
 
 @dataclass

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
 
 from pipeline.errors import PipelineError
 
@@ -24,9 +26,19 @@ def load_schema(name: str) -> dict[str, Any]:
     return schema
 
 
+@lru_cache(maxsize=None)
+def _registry() -> Registry:
+    """Every schema under its $id, so one schema can $ref another (the engine config embeds the checkpoint's)."""
+    resources = []
+    for path in sorted(SCHEMA_DIR.glob("*.schema.json")):
+        schema = load_schema(path.name[: -len(".schema.json")])
+        resources.append((schema["$id"], Resource.from_contents(schema, default_specification=DRAFT202012)))
+    return Registry().with_resources(resources)
+
+
 def schema_errors(instance: Any, name: str) -> list[str]:
     """Every violation as 'json.path: message', best match first."""
-    validator = jsonschema.Draft202012Validator(load_schema(name))
+    validator = jsonschema.Draft202012Validator(load_schema(name), registry=_registry())
     errors = sorted(validator.iter_errors(instance), key=jsonschema.exceptions.relevance)
     return [f"{e.json_path}: {e.message}" for e in errors]
 

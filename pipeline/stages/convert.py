@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import resource
+from pathlib import Path
 from typing import Any
 
 from pipeline.convert.converter import convert
@@ -12,7 +14,9 @@ from pipeline.convert.sources.locate import resolve_model_path
 from pipeline.errors import PipelineError
 from pipeline.executor import StageContext, stage
 
-STAGE_VERSION = 1
+log = logging.getLogger(__name__)
+
+STAGE_VERSION = 2  # 2: the tokenizer is saved beside the checkpoint (tokenizer/)
 
 
 def source_fingerprint(config: dict[str, Any]) -> dict[str, Any]:
@@ -22,6 +26,17 @@ def source_fingerprint(config: dict[str, Any]) -> dict[str, Any]:
         return source.fingerprint()
     finally:
         source.close()
+
+
+def save_tokenizer(source, out: Path) -> bool:
+    """Keep the tokenizer with the checkpoint (TensorRT-LLM ignores extra files), so engines built from it can
+    encode and decode text on their own."""
+    tokenizer = source.tokenizer()
+    if tokenizer is None:
+        log.warning("the source carries no tokenizer; engines built from this checkpoint need --tokenizer_dir for text")
+        return False
+    tokenizer.save_pretrained(out)
+    return True
 
 
 @stage(
@@ -44,6 +59,7 @@ def convert_stage(ctx: StageContext) -> dict[str, Any]:
     source = open_source(model["source"], resolve_model_path(model["path"], model["package"]))
     try:
         result = convert(source, ctx.out_dir, cfg["dtype"], mapping, model["architecture"], ctx.progress)
+        has_tokenizer = save_tokenizer(source, ctx.out_dir / "tokenizer")
     finally:
         source.close()
     return {
@@ -51,5 +67,6 @@ def convert_stage(ctx: StageContext) -> dict[str, Any]:
         "world_size": mapping.tp_size * mapping.pp_size,
         "tensors": sum(len(v) for v in result.written.values()),
         "bytes": result.bytes_written,
+        "tokenizer": has_tokenizer,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }

@@ -34,5 +34,9 @@ class SourceModel(ABC):
     def fingerprint(self) -> dict[str, Any]:
         """A JSON-able identity of the source files, cheap to compute, that changes when their content does."""
 
+    def tokenizer(self):  # noqa: B027 - optional hook
+        """The model's tokenizer (a transformers tokenizer), or None when the source carries none."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release open files."""

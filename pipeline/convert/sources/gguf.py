@@ -182,5 +182,10 @@ class GGUFSource(SourceModel):
         # The header (metadata and tensor table) plus size and mtime; see pipeline.convert.sources.files.
         return {"format": "gguf", "files": [fingerprint_prefix(self.path, self._data_offset)]}
 
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
+
     def close(self) -> None:
         self._tensors = {}

@@ -141,6 +141,13 @@ class HFSource(SourceModel):
             files.append(fingerprint_safetensors(f) if f.suffix == ".safetensors" else fingerprint_zip(f))
         return {"format": "hf", "files": files}
 
+    def tokenizer(self):
+        if not any((self.dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            return None
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.dir)
+
     def close(self) -> None:
         self._handles.clear()
         self._bin_cache = None

@@ -1,0 +1,1 @@
+"""Engines: backends that turn a TensorRT-LLM checkpoint into a runnable engine directory."""

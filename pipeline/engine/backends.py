@@ -1,0 +1,27 @@
+"""Engine backends, chosen by `build.backend`. A backend builds an engine directory from a checkpoint; the runtime
+loads what it built. Callers use `get_backend(name)` only, so a new backend (e.g. TensorRT) is one more entry."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, Protocol
+
+from pipeline.errors import PipelineError
+
+BACKEND_MODULES = {"cpu": "pipeline.engine.cpu"}
+
+
+class Backend(Protocol):
+    name: str
+
+    def build(self, checkpoint_dir: Path, engine_dir: Path, build_config: dict[str, Any]) -> dict[str, Any]:
+        """Write the engine directory; return metrics."""
+
+
+def get_backend(name: str) -> Backend:
+    if name not in BACKEND_MODULES:
+        raise PipelineError(
+            f"build.backend={name!r} is not available in this version; available: {sorted(BACKEND_MODULES)}"
+        )
+    return importlib.import_module(BACKEND_MODULES[name]).BACKEND

@@ -1,0 +1,182 @@
+"""The `cpu` backend: each rank's checkpoint file becomes `rank{N}.engine`, a safetensors file whose tensors are the
+runtime module's parameters, laid out as its kernels want them (MLP fc and gate fused into one matrix), and whose
+metadata holds everything the runtime needs to build the model: the engine file is self-contained."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from pipeline import __version__
+from pipeline.checkpoint.layout import pp_layers
+from pipeline.checkpoint.safetensors_stream import StreamingSafetensorsWriter
+from pipeline.checkpoint.validate import validate_checkpoint
+from pipeline.engine.limits import resolve_limits
+from pipeline.errors import PipelineError
+from pipeline.runtime.model import ModelArgs
+from pipeline.schemas import validate
+
+ENGINE_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class EngineTensor:
+    """One runtime parameter: its name (`{j}` = local layer), the checkpoint tensors concatenated into it (dim 0)."""
+
+    name: str
+    parts: tuple[str, ...]
+    optional: bool = False  # biases exist only when the checkpoint has them
+    stage: str = "layer"  # "first" (embedding), "layer" (per local layer) or "last" (final norm, head)
+
+
+def _layer(name: str) -> str:
+    return f"transformer.layers.{{j}}.{name}"
+
+
+# The decoder the runtime implements: RMSNorm, fused QKV with rotate-half RoPE, gated MLP (TensorRT-LLM's
+# LLaMAForCausalLM and QWenForCausalLM checkpoints).
+GATED_DECODER: tuple[EngineTensor, ...] = (
+    EngineTensor("embed.weight", ("transformer.vocab_embedding.weight",), stage="first"),
+    EngineTensor("layers.{j}.attn_norm.weight", (_layer("input_layernorm.weight"),)),
+    EngineTensor("layers.{j}.attn.qkv_weight", (_layer("attention.qkv.weight"),)),
+    EngineTensor("layers.{j}.attn.qkv_bias", (_layer("attention.qkv.bias"),), optional=True),
+    EngineTensor("layers.{j}.attn.dense_weight", (_layer("attention.dense.weight"),)),
+    EngineTensor("layers.{j}.attn.dense_bias", (_layer("attention.dense.bias"),), optional=True),
+    EngineTensor("layers.{j}.mlp_norm.weight", (_layer("post_layernorm.weight"),)),
+    EngineTensor("layers.{j}.mlp.fc_gate_weight", (_layer("mlp.fc.weight"), _layer("mlp.gate.weight"))),
+    EngineTensor("layers.{j}.mlp.fc_gate_bias", (_layer("mlp.fc.bias"), _layer("mlp.gate.bias")), optional=True),
+    EngineTensor("layers.{j}.mlp.proj_weight", (_layer("mlp.proj.weight"),)),
+    EngineTensor("layers.{j}.mlp.proj_bias", (_layer("mlp.proj.bias"),), optional=True),
+    EngineTensor("final_norm.weight", ("transformer.ln_f.weight",), stage="last"),
+    EngineTensor("lm_head", ("lm_head.weight",), stage="last"),
+)
+
+RUNTIME_LAYOUTS: dict[str, tuple[EngineTensor, ...]] = {
+    "LlamaForCausalLM": GATED_DECODER,
+    "MistralForCausalLM": GATED_DECODER,
+    "Qwen2ForCausalLM": GATED_DECODER,
+}
+
+
+def model_args(ckpt: dict[str, Any], pp_rank: int, names: set[str]) -> ModelArgs:
+    m = ckpt["mapping"]
+    heads = ckpt["num_attention_heads"]
+    head_size = ckpt.get("head_size") or ckpt["hidden_size"] // heads
+    return ModelArgs(
+        hidden_size=ckpt["hidden_size"],
+        num_heads=heads,
+        num_kv_heads=ckpt.get("num_key_value_heads") or heads,
+        head_size=head_size,
+        intermediate_size=ckpt.get("intermediate_size") or 4 * ckpt["hidden_size"],
+        vocab_size=ckpt["vocab_size"],
+        num_layers=ckpt["num_hidden_layers"],
+        layers=list(pp_layers(ckpt["num_hidden_layers"], m["pp_size"], pp_rank)),
+        norm_eps=float(ckpt.get("norm_epsilon", 1e-5)),
+        hidden_act=ckpt.get("hidden_act", "silu"),
+        dtype=ckpt["dtype"],
+        rotary_dim=int(ckpt.get("rotary_embedding_dim") or head_size * float(ckpt.get("rotary_pct", 1.0))),
+        rotary_base=float(ckpt.get("rotary_base", 10000.0)),
+        rotary_scaling=ckpt.get("rotary_scaling"),
+        qkv_bias="transformer.layers.0.attention.qkv.bias" in names,
+        dense_bias="transformer.layers.0.attention.dense.bias" in names,
+        mlp_bias="transformer.layers.0.mlp.fc.bias" in names,
+        use_parallel_embedding=bool(ckpt.get("use_parallel_embedding", False)),
+        embedding_sharding_dim=int(ckpt.get("embedding_sharding_dim", 0)),
+        tp_size=m["tp_size"],
+    )
+
+
+def engine_config(ckpt: dict[str, Any], limits: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "version": f"trtllm-pipeline {__version__}",
+        "pretrained_config": ckpt,
+        "build_config": limits,
+        "engine": {"backend": "cpu", "format_version": ENGINE_FORMAT_VERSION},
+    }
+
+
+class CpuBackend:
+    name = "cpu"
+
+    def build(self, checkpoint_dir: Path, engine_dir: Path, build_config: dict[str, Any]) -> dict[str, Any]:
+        problems = validate_checkpoint(checkpoint_dir)
+        if problems:
+            raise PipelineError(f"checkpoint {checkpoint_dir} is inconsistent: {problems[0]}"
+                                + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+        ckpt = json.loads((checkpoint_dir / "config.json").read_text())
+        layout = RUNTIME_LAYOUTS.get(ckpt["architecture"])
+        if layout is None or ckpt.get("position_embedding_type") != "rope_gpt_neox":
+            raise PipelineError(f"the cpu backend cannot run architecture {ckpt['architecture']} "
+                                f"(supported: {sorted(RUNTIME_LAYOUTS)})")
+        limits = resolve_limits(build_config, ckpt)
+        config = engine_config(ckpt, limits)
+        validate(config, "engine_config", what="engine config.json")
+        engine_dir.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        total = 0
+        m = ckpt["mapping"]
+        for rank in range(m["world_size"]):
+            total += self._build_rank(checkpoint_dir / f"rank{rank}.safetensors", engine_dir / f"rank{rank}.engine",
+                                      ckpt, limits, layout, rank)
+        (engine_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if (checkpoint_dir / "tokenizer").is_dir():
+            shutil.copytree(checkpoint_dir / "tokenizer", engine_dir / "tokenizer")
+        return {"engine_bytes": total, "build_seconds": round(time.perf_counter() - started, 3)}
+
+    def _build_rank(self, src: Path, dst: Path, ckpt, limits, layout, rank: int) -> int:
+        pp_rank = rank // ckpt["mapping"]["tp_size"]
+        with safe_open(str(src), framework="pt") as f:
+            names = set(f.keys())
+            args = model_args(ckpt, pp_rank, names)
+            plan = []
+            for t, j in _instances(layout, len(args.layers), pp_rank, ckpt["mapping"]["pp_size"]):
+                parts = [p.format(j=j) for p in t.parts]
+                missing = [p for p in parts if p not in names]
+                if missing and not t.optional:
+                    raise PipelineError(f"{src}: tensor {missing[0]} is missing")
+                if not missing:
+                    plan.append((t.name.format(j=j), parts))
+            declared = []
+            for name, parts in plan:
+                shapes = [tuple(f.get_slice(p).get_shape()) for p in parts]
+                rows = sum(s[0] for s in shapes)
+                declared.append((name, (rows, *shapes[0][1:]), _dtype(f.get_slice(parts[0]).get_dtype())))
+            meta = {"engine": json.dumps({"format_version": ENGINE_FORMAT_VERSION, "backend": "cpu", "rank": rank,
+                                          "mapping": ckpt["mapping"], "model": asdict(args), "limits": limits})}
+            writer = StreamingSafetensorsWriter(dst, declared, metadata=meta)
+            try:
+                for name, parts in plan:
+                    tensors = [f.get_tensor(p) for p in parts]
+                    writer.write(name, tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0))
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+        return dst.stat().st_size
+
+
+def _instances(layout, num_local_layers: int, pp_rank: int, pp_size: int):
+    """(tensor, local layer) for this pipeline stage: embedding on the first, final norm and head on the last."""
+    for t in layout:
+        if t.stage == "layer":
+            yield from ((t, j) for j in range(num_local_layers))
+        elif (t.stage == "first" and pp_rank == 0) or (t.stage == "last" and pp_rank == pp_size - 1):
+            yield t, None
+
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I8": torch.int8, "U8": torch.uint8,
+           "I32": torch.int32, "F8_E4M3": torch.float8_e4m3fn}
+
+
+def _dtype(name: str) -> torch.dtype:
+    return _DTYPES[name]
+
+
+BACKEND = CpuBackend()

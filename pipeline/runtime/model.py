@@ -1,0 +1,244 @@
+"""The engine model: a compact decoder in the gpt-fast spirit.
+
+Every module reads its sizes from `ModelArgs` (the engine file's metadata), holds only this rank's shard, and keeps
+its forward free of data-dependent Python control flow: positions are explicit tensors, the KV cache has one
+`update`, RoPE and the TP all-reduce are small helpers. `step` is the one entry point a backend exports.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.runtime.kv_cache import KVCache
+from pipeline.runtime.parallel import Dist, tp_all_gather, tp_all_reduce
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+ACTIVATIONS = {"silu": F.silu, "swiglu": F.silu, "gelu": F.gelu, "relu": F.relu,
+               "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+@dataclass
+class ModelArgs:
+    """Everything the runtime needs about the model, as stored in the engine file."""
+
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_size: int
+    intermediate_size: int
+    vocab_size: int
+    num_layers: int  # all layers of the model
+    layers: list[int]  # global indices of this stage's layers
+    norm_eps: float
+    hidden_act: str
+    dtype: str
+    rotary_dim: int
+    rotary_base: float
+    rotary_scaling: dict[str, Any] | None = None
+    qkv_bias: bool = False
+    dense_bias: bool = False
+    mlp_bias: bool = False
+    use_parallel_embedding: bool = False
+    embedding_sharding_dim: int = 0
+    tp_size: int = 1
+
+    @property
+    def vocab_padded(self) -> int:
+        return -(-self.vocab_size // self.tp_size) * self.tp_size
+
+    @property
+    def local_heads(self) -> int:
+        return self.num_heads // self.tp_size
+
+    @property
+    def local_kv_heads(self) -> int:
+        return -(-self.num_kv_heads // self.tp_size)
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """Rotary inverse frequencies, with linear or llama3 scaling applied (others are refused at build time)."""
+    dim = args.rotary_dim
+    inv_freq = 1.0 / (args.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = args.rotary_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "none"))
+    if kind == "linear":
+        inv_freq = inv_freq / float(scaling["factor"])
+    elif kind == "llama3":
+        inv_freq = _llama3_inv_freq(inv_freq, scaling)
+    return inv_freq
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
+    factor, low, high = float(s["factor"]), float(s.get("low_freq_factor", 1.0)), float(s.get("high_freq_factor", 4.0))
+    old_ctx = float(s["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    out = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+    medium = (wavelen <= old_ctx / low) & (wavelen >= old_ctx / high)
+    return torch.where(medium, smoothed, out)
+
+
+def rope_tables(args: ModelArgs, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, [max_positions, rotary_dim], float32 (rotate-half layout: the frequencies repeated twice)."""
+    freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), rope_inv_freq(args))
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, heads, T, D]; cos/sin: [B, 1, T, R] with R <= D (partial rotary leaves the rest untouched)."""
+    r = cos.shape[-1]
+    x_rot, x_pass = x[..., :r], x[..., r:]
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def _bias(enabled: bool, size: int) -> nn.Parameter | None:
+    return nn.Parameter(torch.empty(size)) if enabled else None
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, d: Dist):
+        super().__init__()
+        self.args, self.d = args, d
+        h, dh = args.hidden_size, args.head_size
+        qkv_out = (args.local_heads + 2 * args.local_kv_heads) * dh
+        self.qkv_weight = nn.Parameter(torch.empty(qkv_out, h))
+        self.qkv_bias = _bias(args.qkv_bias, qkv_out)
+        self.dense_weight = nn.Parameter(torch.empty(h, args.local_heads * dh))
+        self.dense_bias = _bias(args.dense_bias, h)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache, input_pos, kv_len: int) -> torch.Tensor:
+        # x: [B, T, H]; mask: [B, 1, T, kv_len]
+        a = self.args
+        b, t, _ = x.shape
+        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+        q, k, v = qkv.split([a.local_heads * a.head_size, a.local_kv_heads * a.head_size, a.local_kv_heads * a.head_size], -1)
+        q = apply_rope(q.view(b, t, a.local_heads, a.head_size).transpose(1, 2), cos, sin)
+        k = apply_rope(k.view(b, t, a.local_kv_heads, a.head_size).transpose(1, 2), cos, sin)
+        v = v.view(b, t, a.local_kv_heads, a.head_size).transpose(1, 2)
+        k_all, v_all = cache.update(input_pos, k, v, kv_len)
+        y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=a.local_heads != a.local_kv_heads)
+        y = F.linear(y.transpose(1, 2).reshape(b, t, a.local_heads * a.head_size), self.dense_weight)
+        y = tp_all_reduce(y, self.d)
+        # Row-parallel bias is added after the reduction: every rank holds the full bias.
+        return y if self.dense_bias is None else y + self.dense_bias
+
+
+class GatedMLP(nn.Module):
+    """proj(act(fc(x)) * gate(x)); fc and gate are fused at build time into one [fc; gate] matrix."""
+
+    def __init__(self, args: ModelArgs, d: Dist):
+        super().__init__()
+        self.d = d
+        h, inner = args.hidden_size, args.intermediate_size // args.tp_size
+        self.act = ACTIVATIONS[args.hidden_act]
+        self.fc_gate_weight = nn.Parameter(torch.empty(2 * inner, h))
+        self.fc_gate_bias = _bias(args.mlp_bias, 2 * inner)
+        self.proj_weight = nn.Parameter(torch.empty(h, inner))
+        self.proj_bias = _bias(args.mlp_bias, h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fc, gate = F.linear(x, self.fc_gate_weight, self.fc_gate_bias).chunk(2, dim=-1)
+        y = tp_all_reduce(F.linear(self.act(fc) * gate, self.proj_weight), self.d)
+        return y if self.proj_bias is None else y + self.proj_bias
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, d: Dist):
+        super().__init__()
+        self.attn_norm = RMSNorm(args.hidden_size, args.norm_eps)
+        self.attn = Attention(args, d)
+        self.mlp_norm = RMSNorm(args.hidden_size, args.norm_eps)
+        self.mlp = GatedMLP(args, d)
+
+    def forward(self, x, cos, sin, mask, cache, input_pos, kv_len):
+        h = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, input_pos, kv_len)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class Embedding(nn.Module):
+    """Vocabulary embedding, replicated or sharded over tp by rows (vocab) or columns (hidden)."""
+
+    def __init__(self, args: ModelArgs, d: Dist):
+        super().__init__()
+        self.args, self.d = args, d
+        rows, cols = args.vocab_size, args.hidden_size
+        if args.use_parallel_embedding and args.embedding_sharding_dim == 0:
+            rows = args.vocab_padded // args.tp_size
+        elif args.use_parallel_embedding:
+            cols = args.hidden_size // args.tp_size
+        self.weight = nn.Parameter(torch.empty(rows, cols))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        a = self.args
+        if not a.use_parallel_embedding or a.tp_size == 1:
+            return F.embedding(tokens, self.weight)
+        if a.embedding_sharding_dim == 1:
+            return tp_all_gather(F.embedding(tokens, self.weight), self.d, dim=-1)
+        start = self.d.tp_rank * self.weight.shape[0]
+        local = tokens - start
+        inside = (local >= 0) & (local < self.weight.shape[0])
+        x = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight) * inside.unsqueeze(-1).to(self.weight.dtype)
+        return tp_all_reduce(x, self.d)
+
+
+class EngineModel(nn.Module):
+    """One pipeline stage of the model on one tensor-parallel rank."""
+
+    def __init__(self, args: ModelArgs, d: Dist, max_batch: int, max_seq: int):
+        super().__init__()
+        self.args, self.d = args, d
+        self.embed = Embedding(args, d) if d.is_first_stage else None
+        self.layers = nn.ModuleList(DecoderLayer(args, d) for _ in args.layers)
+        if d.is_last_stage:
+            self.final_norm = RMSNorm(args.hidden_size, args.norm_eps)
+            self.lm_head = nn.Parameter(torch.empty(args.vocab_padded // args.tp_size, args.hidden_size))
+        dtype = DTYPES[args.dtype]
+        self.caches = [KVCache(max_batch, args.local_kv_heads, max_seq, args.head_size, dtype) for _ in args.layers]
+        cos, sin = rope_tables(args, max_seq)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def step(self, x: torch.Tensor, input_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """x: tokens [B, T] on the first stage, else hidden states [B, T, H]; input_pos: [B, T] absolute positions.
+        Attends to cache positions [0, kv_len); returns hidden states [B, T, H]."""
+        if self.embed is not None:
+            x = self.embed(x)
+        cos = self.rope_cos[input_pos].unsqueeze(1).to(x.dtype)
+        sin = self.rope_sin[input_pos].unsqueeze(1).to(x.dtype)
+        mask = causal_mask(input_pos, kv_len)
+        for layer, cache in zip(self.layers, self.caches):
+            x = layer(x, cos, sin, mask, cache, input_pos, kv_len)
+        return x
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h: [..., H] -> float32 logits over the real vocabulary [..., V] (tp shards gathered, padding dropped)."""
+        local = F.linear(self.final_norm(h), self.lm_head)
+        return tp_all_gather(local, self.d, dim=-1)[..., : self.args.vocab_size].float()
+
+
+def causal_mask(input_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """[B, 1, T, kv_len]: a query at position p sees cache positions 0..p (each sequence has its own positions)."""
+    keys = torch.arange(kv_len, device=input_pos.device)
+    return (keys[None, None, :] <= input_pos[:, :, None]).unsqueeze(1)

@@ -1,0 +1,138 @@
+"""Ranks and their communication: one process per rank under `mpirun`, collectives through torch.distributed (gloo).
+
+mpi4py tells each process its rank and the world size and broadcasts the rendezvous port; torch.distributed then
+carries tensors: TP all-reduce / all-gather inside a pipeline stage, PP send/recv between stages, broadcasts of the
+sampled tokens so every rank returns the same outputs. A single process (world size 1) needs none of it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pipeline.errors import PipelineError
+
+
+@dataclass
+class Dist:
+    """This process's place in the mapping (rank = pp_rank * tp_size + tp_rank) and its process groups."""
+
+    rank: int = 0
+    tp_size: int = 1
+    pp_size: int = 1
+    tp_group: Any = None
+    groups: dict = field(default_factory=dict)
+
+    @property
+    def world_size(self) -> int:
+        return self.tp_size * self.pp_size
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp_size
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // self.tp_size
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    def stage_rank(self, pp_rank: int) -> int:
+        """Global rank of the process with this tp rank in another pipeline stage."""
+        return pp_rank * self.tp_size + self.tp_rank
+
+    @property
+    def last_stage_root(self) -> int:
+        return (self.pp_size - 1) * self.tp_size
+
+
+def mpi_world() -> tuple[int, int]:
+    """(rank, size) from MPI when launched by mpirun, else (0, 1) without importing MPI."""
+    launched = any(k in os.environ for k in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMI_SIZE", "MPI_LOCALRANKID"))
+    if not launched:
+        return 0, 1
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
+
+
+def init_dist(tp_size: int, pp_size: int, rank: int | None = None) -> Dist:
+    """Join the job. `rank` given explicitly (world size 1 use only) skips MPI."""
+    world = tp_size * pp_size
+    if rank is not None and world == 1:
+        return Dist(rank, tp_size, pp_size)
+    mpi_rank, mpi_size = mpi_world()
+    if mpi_size != world:
+        raise PipelineError(
+            f"the engine was built for world_size={world} (tp_size={tp_size} x pp_size={pp_size}) but this job has "
+            f"{mpi_size} rank(s); launch it with: mpirun -n {world} ..."
+        )
+    if rank is not None and rank != mpi_rank:
+        raise PipelineError(f"rank={rank} was requested but MPI says this process is rank {mpi_rank}")
+    d = Dist(mpi_rank, tp_size, pp_size)
+    if world == 1:
+        return d
+    if not dist.is_initialized():
+        from mpi4py import MPI
+
+        port = MPI.COMM_WORLD.bcast(_free_port() if mpi_rank == 0 else None, root=0)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=mpi_rank, world_size=world)
+    # Every process creates every group, in the same order, as torch.distributed requires.
+    for pp in range(pp_size):
+        ranks = list(range(pp * tp_size, (pp + 1) * tp_size))
+        group = dist.new_group(ranks) if tp_size > 1 else None
+        if mpi_rank in ranks:
+            d.tp_group = group
+    return d
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tp_all_reduce(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Sum partial results of a row-parallel layer over the tensor-parallel group."""
+    if d.tp_size == 1:
+        return x
+    dist.all_reduce(x, group=d.tp_group)
+    return x
+
+
+def tp_all_gather(x: torch.Tensor, d: Dist, dim: int) -> torch.Tensor:
+    """Concatenate each tp rank's slice along `dim` (vocab-parallel logits, column-sharded embeddings)."""
+    if d.tp_size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(d.tp_size)]
+    dist.all_gather(parts, x.contiguous(), group=d.tp_group)
+    return torch.cat(parts, dim=dim)
+
+
+def send_to_next_stage(x: torch.Tensor, d: Dist) -> None:
+    dist.send(x.contiguous(), dst=d.stage_rank(d.pp_rank + 1))
+
+
+def recv_from_prev_stage(shape: tuple[int, ...], dtype: torch.dtype, d: Dist) -> torch.Tensor:
+    x = torch.empty(shape, dtype=dtype)
+    dist.recv(x, src=d.stage_rank(d.pp_rank - 1))
+    return x
+
+
+def broadcast_from_last_stage(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Make every rank hold the last stage's tensor (sampled tokens, logits)."""
+    if d.world_size == 1:
+        return x
+    dist.broadcast(x, src=d.last_stage_root)
+    return x
