@@ -7,6 +7,7 @@ sampled tokens so every rank returns the same outputs. A single process (world s
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 from dataclasses import dataclass, field
@@ -88,6 +89,8 @@ def init_dist(tp_size: int, pp_size: int, rank: int | None = None) -> Dist:
 
         port = MPI.COMM_WORLD.bcast(_free_port() if mpi_rank == 0 else None, root=0)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=mpi_rank, world_size=world)
+        # Tear the groups down before the interpreter does: gloo's threads abort the process if destroyed late.
+        atexit.register(_shutdown)
     # Every process creates every group, in the same order, as torch.distributed requires.
     for pp in range(pp_size):
         ranks = list(range(pp * tp_size, (pp + 1) * tp_size))
@@ -95,6 +98,12 @@ def init_dist(tp_size: int, pp_size: int, rank: int | None = None) -> Dist:
         if mpi_rank in ranks:
             d.tp_group = group
     return d
+
+
+def _shutdown() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _free_port() -> int:

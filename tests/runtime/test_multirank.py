@@ -1,0 +1,97 @@
+"""TP, PP and TPxPP engines under mpirun reproduce the single-rank engine: same tokens, logits within 1e-5."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.errors import PipelineError
+from tests.runtime.engines import build_engine
+
+REPO = Path(__file__).resolve().parents[2]
+PROMPTS = [[5, 17, 3, 9, 22, 41, 7], [11, 2], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 12]]
+
+pytestmark = pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not installed (pip install mpi4py mpich)")
+
+
+def mpirun(n: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(["mpirun", "-n", str(n), sys.executable, *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def generate_on_ranks(engine: Path, out: Path, world: int) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    proc = mpirun(world, "-m", "tests.runtime.mpi_generate", str(engine), str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_models, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ref")
+    engine = build_engine(tiny_models["llama_gqa_untied"], tmp)
+    return generate_on_ranks(engine, tmp / "out", 1)[0]
+
+
+@pytest.mark.parametrize("tp,pp,extra", [(2, 1, {}), (1, 2, {}), (2, 2, {}), (4, 1, {})],
+                         ids=["tp2", "pp2", "tp2pp2", "tp4_kv_duplicated"])
+def test_multirank_equals_single_rank(tiny_models, tmp_path, reference, tp, pp, extra):
+    engine = build_engine(tiny_models["llama_gqa_untied"], tmp_path, tp=tp, pp=pp)
+    results = generate_on_ranks(engine, tmp_path / "out", tp * pp)
+    for rank, got in enumerate(results):
+        assert torch.equal(got["output_ids"], reference["output_ids"]), f"rank {rank}"
+        assert torch.equal(got["sequence_lengths"], reference["sequence_lengths"])
+        for key in ("context_logits", "generation_logits"):
+            assert (got[key] - reference[key]).abs().max().item() < 1e-5, (rank, key)
+
+
+def test_parallel_embedding_under_tp(tiny_models, tmp_path, reference):
+    from pipeline.convert.converter import convert
+    from pipeline.convert.registry import MappingArgs
+    from pipeline.convert.sources import open_source
+    from pipeline.engine.cpu import BACKEND
+    from tests.runtime.engines import BUILD
+
+    for dim in (0, 1):
+        ckpt, engine = tmp_path / f"ckpt{dim}", tmp_path / f"engine{dim}"
+        convert(open_source("hf", tiny_models["llama_gqa_untied"]), ckpt, "float32",
+                MappingArgs(2, 1, use_parallel_embedding=True, embedding_sharding_dim=dim), progress=False)
+        BACKEND.build(ckpt, engine, BUILD)
+        got = generate_on_ranks(engine, tmp_path / f"out{dim}", 2)[0]
+        assert torch.equal(got["output_ids"], reference["output_ids"])
+        assert (got["context_logits"] - reference["context_logits"]).abs().max().item() < 1e-5
+
+
+def test_world_size_mismatch_is_a_clear_error(tiny_models, tmp_path):
+    engine = build_engine(tiny_models["llama_gqa_untied"], tmp_path, tp=2)
+    proc = mpirun(3, "-m", "pipeline.run", "--engine_dir", str(engine), "--input_ids", "1,2,3")
+    assert proc.returncode != 0
+    assert "world_size=2" in proc.stderr and "3 rank(s)" in proc.stderr
+
+
+def test_run_command_relaunches_under_mpirun(tiny_models, tmp_path):
+    engine = build_engine(tiny_models["llama_gqa_untied"], tmp_path, tp=2)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "pipeline.run", "--engine_dir", str(engine), "--input_ids",
+                           "5,17,3,9,22,41,7", "--max_new_tokens", "10", "--json"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1 and lines[0]["rank"] == 0  # only rank 0 prints
+
+
+def test_single_process_loading_a_multirank_engine_names_both_sizes(tiny_models, tmp_path):
+    from pipeline.runtime import ModelRunner
+
+    engine = build_engine(tiny_models["llama_gqa_untied"], tmp_path, tp=2)
+    with pytest.raises(PipelineError, match=r"world_size=2 .* 1 rank\(s\)"):
+        ModelRunner.from_dir(engine)
