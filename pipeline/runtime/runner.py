@@ -153,15 +153,18 @@ class ModelRunner:
         gen_logits = [] if r.output_generation_logits else None
 
         context_logits, last_logits = self._prefill(tokens, lengths)
+        # Finished sequences are fed a harmless in-vocabulary token (the end id may be -1 or out of range).
+        filler = r.pad_id if 0 <= r.pad_id < self.vocab_size else 0
         for step in range(r.max_new_tokens):
             next_tokens = self._sample_and_share(last_logits, r)
             if gen_logits is not None:
                 gen_logits.append(last_logits)
-            next_tokens = torch.where(finished, torch.full_like(next_tokens, r.end_id), next_tokens)
-            hit_end = next_tokens == r.end_id
-            for i in torch.nonzero(~finished & ~hit_end).flatten().tolist():
+            active = ~finished
+            hit_end = active & (next_tokens == r.end_id)
+            append = active & ~hit_end
+            for i in torch.nonzero(append).flatten().tolist():
                 out[i, 0, seq_lengths[i]] = next_tokens[i]
-            seq_lengths += (~finished & ~hit_end).long()
+            seq_lengths += append.long()
             finished |= hit_end | self._stopped(out, seq_lengths, lengths, r.stop_words)
             done = bool(finished.all()) or step == r.max_new_tokens - 1
             yield self._result(out, seq_lengths, context_logits, gen_logits, return_dict, r, final=done)
@@ -170,7 +173,8 @@ class ModelRunner:
             # The token just appended sits at position length-1; finished sequences stay at a frozen position (their
             # output is final, what they compute is discarded) so the batch keeps its shape.
             positions = (seq_lengths - 1).unsqueeze(1)
-            last_logits = self._forward(next_tokens.unsqueeze(1), positions, int(positions.max()) + 1)[:, 0]
+            feed = torch.where(finished, torch.full_like(next_tokens, filler), next_tokens)
+            last_logits = self._forward(feed.unsqueeze(1), positions, int(positions.max()) + 1)[:, 0]
 
     def _prefill(self, tokens: torch.Tensor, lengths: torch.Tensor):
         b, width = tokens.shape
