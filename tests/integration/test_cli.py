@@ -103,3 +103,19 @@ def test_default_recipe_end_to_end(smollm2_gguf, tmp_path):
     assert cfg["num_key_value_heads"] == 3 and cfg["vocab_size"] == 49152
     assert cli("validate", str(artifact), cwd=tmp_path).returncode == 0
     assert record["metrics"]["convert"]["tensors"] == 213
+
+
+def test_build_stage_with_multirank_smoke_test(tiny_models, tmp_path):
+    """`mapping.tp_size=2` is all a user types: the build stage runs its smoke test under mpirun by itself."""
+    proc = cli(*tiny(tiny_models["llama_gqa_untied"], tmp_path, "mapping.tp_size=2", "stages=[build]",
+                     "build.max_input_len=32", "build.max_seq_len=64"), f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert list(record["stages"]) == ["convert", "build"]
+    metrics = record["metrics"]["build"]
+    assert metrics["smoke_world_size"] == 2 and metrics["smoke_tokens_per_second"] > 0
+    engine = Path(record["stages"]["build"]["artifact"])
+    assert sorted(p.name for p in engine.glob("rank*.engine")) == ["rank0.engine", "rank1.engine"]
+    bad = cli(*tiny(tiny_models["llama_gqa_untied"], tmp_path, "stages=[build]", "build.max_input_len=300",
+                    "build.max_seq_len=200"), f"hydra.run.dir={tmp_path / 'run2'}", cwd=tmp_path)
+    assert bad.returncode != 0 and "max_input_len=300 exceeds build.max_seq_len=200" in bad.stderr
