@@ -99,7 +99,10 @@ def main(argv: list[str] | None = None) -> int:
             os.execvp(cmd[0], cmd)
         result = generate_from_args(args)
     except PipelineError as e:
+        from pipeline.runtime.parallel import abort_job
+
         print(f"error: {e}", file=sys.stderr, flush=True)
+        abort_job(2)
         return 2
     if result["rank"] == 0:
         if args.json:

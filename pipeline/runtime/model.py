@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.runtime.kernels import TorchKernel
 from pipeline.runtime.kv_cache import KVCache
 from pipeline.runtime.parallel import Dist, tp_all_gather, tp_all_reduce
 
@@ -118,9 +119,11 @@ def _bias(enabled: bool, size: int) -> nn.Parameter | None:
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, d: Dist):
+    linear_weights = ("qkv_weight", "dense_weight")
+
+    def __init__(self, args: ModelArgs, d: Dist, linear: TorchKernel):
         super().__init__()
-        self.args, self.d = args, d
+        self.args, self.d, self.linear = args, d, linear
         h, dh = args.hidden_size, args.head_size
         qkv_out = (args.local_heads + 2 * args.local_kv_heads) * dh
         self.qkv_weight = nn.Parameter(torch.empty(qkv_out, h))
@@ -132,14 +135,14 @@ class Attention(nn.Module):
         # x: [B, T, H]; mask: [B, 1, T, kv_len]
         a = self.args
         b, t, _ = x.shape
-        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+        qkv = self.linear(x, self.qkv_weight, self.qkv_bias)
         q, k, v = qkv.split([a.local_heads * a.head_size, a.local_kv_heads * a.head_size, a.local_kv_heads * a.head_size], -1)
         q = apply_rope(q.view(b, t, a.local_heads, a.head_size).transpose(1, 2), cos, sin)
         k = apply_rope(k.view(b, t, a.local_kv_heads, a.head_size).transpose(1, 2), cos, sin)
         v = v.view(b, t, a.local_kv_heads, a.head_size).transpose(1, 2)
         k_all, v_all = cache.update(input_pos, k, v, kv_len)
         y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=a.local_heads != a.local_kv_heads)
-        y = F.linear(y.transpose(1, 2).reshape(b, t, a.local_heads * a.head_size), self.dense_weight)
+        y = self.linear(y.transpose(1, 2).reshape(b, t, a.local_heads * a.head_size), self.dense_weight)
         y = tp_all_reduce(y, self.d)
         # Row-parallel bias is added after the reduction: every rank holds the full bias.
         return y if self.dense_bias is None else y + self.dense_bias
@@ -148,9 +151,11 @@ class Attention(nn.Module):
 class GatedMLP(nn.Module):
     """proj(act(fc(x)) * gate(x)); fc and gate are fused at build time into one [fc; gate] matrix."""
 
-    def __init__(self, args: ModelArgs, d: Dist):
+    linear_weights = ("fc_gate_weight", "proj_weight")
+
+    def __init__(self, args: ModelArgs, d: Dist, linear: TorchKernel):
         super().__init__()
-        self.d = d
+        self.d, self.linear = d, linear
         h, inner = args.hidden_size, args.intermediate_size // args.tp_size
         self.act = ACTIVATIONS[args.hidden_act]
         self.fc_gate_weight = nn.Parameter(torch.empty(2 * inner, h))
@@ -159,18 +164,18 @@ class GatedMLP(nn.Module):
         self.proj_bias = _bias(args.mlp_bias, h)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fc, gate = F.linear(x, self.fc_gate_weight, self.fc_gate_bias).chunk(2, dim=-1)
-        y = tp_all_reduce(F.linear(self.act(fc) * gate, self.proj_weight), self.d)
+        fc, gate = self.linear(x, self.fc_gate_weight, self.fc_gate_bias).chunk(2, dim=-1)
+        y = tp_all_reduce(self.linear(self.act(fc) * gate, self.proj_weight), self.d)
         return y if self.proj_bias is None else y + self.proj_bias
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, d: Dist):
+    def __init__(self, args: ModelArgs, d: Dist, linear: TorchKernel):
         super().__init__()
         self.attn_norm = RMSNorm(args.hidden_size, args.norm_eps)
-        self.attn = Attention(args, d)
+        self.attn = Attention(args, d, linear)
         self.mlp_norm = RMSNorm(args.hidden_size, args.norm_eps)
-        self.mlp = GatedMLP(args, d)
+        self.mlp = GatedMLP(args, d, linear)
 
     def forward(self, x, cos, sin, mask, cache, input_pos, kv_len):
         h = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, input_pos, kv_len)
@@ -206,11 +211,14 @@ class Embedding(nn.Module):
 class EngineModel(nn.Module):
     """One pipeline stage of the model on one tensor-parallel rank."""
 
-    def __init__(self, args: ModelArgs, d: Dist, max_batch: int, max_seq: int):
+    linear_weights = ("lm_head",)
+
+    def __init__(self, args: ModelArgs, d: Dist, max_batch: int, max_seq: int, linear: TorchKernel | None = None):
         super().__init__()
-        self.args, self.d = args, d
+        linear = linear or TorchKernel()
+        self.args, self.d, self.linear = args, d, linear
         self.embed = Embedding(args, d) if d.is_first_stage else None
-        self.layers = nn.ModuleList(DecoderLayer(args, d) for _ in args.layers)
+        self.layers = nn.ModuleList(DecoderLayer(args, d, linear) for _ in args.layers)
         if d.is_last_stage:
             self.final_norm = RMSNorm(args.hidden_size, args.norm_eps)
             self.lm_head = nn.Parameter(torch.empty(args.vocab_padded // args.tp_size, args.hidden_size))
@@ -219,6 +227,16 @@ class EngineModel(nn.Module):
         cos, sin = rope_tables(args, max_seq)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+
+    def prepare_weights(self) -> None:
+        """Hand every linear weight to the kernel once (after loading), e.g. to reorder it into a blocked layout."""
+        for module in self.modules():
+            for name in getattr(module, "linear_weights", ()):
+                if name not in module._parameters:  # e.g. lm_head lives on the last pipeline stage only
+                    continue
+                prepared = self.linear.prepare(getattr(module, name).detach())
+                del module._parameters[name]
+                setattr(module, name, prepared)
 
     def step(self, x: torch.Tensor, input_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
         """x: tokens [B, T] on the first stage, else hidden states [B, T, H]; input_pos: [B, T] absolute positions.
@@ -234,7 +252,7 @@ class EngineModel(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h: [..., H] -> float32 logits over the real vocabulary [..., V] (tp shards gathered, padding dropped)."""
-        local = F.linear(self.final_norm(h), self.lm_head)
+        local = self.linear(self.final_norm(h), self.lm_head)
         return tp_all_gather(local, self.d, dim=-1)[..., : self.args.vocab_size].float()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import os
 import socket
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +85,8 @@ def init_dist(tp_size: int, pp_size: int, rank: int | None = None) -> Dist:
     d = Dist(mpi_rank, tp_size, pp_size)
     if world == 1:
         return d
+    # Ranks on one machine share its cores: oversubscribed OpenMP pools spin against each other.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _local_ranks()))
     if not dist.is_initialized():
         from mpi4py import MPI
 
@@ -91,6 +94,8 @@ def init_dist(tp_size: int, pp_size: int, rank: int | None = None) -> Dist:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=mpi_rank, world_size=world)
         # Tear the groups down before the interpreter does: gloo's threads abort the process if destroyed late.
         atexit.register(_shutdown)
+        # A rank that dies of an exception takes the job down, instead of leaving its peers blocked in a collective.
+        sys.excepthook = _abort_on_exception(sys.excepthook)
     # Every process creates every group, in the same order, as torch.distributed requires.
     for pp in range(pp_size):
         ranks = list(range(pp * tp_size, (pp + 1) * tp_size))
@@ -98,6 +103,30 @@ def init_dist(tp_size: int, pp_size: int, rank: int | None = None) -> Dist:
         if mpi_rank in ranks:
             d.tp_group = group
     return d
+
+
+def abort_job(code: int = 1) -> None:
+    """End every rank of an MPI job (no-op outside one): a failure on one rank must not leave others waiting."""
+    if mpi_world()[1] > 1:
+        from mpi4py import MPI
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        MPI.COMM_WORLD.Abort(code)
+
+
+def _abort_on_exception(previous):
+    def hook(kind, value, tb):
+        previous(kind, value, tb)
+        abort_job(1)
+
+    return hook
+
+
+def _local_ranks() -> int:
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED).Get_size()
 
 
 def _shutdown() -> None:

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from pipeline.errors import PipelineError
+from pipeline.runtime.kernels import choose_kernel
 from pipeline.runtime.model import DTYPES, EngineModel, ModelArgs
 from pipeline.runtime.parallel import (Dist, broadcast_from_last_stage, init_dist, recv_from_prev_stage,
                                        send_to_next_stage)
@@ -50,8 +51,9 @@ class ModelRunner:
 
     # -- loading ---------------------------------------------------------------------------------------------
     @classmethod
-    def from_dir(cls, engine_dir: str | Path, rank: int | None = None) -> "ModelRunner":
-        """Load this process's `rank{N}.engine` (N from MPI, or `rank` for a single-rank engine)."""
+    def from_dir(cls, engine_dir: str | Path, rank: int | None = None, kernel: str = "auto") -> "ModelRunner":
+        """Load this process's `rank{N}.engine` (N from MPI, or `rank` for a single-rank engine). `kernel` picks
+        the linear-layer kernel (`auto`, `torch`, `blas`, `onednn`; see pipeline.runtime.kernels)."""
         started = time.perf_counter()
         engine_dir = Path(engine_dir)
         config_path = engine_dir / "config.json"
@@ -68,11 +70,13 @@ class ModelRunner:
         args = ModelArgs(**meta["model"])
         limits = meta["limits"]
         # Parameters are placeholders (torch.empty touches no memory) replaced by the loaded tensors (assign=True).
-        model = EngineModel(args, d, limits["max_batch_size"], limits["max_seq_len"])
+        linear = choose_kernel(kernel, DTYPES[args.dtype])
+        model = EngineModel(args, d, limits["max_batch_size"], limits["max_seq_len"], linear)
         state = load_file(path)
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
         if missing or unexpected:
             raise PipelineError(f"{path} does not match the runtime model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        model.prepare_weights()
         return cls(model, d, config, time.perf_counter() - started)
 
     # -- public API ------------------------------------------------------------------------------------------
