@@ -42,8 +42,12 @@ class OneDnnKernel(TorchKernel):
 
     name = "onednn"
 
+    # The batch-size hint picks oneDNN's blocking; measured on SmolLM2-135M's shapes, 16 was as fast as any hint at
+    # 1 row and at 8 rows (hint 1 was 20% slower at 1 row and 35% slower at 8).
+    BATCH_HINT = 16
+
     def prepare(self, w):
-        return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1)
+        return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), self.BATCH_HINT)
 
     def __call__(self, x, w, b=None):
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, b, "none", [], "")
