@@ -159,7 +159,7 @@ class PipelineConfig:
     # dtype of the unquantized checkpoint weights (TensorRT-LLM's `dtype`).
     dtype: Dtype = Dtype.float32
     # Stages to run, in pipeline order; a stage's upstream artifacts are taken from the cache or computed.
-    stages: List[str] = field(default_factory=lambda: ["convert"])
+    stages: List[str] = field(default_factory=lambda: ["convert", "build"])
     # Recompute every stage (true) or the stages named in force_stages, even when the cache holds them.
     force: bool = False
     force_stages: List[str] = field(default_factory=list)

@@ -79,3 +79,33 @@ class StreamingSafetensorsWriter:
 
     def abort(self) -> None:
         self._file.close()
+
+
+TORCH_DTYPES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """The JSON header of a safetensors file and the byte offset where tensor data starts."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path}: too short for a safetensors file")
+        (length,) = struct.unpack("<Q", raw)
+        header = json.loads(f.read(length))
+    return header, 8 + length
+
+
+def iter_tensors(path: Path):
+    """Yield (name, tensor) in file order with plain reads into fresh tensors: unlike a memory map, nothing of the
+    file stays resident after a tensor is consumed, so a loader that transforms tensors one by one stays small."""
+    header, start = read_header(path)
+    entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0])
+    with open(path, "rb", buffering=0) as f:
+        for name, entry in entries:
+            begin, end = entry["data_offsets"]
+            tensor = torch.empty(entry["shape"], dtype=TORCH_DTYPES[entry["dtype"]])
+            view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()) if tensor.numel() else memoryview(b"")
+            f.seek(start + begin)
+            if f.readinto(view) != end - begin:
+                raise ValueError(f"{path}: tensor {name} is truncated")
+            yield name, tensor

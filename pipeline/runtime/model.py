@@ -228,15 +228,24 @@ class EngineModel(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def prepare_weights(self) -> None:
-        """Hand every linear weight to the kernel once (after loading), e.g. to reorder it into a blocked layout."""
-        for module in self.modules():
-            for name in getattr(module, "linear_weights", ()):
-                if name not in module._parameters:  # e.g. lm_head lives on the last pipeline stage only
-                    continue
-                prepared = self.linear.prepare(getattr(module, name).detach())
-                del module._parameters[name]
-                setattr(module, name, prepared)
+    def load_weights(self, tensors) -> list[str]:
+        """Take (name, tensor) pairs one at a time, each linear weight handed to the kernel as it arrives (so a
+        kernel that re-lays weights out never holds two copies of the model); returns the names never given."""
+        linear = {f"{prefix}.{n}" if prefix else n: (module, n) for prefix, module in self.named_modules()
+                  for n in getattr(module, "linear_weights", ()) if n in module._parameters}
+        expected = set(self.state_dict())
+        for name, tensor in tensors:
+            if name not in expected:
+                raise KeyError(name)
+            expected.discard(name)
+            module_name, _, attr = name.rpartition(".")
+            module = self.get_submodule(module_name)
+            if name in linear:
+                del module._parameters[attr]
+                setattr(module, attr, self.linear.prepare(tensor))
+            else:
+                module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+        return sorted(expected)
 
     def step(self, x: torch.Tensor, input_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
         """x: tokens [B, T] on the first stage, else hidden states [B, T, H]; input_pos: [B, T] absolute positions.

@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 
+from pipeline.checkpoint.safetensors_stream import iter_tensors, read_header
 from pipeline.errors import PipelineError
 from pipeline.runtime.kernels import choose_kernel
 from pipeline.runtime.model import DTYPES, EngineModel, ModelArgs
@@ -65,18 +64,18 @@ class ModelRunner:
         path = engine_dir / f"rank{d.rank}.engine"
         if not path.is_file():
             raise PipelineError(f"{path} is missing (the engine has world_size={mapping['world_size']})")
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()["engine"])
+        meta = json.loads(read_header(path)[0]["__metadata__"]["engine"])
         args = ModelArgs(**meta["model"])
         limits = meta["limits"]
         # Parameters are placeholders (torch.empty touches no memory) replaced by the loaded tensors (assign=True).
         linear = choose_kernel(kernel, DTYPES[args.dtype])
         model = EngineModel(args, d, limits["max_batch_size"], limits["max_seq_len"], linear)
-        state = load_file(path)
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-        if missing or unexpected:
-            raise PipelineError(f"{path} does not match the runtime model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        model.prepare_weights()
+        try:
+            missing = model.load_weights(iter_tensors(path))
+        except KeyError as e:
+            raise PipelineError(f"{path} holds tensor {e.args[0]}, which the runtime model does not have") from None
+        if missing:
+            raise PipelineError(f"{path} lacks tensors the runtime model needs, e.g. {missing[:3]}")
         return cls(model, d, config, time.perf_counter() - started)
 
     # -- public API ------------------------------------------------------------------------------------------
