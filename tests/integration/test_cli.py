@@ -24,7 +24,9 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def tiny(model_dir: Path, tmp_path: Path, *extra: str) -> list[str]:
-    return ["model=hf_local", f"model.path={model_dir}", f"cache_dir={tmp_path / 'cache'}", "progress=false", *extra]
+    """Overrides for a tiny model: its max_position_embeddings (128) is below the default build limits."""
+    return ["model=hf_local", f"model.path={model_dir}", f"cache_dir={tmp_path / 'cache'}", "progress=false",
+            "build.max_input_len=32", "build.max_seq_len=64", *extra]
 
 
 def test_run_then_rerun_reuses_and_records(tiny_models, tmp_path):
@@ -55,6 +57,8 @@ def test_sweep_converts_once_per_distinct_convert_config(tiny_models, tmp_path):
     assert len(records) == 4
     computed = [r["stages"]["convert"]["key"] for r in records if not r["stages"]["convert"]["reused"]]
     assert len(computed) == 2 == len({r["stages"]["convert"]["key"] for r in records})
+    built = [r["stages"]["build"]["key"] for r in records if not r["stages"]["build"]["reused"]]
+    assert len(built) == 2  # evaluate-only keys never rebuild
 
 
 def test_user_recipe_directory(tiny_models, tmp_path):
@@ -62,7 +66,8 @@ def test_user_recipe_directory(tiny_models, tmp_path):
     recipes.mkdir()
     (recipes / "my_recipe.yaml").write_text(
         "defaults:\n  - pipeline\n  - override model: hf_local\n  - override mapping: tp2\n  - _self_\n"
-        f"model:\n  path: {tiny_models['mistral_mqa']}\ndtype: float16\ncache_dir: {tmp_path / 'cache'}\nprogress: false\n")
+        f"model:\n  path: {tiny_models['mistral_mqa']}\ndtype: float16\ncache_dir: {tmp_path / 'cache'}\nprogress: false\n"
+        "stages: [convert]\n")
     proc = cli("--config-dir", str(recipes), "--config-name", "my_recipe", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     artifact = Path(json.loads((tmp_path / "run" / "run.json").read_text())["stages"]["convert"]["artifact"])
@@ -103,12 +108,15 @@ def test_default_recipe_end_to_end(smollm2_gguf, tmp_path):
     assert cfg["num_key_value_heads"] == 3 and cfg["vocab_size"] == 49152
     assert cli("validate", str(artifact), cwd=tmp_path).returncode == 0
     assert record["metrics"]["convert"]["tensors"] == 213
+    engine = Path(record["stages"]["build"]["artifact"])
+    assert (engine / "rank0.engine").is_file() and (engine / "tokenizer").is_dir()
+    assert record["metrics"]["build"]["smoke_tokens_per_second"] > 0
 
 
 def test_build_stage_with_multirank_smoke_test(tiny_models, tmp_path):
     """`mapping.tp_size=2` is all a user types: the build stage runs its smoke test under mpirun by itself."""
-    proc = cli(*tiny(tiny_models["llama_gqa_untied"], tmp_path, "mapping.tp_size=2", "stages=[build]",
-                     "build.max_input_len=32", "build.max_seq_len=64"), f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    proc = cli(*tiny(tiny_models["llama_gqa_untied"], tmp_path, "mapping.tp_size=2", "stages=[build]"),
+               f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     assert list(record["stages"]) == ["convert", "build"]
