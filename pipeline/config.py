@@ -129,14 +129,33 @@ class BuildConfig:
     smoke_test_tokens: int = 8
 
 
+class EvalTask(str, Enum):
+    summarize = "summarize"
+    ppl = "ppl"
+
+
+class PromptTemplate(str, Enum):
+    tldr = "tldr"  # summarize.py: article + " TL;DR: "
+    chat = "chat"  # the tokenizer's chat template with a system and a user message
+
+
 @dataclass
 class EvaluateConfig:
-    """Evaluation settings, named as TensorRT-LLM's summarize.py named them."""
+    """Evaluation settings, named as TensorRT-LLM's summarize.py named them where they exist."""
 
-    task: str = "summarize"
+    task: EvalTask = EvalTask.summarize
+    # null: the shipped offline set; else a local .jsonl/.json/.csv/.parquet file or directory, or a hub name.
     dataset: Optional[str] = None
+    dataset_config: Optional[str] = None
+    dataset_split: str = "test"
+    input_field: str = "article"
+    reference_field: str = "highlights"
+    # Shuffle the dataset with random_seed before taking samples (summarize.py does); the shipped set is used in order.
+    shuffle: bool = False
+    prompt_template: PromptTemplate = PromptTemplate.tldr
+    system_prompt: Optional[str] = None
     batch_size: int = 1
-    max_ite: int = 8
+    max_ite: int = 8  # max_ite x batch_size samples are evaluated
     max_input_length: int = 923
     output_len: int = 100
     num_beams: int = 1
@@ -144,9 +163,20 @@ class EvaluateConfig:
     top_k: int = 1
     top_p: float = 0.0
     random_seed: int = 0
+    use_stemmer: bool = False
+    # Also run the source model in transformers (dtype: data_type, default the recipe's dtype).
     test_hf: bool = False
+    data_type: Optional[Dtype] = None
     check_accuracy: bool = False
     tensorrt_llm_rouge1_threshold: float = 15.0
+    # With test_hf and check_accuracy: the engine's ROUGE-1 may fall at most this many points below transformers'.
+    hf_rouge1_tolerance: float = 2.0
+    # Perplexity over a text set (alongside summarize with eval_ppl, or alone with task=ppl).
+    eval_ppl: bool = False
+    ppl_dataset: Optional[str] = None
+    ppl_window: int = 256
+    ppl_max_windows: int = 16
+    tensorrt_llm_ppl_threshold: Optional[float] = None
 
 
 @dataclass
@@ -159,7 +189,7 @@ class PipelineConfig:
     # dtype of the unquantized checkpoint weights (TensorRT-LLM's `dtype`).
     dtype: Dtype = Dtype.float32
     # Stages to run, in pipeline order; a stage's upstream artifacts are taken from the cache or computed.
-    stages: List[str] = field(default_factory=lambda: ["convert", "build"])
+    stages: List[str] = field(default_factory=lambda: ["convert", "build", "evaluate"])
     # Recompute every stage (true) or the stages named in force_stages, even when the cache holds them.
     force: bool = False
     force_stages: List[str] = field(default_factory=list)

@@ -33,7 +33,11 @@ log = logging.getLogger(__name__)
 
 PIPELINE_ORDER = ("convert", "build", "evaluate")
 # Stage name -> module that registers it; imported when a run needs the stage.
-STAGE_MODULES = {"convert": "pipeline.stages.convert", "build": "pipeline.stages.build"}
+STAGE_MODULES = {
+    "convert": "pipeline.stages.convert",
+    "build": "pipeline.stages.build",
+    "evaluate": "pipeline.stages.evaluate",
+}
 MANIFEST_VERSION = 1
 _VERSIONED_PACKAGES = ("torch", "transformers", "safetensors", "gguf", "numpy", "hydra-core", "trtllm-pipeline")
 

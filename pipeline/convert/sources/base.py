@@ -38,5 +38,9 @@ class SourceModel(ABC):
         """The model's tokenizer (a transformers tokenizer), or None when the source carries none."""
         return None
 
+    def transformers_model(self, dtype: torch.dtype):
+        """The same model loaded by `transformers` (the reference the engine is compared with)."""
+        raise NotImplementedError(f"{type(self).__name__} has no transformers reference")
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release open files."""

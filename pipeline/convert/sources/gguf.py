@@ -187,5 +187,10 @@ class GGUFSource(SourceModel):
 
         return AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
 
+    def transformers_model(self, dtype: torch.dtype):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(self.path.parent, gguf_file=self.path.name, dtype=dtype).eval()
+
     def close(self) -> None:
         self._tensors = {}

@@ -148,6 +148,11 @@ class HFSource(SourceModel):
 
         return AutoTokenizer.from_pretrained(self.dir)
 
+    def transformers_model(self, dtype: torch.dtype):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(self.dir, dtype=dtype).eval()
+
     def close(self) -> None:
         self._handles.clear()
         self._bin_cache = None

@@ -1,0 +1,71 @@
+"""The engine side of an evaluation, run on every rank of the engine (in-process for one rank, under mpirun for
+several: `python -m pipeline.evaluate.engine_eval REQUEST.json RESULT.json`; rank 0 writes the result)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.errors import PipelineError
+from pipeline.evaluate.ppl import nll_sum
+
+
+def run_engine_eval(runner, request: dict[str, Any]) -> dict[str, Any]:
+    """Generate for every prompt in batches; time to first token per batch; NLL over perplexity windows."""
+    prompts, bs = request["prompts"], request["batch_size"]
+    outputs, ttfts, generated, seconds = [], [], 0, 0.0
+    for start in range(0, len(prompts), bs):
+        batch = [torch.tensor(p) for p in prompts[start: start + bs]]
+        t0 = time.perf_counter()
+        first = None
+        result = None
+        for result in runner.generate(batch, max_new_tokens=request["max_new_tokens"], end_id=request["end_id"],
+                                      pad_id=request["pad_id"], temperature=request["temperature"],
+                                      top_k=request["top_k"], top_p=request["top_p"], num_beams=request["num_beams"],
+                                      random_seed=request["random_seed"], return_dict=True, streaming=True):
+            if first is None:
+                first = time.perf_counter() - t0
+        seconds += time.perf_counter() - t0
+        ttfts.append(first)
+        lengths = result["sequence_lengths"][:, 0].tolist()
+        for i, p in enumerate(batch):
+            ids = result["output_ids"][i, 0, len(p): lengths[i]].tolist()
+            outputs.append(ids)
+            generated += len(ids)
+    nll, tokens = 0.0, 0
+    for window in request.get("ppl_windows", []):
+        if not runner.limits["gather_context_logits"]:
+            raise PipelineError("perplexity needs an engine built with build.gather_context_logits=true")
+        logits = runner.generate([torch.tensor(window)], max_new_tokens=1, end_id=-1, pad_id=0,
+                                 return_dict=True)["context_logits"][0, : len(window)]
+        n, t = nll_sum(logits, window)
+        nll, tokens = nll + n, tokens + t
+    return {"outputs": outputs, "seconds": seconds, "generated_tokens": generated, "ttft_seconds": ttfts,
+            "ppl_nll": nll, "ppl_tokens": tokens, "load_seconds": runner.load_seconds}
+
+
+def main(argv: list[str]) -> int:
+    from pipeline.runtime import ModelRunner
+    from pipeline.runtime.parallel import abort_job
+
+    request_path, result_path = Path(argv[0]), Path(argv[1])
+    request = json.loads(request_path.read_text())
+    try:
+        runner = ModelRunner.from_dir(request["engine_dir"])
+        result = run_engine_eval(runner, request)
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        abort_job(2)
+        return 2
+    if runner.dist.rank == 0:
+        result_path.write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
