@@ -62,7 +62,7 @@ def run_recipe(cfg: DictConfig, run_dir: Path | None):
     )
     record = write_run_record(result, run_dir) if run_dir is not None else None
     print("\n".join(summary_lines(result, record)), flush=True)
-    failed = [f"{o.name}: {msg}" for o in result.stages for msg in o.metrics.get("failed_checks", [])]
+    failed = result.failed_checks()
     if failed:  # after the artifacts and run.json are written, so the numbers stay inspectable (and cached)
         raise PipelineError("accuracy check failed: " + "; ".join(failed))
     return result

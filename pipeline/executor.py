@@ -61,19 +61,22 @@ class StageSpec:
     needs: tuple[str, ...] = ()
     fingerprint: Callable[[dict[str, Any]], Any] | None = None
     unkeyed: tuple[str, ...] = ()
+    # Judges an outcome (computed or reused) against the current config: {"failed": [...], ...} or {}.
+    checks: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None
 
 
 STAGES: dict[str, StageSpec] = {}
 
 
 def stage(name: str, *, version: int, reads: tuple[str, ...], needs: tuple[str, ...] = (),
-          fingerprint: Callable[[dict[str, Any]], Any] | None = None, unkeyed: tuple[str, ...] = ()):
+          fingerprint: Callable[[dict[str, Any]], Any] | None = None, unkeyed: tuple[str, ...] = (),
+          checks: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None):
     """Register a stage body. Its return value is a dict of metrics (JSON-able) recorded in manifest and run.json."""
     if name not in PIPELINE_ORDER:
         raise ValueError(f"stage {name!r} is not a slot of the pipeline {PIPELINE_ORDER}")
 
     def deco(fn: Callable[[StageContext], dict[str, Any]]):
-        STAGES[name] = StageSpec(name, version, reads, fn, needs, fingerprint, unkeyed)
+        STAGES[name] = StageSpec(name, version, reads, fn, needs, fingerprint, unkeyed, checks)
         return fn
 
     return deco
@@ -98,6 +101,7 @@ class StageOutcome:
     reused: bool
     seconds: float
     metrics: dict[str, Any] = field(default_factory=dict)
+    checks: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -112,7 +116,11 @@ class RunResult:
                 for o in self.stages
             },
             "metrics": {o.name: o.metrics for o in self.stages if o.metrics},
+            "checks": {o.name: o.checks for o in self.stages if o.checks},
         }
+
+    def failed_checks(self) -> list[str]:
+        return [f"{o.name}: {msg}" for o in self.stages for msg in o.checks.get("failed", [])]
 
 
 def stages_to_run(requested: list[str]) -> list[StageSpec]:
@@ -154,6 +162,8 @@ def run_pipeline(config: dict[str, Any], cache_root: Path, requested: list[str],
         forced = force or spec.name in force_stages
         outcome = _resolve(cache, spec, key, stage_config, inputs, external,
                            {n: artifacts[n] for n in spec.needs}, forced, progress)
+        if spec.checks is not None:
+            outcome.checks = spec.checks(stage_config, outcome.metrics)
         keys[spec.name], artifacts[spec.name] = key, outcome.artifact
         outcomes.append(outcome)
     return RunResult(outcomes)
@@ -247,6 +257,11 @@ def summary_lines(result: RunResult, record_path: Path | None) -> list[str]:
         headline = {k: v for k, v in o.metrics.items() if not isinstance(v, (dict, list))}
         if headline:
             lines.append(f"{o.name} metrics: " + ", ".join(f"{k}={v}" for k, v in headline.items()))
+    for o in result.stages:
+        if o.checks:
+            verdict = "FAILED: " + "; ".join(o.checks["failed"]) if o.checks["failed"] else "passed"
+            limits = {k: v for k, v in o.checks.items() if k != "failed"}
+            lines.append(f"{o.name} accuracy check {verdict} ({', '.join(f'{k}={v}' for k, v in limits.items())})")
     if record_path is not None:
         lines.append(f"run record: {record_path}")
     return lines

@@ -53,7 +53,14 @@ def _local_files(path: Path) -> list[Path]:
         return files
     if path.suffix not in LOCAL_FORMATS:
         raise PipelineError(f"evaluate.dataset: {path} is not one of {sorted(LOCAL_FORMATS)}")
+    if path.stat().st_size == 0:
+        raise PipelineError(f"evaluate.dataset: {path} is empty (no rows)")
     return [path]
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -74,7 +81,7 @@ def _load_rows(name: str | None, split: str, config_name: str | None):
         try:
             return datasets.load_dataset(LOCAL_FORMATS[files[0].suffix], data_files=[str(f) for f in files], split="train")
         except Exception as e:
-            raise PipelineError(f"evaluate.dataset: cannot read {path}: {str(e).splitlines()[0]}") from None
+            raise PipelineError(f"evaluate.dataset: cannot read {path}: {_first_line(e)}") from None
     hint = ("point evaluate.dataset at a local copy (a .jsonl, .json, .csv or .parquet file, or a directory of them) "
             "and set evaluate.input_field / evaluate.reference_field")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "0")
@@ -84,7 +91,7 @@ def _load_rows(name: str | None, split: str, config_name: str | None):
         if not _hub_reachable():
             raise PipelineError(f"evaluate.dataset={name!r} is not in the local datasets cache and the HuggingFace hub "
                                 f"is unreachable; {hint}") from None
-        raise PipelineError(f"evaluate.dataset={name!r} could not be loaded ({str(cached_error).splitlines()[0]}); "
+        raise PipelineError(f"evaluate.dataset={name!r} could not be loaded ({_first_line(cached_error)}); "
                             f"{hint}") from None
 
 

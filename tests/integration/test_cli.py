@@ -25,6 +25,7 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def tiny(model_dir: Path, tmp_path: Path, *extra: str) -> list[str]:
     """Overrides for a tiny model: its max_position_embeddings (128) is below the default build limits."""
+    extra = extra if any(e.startswith("stages=") for e in extra) else ("stages=[convert,build]", *extra)
     return ["model=hf_local", f"model.path={model_dir}", f"cache_dir={tmp_path / 'cache'}", "progress=false",
             "build.max_input_len=32", "build.max_seq_len=64", *extra]
 
@@ -99,7 +100,9 @@ def test_validate_command(tiny_models, tmp_path):
 
 @pytest.mark.slow
 def test_default_recipe_end_to_end(smollm2_gguf, tmp_path):
-    proc = cli(f"cache_dir={tmp_path / 'cache'}", "progress=false", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    """The default recipe, with evaluation cut to one batch of 4 samples to keep the suite short."""
+    proc = cli(f"cache_dir={tmp_path / 'cache'}", "progress=false", f"hydra.run.dir={tmp_path / 'run'}",
+               "evaluate.max_ite=1", "evaluate.output_len=48", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     artifact = Path(record["stages"]["convert"]["artifact"])
@@ -111,6 +114,10 @@ def test_default_recipe_end_to_end(smollm2_gguf, tmp_path):
     engine = Path(record["stages"]["build"]["artifact"])
     assert (engine / "rank0.engine").is_file() and (engine / "tokenizer").is_dir()
     assert record["metrics"]["build"]["smoke_tokens_per_second"] > 0
+    evaluation = record["metrics"]["evaluate"]
+    assert evaluation["n"] == 4 and evaluation["identical_fraction"] == 1.0
+    assert evaluation["engine_rouge1"] == evaluation["hf_rouge1"] > 10
+    assert "engine_rouge1=" in proc.stdout
 
 
 def test_build_stage_with_multirank_smoke_test(tiny_models, tmp_path):

