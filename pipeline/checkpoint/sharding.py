@@ -35,12 +35,14 @@ class ShardContext:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "ShardContext":
-        heads = cfg["num_attention_heads"]
+        from pipeline.convert.canonical import Dims
+
+        dims = Dims.from_config(cfg)
         return cls(
             tp_size=cfg["mapping"]["tp_size"],
-            heads=heads,
-            kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_size=cfg.get("head_size") or cfg["hidden_size"] // heads,
+            heads=dims.heads,
+            kv_heads=dims.kv_heads,
+            head_size=dims.head_size,
             use_parallel_embedding=bool(cfg.get("use_parallel_embedding", False)),
             embedding_sharding_dim=int(cfg.get("embedding_sharding_dim", 0)),
         )
