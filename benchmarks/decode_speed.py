@@ -36,16 +36,18 @@ def build_default_engine(out: Path, dtype: str, max_batch: int, max_seq: int) ->
 
 
 def engine_load_peak_rss(engine: Path) -> float:
-    """Peak RSS of a fresh process that loads the engine and generates 8 tokens (imports included)."""
+    """Peak RSS of a fresh process that loads the engine and generates 8 tokens (imports included). Read from the
+    child's own VmHWM: the rusage of a child forked from this large process would count the parent's pages."""
     import os
     import subprocess
     import sys
 
     code = ("import sys, torch; from pipeline.runtime import ModelRunner; "
-            "r = ModelRunner.from_dir(sys.argv[1]); r.generate([torch.tensor([1, 2, 3])], max_new_tokens=8, end_id=-1, pad_id=0)")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(engine)], env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
-    _, _, usage = os.wait4(proc.pid, 0)
-    return round(usage.ru_maxrss / 1024, 1)
+            "r = ModelRunner.from_dir(sys.argv[1]); r.generate([torch.tensor([1, 2, 3])], max_new_tokens=8, end_id=-1, pad_id=0); "
+            "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
+    out = subprocess.run([sys.executable, "-c", code, str(engine)], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}).stdout
+    return round(int(out.split()[-1]) / 1024, 1)
 
 
 def timed(fn, repeats: int = 2) -> float:
