@@ -22,12 +22,17 @@ TINY_MODELS = {
     "mistral_mqa": ("MistralConfig", dict(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                                           num_attention_heads=4, num_key_value_heads=1, head_dim=16,
                                           max_position_embeddings=128, tie_word_embeddings=False, sliding_window=64)),
+    "gpt2": ("GPT2Config", dict(vocab_size=97, n_embd=64, n_layer=3, n_head=4, n_positions=128, bos_token_id=0,
+                                eos_token_id=0)),
+    "gpt_bigcode_mqa": ("GPTBigCodeConfig", dict(vocab_size=97, n_embd=64, n_layer=3, n_head=4, n_positions=128,
+                                                 multi_query=True, bos_token_id=0, eos_token_id=0)),
     "qwen2_bias": ("Qwen2Config", dict(vocab_size=99, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                                        tie_word_embeddings=True)),
 }
 
-MODEL_CLASSES = {"LlamaConfig": "LlamaForCausalLM", "MistralConfig": "MistralForCausalLM", "Qwen2Config": "Qwen2ForCausalLM"}
+MODEL_CLASSES = {"LlamaConfig": "LlamaForCausalLM", "MistralConfig": "MistralForCausalLM", "Qwen2Config": "Qwen2ForCausalLM",
+                 "GPT2Config": "GPT2LMHeadModel", "GPTBigCodeConfig": "GPTBigCodeForCausalLM"}
 
 
 def make_tiny_model(root: Path, name: str, **overrides) -> Path:
@@ -39,7 +44,7 @@ def make_tiny_model(root: Path, name: str, **overrides) -> Path:
     model = getattr(transformers, MODEL_CLASSES[config_cls])(config).eval()
     with torch.no_grad():  # random norms and biases, so a mixed-up norm or bias cannot hide behind ones/zeros
         for pname, p in model.named_parameters():
-            if pname.endswith("norm.weight") or pname.endswith(".bias"):
+            if p.dim() == 1:
                 p.copy_(torch.randn_like(p))
     out = root / name
     model.save_pretrained(out)

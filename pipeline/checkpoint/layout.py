@@ -91,6 +91,32 @@ def _without_dense_bias(layout: tuple[Target, ...]) -> tuple[Target, ...]:
 QWEN2_LAYOUT: tuple[Target, ...] = _without_dense_bias(LLAMA_LAYOUT)
 
 
+# TensorRT-LLM's GPTForCausalLM (GPT-2, GPT-BigCode/starcoder): LayerNorm with bias, learned absolute positions,
+# plain MLP fc -> act -> proj, biases on every linear when `bias` (default true); lm_head has no bias.
+_BIAS = flag("bias", True)
+GPT_LAYOUT: tuple[Target, ...] = (
+    Target("transformer.vocab_embedding.weight", (Canon.VOCAB_EMBED,), Split.EMBEDDING, Place.FIRST_STAGE),
+    # Sharded exactly like the vocabulary embedding when use_parallel_embedding (rows padded for dim 0).
+    Target("transformer.position_embedding.weight", (Canon.POSITION_EMBED,), Split.EMBEDDING, Place.FIRST_STAGE),
+    Target(_layer("input_layernorm.weight"), (Canon.ATTN_NORM,), Split.REPLICATE),
+    Target(_layer("input_layernorm.bias"), (Canon.ATTN_NORM_BIAS,), Split.REPLICATE),
+    Target(_layer("attention.qkv.weight"), (Canon.ATTN_Q, Canon.ATTN_K, Canon.ATTN_V), Split.QKV_HEADS),
+    Target(_layer("attention.qkv.bias"), (Canon.ATTN_Q_BIAS, Canon.ATTN_K_BIAS, Canon.ATTN_V_BIAS), Split.QKV_HEADS,
+           present=_BIAS),
+    Target(_layer("attention.dense.weight"), (Canon.ATTN_OUT,), Split.ROW),
+    Target(_layer("attention.dense.bias"), (Canon.ATTN_OUT_BIAS,), Split.REPLICATE, present=_BIAS),
+    Target(_layer("post_layernorm.weight"), (Canon.MLP_NORM,), Split.REPLICATE),
+    Target(_layer("post_layernorm.bias"), (Canon.MLP_NORM_BIAS,), Split.REPLICATE),
+    Target(_layer("mlp.fc.weight"), (Canon.MLP_ACT_IN,), Split.COLUMN),
+    Target(_layer("mlp.fc.bias"), (Canon.MLP_ACT_IN_BIAS,), Split.COLUMN, present=_BIAS),
+    Target(_layer("mlp.proj.weight"), (Canon.MLP_OUT,), Split.ROW),
+    Target(_layer("mlp.proj.bias"), (Canon.MLP_OUT_BIAS,), Split.REPLICATE, present=_BIAS),
+    Target("transformer.ln_f.weight", (Canon.FINAL_NORM,), Split.REPLICATE, Place.LAST_STAGE),
+    Target("transformer.ln_f.bias", (Canon.FINAL_NORM_BIAS,), Split.REPLICATE, Place.LAST_STAGE),
+    Target("lm_head.weight", (Canon.LM_HEAD,), Split.VOCAB, Place.LAST_STAGE),
+)
+
+
 @dataclass(frozen=True)
 class PlannedTensor:
     """One tensor of one rank file."""

@@ -67,6 +67,9 @@ def bind(spec: ArchSpec, source: SourceModel, cfg: Mapping[str, Any], plans: lis
                 continue
             want = canonical_shape(canon, dims)
             got = source.shape(src)
+            transform = spec.transforms.get(source_canon)
+            if transform is not None:  # e.g. one slice of a fused source tensor: check the shape it will produce
+                got = transform(torch.empty(got, device="meta"), cfg).shape
             if tuple(got) != want:
                 raise PipelineError(
                     f"tensor {src} in {source.where(src)} has shape {tuple(got)}, expected {want} from the config "
@@ -85,7 +88,7 @@ def _check_unmapped(spec: ArchSpec, source: SourceModel, cfg: Mapping[str, Any],
     known = set(used)
     for template in spec.dropped:
         known.update(template.format(layer=i) for i in layers)
-    if tied:  # some tied checkpoints also store the head; it equals the embedding and is not needed
+    if tied and Canon.LM_HEAD in spec.source_names:  # some tied checkpoints also store the head; not needed
         known.add(spec.source_names[Canon.LM_HEAD])
     unmapped = sorted(source.names() - known)
     if unmapped:
@@ -153,8 +156,10 @@ def _write_stage(stage, source, binding, spec, cfg, ctx, target_dtype, out_dir, 
 
 def _read_canonical(canon: Canon, layer: int | None, source, binding, spec: ArchSpec, cfg) -> torch.Tensor:
     tensor = source.read(binding[canon.at(layer)])
+    if canon is Canon.LM_HEAD and spec.tied_embeddings(source.hf_config):
+        canon = Canon.VOCAB_EMBED
     transform = spec.transforms.get(canon)
-    return transform(tensor, cfg) if transform else tensor
+    return transform(tensor, cfg).contiguous() if transform else tensor
 
 
 def _check_complete(plans: list[RankPlan], written: dict[int, list[str]]) -> None:

@@ -22,6 +22,10 @@ ARCH_MODULES: dict[str, str] = {
     "LlamaForCausalLM": "pipeline.convert.archs.llama",
     "MistralForCausalLM": "pipeline.convert.archs.llama",
     "Qwen2ForCausalLM": "pipeline.convert.archs.qwen",
+    "GPT2LMHeadModel": "pipeline.convert.archs.gpt",
+    "GPTBigCodeForCausalLM": "pipeline.convert.archs.gpt",
+    # TensorRT-LLM's own name, as written into GPT checkpoints (looked up when validating them).
+    "GPTForCausalLM": "pipeline.convert.archs.gpt",
 }
 
 _REGISTRY: dict[str, "ArchSpec"] = {}

@@ -58,17 +58,54 @@ GATED_DECODER: tuple[EngineTensor, ...] = (
     EngineTensor("lm_head", ("lm_head.weight",), stage="last"),
 )
 
-RUNTIME_LAYOUTS: dict[str, tuple[EngineTensor, ...]] = {
-    "LlamaForCausalLM": GATED_DECODER,
-    "MistralForCausalLM": GATED_DECODER,
-    "Qwen2ForCausalLM": GATED_DECODER,
+# GPT-2 style: LayerNorm with bias, learned absolute positions, plain MLP (TensorRT-LLM's GPTForCausalLM).
+GPT_DECODER: tuple[EngineTensor, ...] = (
+    EngineTensor("embed.weight", ("transformer.vocab_embedding.weight",), stage="first"),
+    EngineTensor("pos_embed.weight", ("transformer.position_embedding.weight",), stage="first"),
+    EngineTensor("layers.{j}.attn_norm.weight", (_layer("input_layernorm.weight"),)),
+    EngineTensor("layers.{j}.attn_norm.bias", (_layer("input_layernorm.bias"),)),
+    EngineTensor("layers.{j}.attn.qkv_weight", (_layer("attention.qkv.weight"),)),
+    EngineTensor("layers.{j}.attn.qkv_bias", (_layer("attention.qkv.bias"),), optional=True),
+    EngineTensor("layers.{j}.attn.dense_weight", (_layer("attention.dense.weight"),)),
+    EngineTensor("layers.{j}.attn.dense_bias", (_layer("attention.dense.bias"),), optional=True),
+    EngineTensor("layers.{j}.mlp_norm.weight", (_layer("post_layernorm.weight"),)),
+    EngineTensor("layers.{j}.mlp_norm.bias", (_layer("post_layernorm.bias"),)),
+    EngineTensor("layers.{j}.mlp.fc_weight", (_layer("mlp.fc.weight"),)),
+    EngineTensor("layers.{j}.mlp.fc_bias", (_layer("mlp.fc.bias"),), optional=True),
+    EngineTensor("layers.{j}.mlp.proj_weight", (_layer("mlp.proj.weight"),)),
+    EngineTensor("layers.{j}.mlp.proj_bias", (_layer("mlp.proj.bias"),), optional=True),
+    EngineTensor("final_norm.weight", ("transformer.ln_f.weight",), stage="last"),
+    EngineTensor("final_norm.bias", ("transformer.ln_f.bias",), stage="last"),
+    EngineTensor("lm_head", ("lm_head.weight",), stage="last"),
+)
+
+
+@dataclass(frozen=True)
+class RuntimeFamily:
+    """How the runtime executes a checkpoint architecture: its tensor table and its fixed structural choices."""
+
+    tensors: tuple[EngineTensor, ...]
+    norm_type: str  # "rms" or "layer"
+    gated_mlp: bool
+
+
+GATED_RMS = RuntimeFamily(GATED_DECODER, norm_type="rms", gated_mlp=True)
+GPT = RuntimeFamily(GPT_DECODER, norm_type="layer", gated_mlp=False)
+
+RUNTIME_LAYOUTS: dict[str, RuntimeFamily] = {
+    "LlamaForCausalLM": GATED_RMS,
+    "MistralForCausalLM": GATED_RMS,
+    "Qwen2ForCausalLM": GATED_RMS,
+    "GPTForCausalLM": GPT,
 }
+SUPPORTED_POSITIONS = {"rope_gpt_neox", "learned_absolute"}
 
 
-def model_args(ckpt: dict[str, Any], pp_rank: int, names: set[str]) -> ModelArgs:
+def model_args(ckpt: dict[str, Any], pp_rank: int, names: set[str], family: RuntimeFamily) -> ModelArgs:
     m = ckpt["mapping"]
     heads = ckpt["num_attention_heads"]
     head_size = ckpt.get("head_size") or ckpt["hidden_size"] // heads
+    learned = ckpt.get("position_embedding_type") == "learned_absolute"
     return ModelArgs(
         hidden_size=ckpt["hidden_size"],
         num_heads=heads,
@@ -81,7 +118,7 @@ def model_args(ckpt: dict[str, Any], pp_rank: int, names: set[str]) -> ModelArgs
         norm_eps=float(ckpt.get("norm_epsilon", 1e-5)),
         hidden_act=ckpt.get("hidden_act", "silu"),
         dtype=ckpt["dtype"],
-        rotary_dim=int(ckpt.get("rotary_embedding_dim") or head_size * float(ckpt.get("rotary_pct", 1.0))),
+        rotary_dim=0 if learned else int(ckpt.get("rotary_embedding_dim") or head_size * float(ckpt.get("rotary_pct", 1.0))),
         rotary_base=float(ckpt.get("rotary_base", 10000.0)),
         rotary_scaling=ckpt.get("rotary_scaling"),
         qkv_bias="transformer.layers.0.attention.qkv.bias" in names,
@@ -90,6 +127,9 @@ def model_args(ckpt: dict[str, Any], pp_rank: int, names: set[str]) -> ModelArgs
         use_parallel_embedding=bool(ckpt.get("use_parallel_embedding", False)),
         embedding_sharding_dim=int(ckpt.get("embedding_sharding_dim", 0)),
         tp_size=m["tp_size"],
+        norm_type=family.norm_type,
+        gated_mlp=family.gated_mlp,
+        max_positions=int(ckpt.get("max_position_embeddings") or 2048) if learned else 0,
     )
 
 
@@ -111,8 +151,8 @@ class CpuBackend:
             raise PipelineError(f"checkpoint {checkpoint_dir} is inconsistent: {problems[0]}"
                                 + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
         ckpt = json.loads((checkpoint_dir / "config.json").read_text())
-        layout = RUNTIME_LAYOUTS.get(ckpt["architecture"])
-        if layout is None or ckpt.get("position_embedding_type") != "rope_gpt_neox":
+        family = RUNTIME_LAYOUTS.get(ckpt["architecture"])
+        if family is None or ckpt.get("position_embedding_type") not in SUPPORTED_POSITIONS:
             raise PipelineError(f"the cpu backend cannot run architecture {ckpt['architecture']} "
                                 f"(supported: {sorted(RUNTIME_LAYOUTS)})")
         limits = resolve_limits(build_config, ckpt)
@@ -124,19 +164,19 @@ class CpuBackend:
         m = ckpt["mapping"]
         for rank in range(m["world_size"]):
             total += self._build_rank(checkpoint_dir / f"rank{rank}.safetensors", engine_dir / f"rank{rank}.engine",
-                                      ckpt, limits, layout, rank)
+                                      ckpt, limits, family, rank)
         (engine_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if (checkpoint_dir / "tokenizer").is_dir():
             shutil.copytree(checkpoint_dir / "tokenizer", engine_dir / "tokenizer")
         return {"engine_bytes": total, "build_seconds": round(time.perf_counter() - started, 3)}
 
-    def _build_rank(self, src: Path, dst: Path, ckpt, limits, layout, rank: int) -> int:
+    def _build_rank(self, src: Path, dst: Path, ckpt, limits, family: RuntimeFamily, rank: int) -> int:
         pp_rank = rank // ckpt["mapping"]["tp_size"]
         with safe_open(str(src), framework="pt") as f:
             names = set(f.keys())
-            args = model_args(ckpt, pp_rank, names)
+            args = model_args(ckpt, pp_rank, names, family)
             plan = []
-            for t, j in _instances(layout, len(args.layers), pp_rank, ckpt["mapping"]["pp_size"]):
+            for t, j in _instances(family.tensors, len(args.layers), pp_rank, ckpt["mapping"]["pp_size"]):
                 parts = [p.format(j=j) for p in t.parts]
                 missing = [p for p in parts if p not in names]
                 if missing and not t.optional:

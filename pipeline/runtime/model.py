@@ -48,6 +48,9 @@ class ModelArgs:
     use_parallel_embedding: bool = False
     embedding_sharding_dim: int = 0
     tp_size: int = 1
+    norm_type: str = "rms"  # "rms" (RMSNorm) or "layer" (LayerNorm with bias)
+    gated_mlp: bool = True  # proj(act(fc(x)) * gate(x)), else proj(act(fc(x)))
+    max_positions: int = 0  # rows of the learned absolute position table (0: rotary positions)
 
     @property
     def vocab_padded(self) -> int:
@@ -114,6 +117,21 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+class LayerNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.bias = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+
+
+def make_norm(args: "ModelArgs") -> nn.Module:
+    return (LayerNorm if args.norm_type == "layer" else RMSNorm)(args.hidden_size, args.norm_eps)
+
+
 def _bias(enabled: bool, size: int) -> nn.Parameter | None:
     return nn.Parameter(torch.empty(size)) if enabled else None
 
@@ -137,8 +155,10 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         qkv = self.linear(x, self.qkv_weight, self.qkv_bias)
         q, k, v = qkv.split([a.local_heads * a.head_size, a.local_kv_heads * a.head_size, a.local_kv_heads * a.head_size], -1)
-        q = apply_rope(q.view(b, t, a.local_heads, a.head_size).transpose(1, 2), cos, sin)
-        k = apply_rope(k.view(b, t, a.local_kv_heads, a.head_size).transpose(1, 2), cos, sin)
+        q = q.view(b, t, a.local_heads, a.head_size).transpose(1, 2)
+        k = k.view(b, t, a.local_kv_heads, a.head_size).transpose(1, 2)
+        if a.rotary_dim:  # fixed per model: rotary models rotate q and k, learned-position models do not
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = v.view(b, t, a.local_kv_heads, a.head_size).transpose(1, 2)
         k_all, v_all = cache.update(input_pos, k, v, kv_len)
         y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=a.local_heads != a.local_kv_heads)
@@ -169,13 +189,33 @@ class GatedMLP(nn.Module):
         return y if self.proj_bias is None else y + self.proj_bias
 
 
+class PlainMLP(nn.Module):
+    """proj(act(fc(x))) (GPT-2 style)."""
+
+    linear_weights = ("fc_weight", "proj_weight")
+
+    def __init__(self, args: ModelArgs, d: Dist, linear: TorchKernel):
+        super().__init__()
+        self.d, self.linear = d, linear
+        h, inner = args.hidden_size, args.intermediate_size // args.tp_size
+        self.act = ACTIVATIONS[args.hidden_act]
+        self.fc_weight = nn.Parameter(torch.empty(inner, h))
+        self.fc_bias = _bias(args.mlp_bias, inner)
+        self.proj_weight = nn.Parameter(torch.empty(h, inner))
+        self.proj_bias = _bias(args.mlp_bias, h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = tp_all_reduce(self.linear(self.act(self.linear(x, self.fc_weight, self.fc_bias)), self.proj_weight), self.d)
+        return y if self.proj_bias is None else y + self.proj_bias
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, d: Dist, linear: TorchKernel):
         super().__init__()
-        self.attn_norm = RMSNorm(args.hidden_size, args.norm_eps)
+        self.attn_norm = make_norm(args)
         self.attn = Attention(args, d, linear)
-        self.mlp_norm = RMSNorm(args.hidden_size, args.norm_eps)
-        self.mlp = GatedMLP(args, d, linear)
+        self.mlp_norm = make_norm(args)
+        self.mlp = (GatedMLP if args.gated_mlp else PlainMLP)(args, d, linear)
 
     def forward(self, x, cos, sin, mask, cache, input_pos, kv_len):
         h = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, input_pos, kv_len)
@@ -183,14 +223,14 @@ class DecoderLayer(nn.Module):
 
 
 class Embedding(nn.Module):
-    """Vocabulary embedding, replicated or sharded over tp by rows (vocab) or columns (hidden)."""
+    """A table of `rows` (vocabulary or positions), replicated or sharded over tp by rows or columns (hidden)."""
 
-    def __init__(self, args: ModelArgs, d: Dist):
+    def __init__(self, args: ModelArgs, d: Dist, rows: int):
         super().__init__()
         self.args, self.d = args, d
-        rows, cols = args.vocab_size, args.hidden_size
+        cols = args.hidden_size
         if args.use_parallel_embedding and args.embedding_sharding_dim == 0:
-            rows = args.vocab_padded // args.tp_size
+            rows = -(-rows // args.tp_size)
         elif args.use_parallel_embedding:
             cols = args.hidden_size // args.tp_size
         self.weight = nn.Parameter(torch.empty(rows, cols))
@@ -217,10 +257,11 @@ class EngineModel(nn.Module):
         super().__init__()
         linear = linear or TorchKernel()
         self.args, self.d, self.linear = args, d, linear
-        self.embed = Embedding(args, d) if d.is_first_stage else None
+        self.embed = Embedding(args, d, args.vocab_size) if d.is_first_stage else None
+        self.pos_embed = Embedding(args, d, args.max_positions) if d.is_first_stage and args.max_positions else None
         self.layers = nn.ModuleList(DecoderLayer(args, d, linear) for _ in args.layers)
         if d.is_last_stage:
-            self.final_norm = RMSNorm(args.hidden_size, args.norm_eps)
+            self.final_norm = make_norm(args)
             self.lm_head = nn.Parameter(torch.empty(args.vocab_padded // args.tp_size, args.hidden_size))
         dtype = DTYPES[args.dtype]
         self.caches = [KVCache(max_batch, args.local_kv_heads, max_seq, args.head_size, dtype) for _ in args.layers]
@@ -252,6 +293,8 @@ class EngineModel(nn.Module):
         Attends to cache positions [0, kv_len); returns hidden states [B, T, H]."""
         if self.embed is not None:
             x = self.embed(x)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(input_pos)
         cos = self.rope_cos[input_pos].unsqueeze(1).to(x.dtype)
         sin = self.rope_sin[input_pos].unsqueeze(1).to(x.dtype)
         mask = causal_mask(input_pos, kv_len)

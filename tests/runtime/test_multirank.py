@@ -95,3 +95,16 @@ def test_single_process_loading_a_multirank_engine_names_both_sizes(tiny_models,
     engine = build_engine(tiny_models["llama_gqa_untied"], tmp_path, tp=2)
     with pytest.raises(PipelineError, match=r"world_size=2 .* 1 rank\(s\)"):
         ModelRunner.from_dir(engine)
+
+
+@pytest.mark.parametrize("model", ["gpt2", "gpt_bigcode_mqa"])
+def test_gpt_family_multirank_equals_single_rank(tiny_models, tmp_path, model):
+    """Learned positions, LayerNorm, plain MLP and (BigCode) one KV head duplicated over tp ranks."""
+    single = generate_on_ranks(build_engine(tiny_models[model], tmp_path / "tp1"), tmp_path / "o1", 1)[0]
+    for tp, pp in ((2, 1), (1, 2)):
+        engine = build_engine(tiny_models[model], tmp_path / f"tp{tp}pp{pp}", tp=tp, pp=pp,
+                              **({"max_seq_len": 64} if pp == 1 else {}))
+        got = generate_on_ranks(engine, tmp_path / f"o{tp}{pp}", tp * pp)
+        for rank_result in got:
+            assert torch.equal(rank_result["output_ids"], single["output_ids"]), (model, tp, pp)
+            assert (rank_result["context_logits"] - single["context_logits"]).abs().max().item() < 1e-5
