@@ -117,6 +117,48 @@ GPT_LAYOUT: tuple[Target, ...] = (
 )
 
 
+def _with_bias(weight: str, canon: Canon, split: Split) -> tuple[Target, Target]:
+    bias_canon = Canon(canon.value.replace(".weight", ".bias"))
+    return (Target(_layer(f"{weight}.weight"), (canon,), split),
+            Target(_layer(f"{weight}.bias"), (bias_canon,), Split.REPLICATE if split is Split.ROW else split))
+
+
+# TensorRT-LLM's GPTNeoXForCausalLM: LayerNorms with bias (the second one named post_attention_layernorm), parallel
+# residual, biases on every linear, no lm_head bias.
+NEOX_LAYOUT: tuple[Target, ...] = (
+    Target("transformer.vocab_embedding.weight", (Canon.VOCAB_EMBED,), Split.EMBEDDING, Place.FIRST_STAGE),
+    Target(_layer("input_layernorm.weight"), (Canon.ATTN_NORM,), Split.REPLICATE),
+    Target(_layer("input_layernorm.bias"), (Canon.ATTN_NORM_BIAS,), Split.REPLICATE),
+    Target(_layer("post_attention_layernorm.weight"), (Canon.MLP_NORM,), Split.REPLICATE),
+    Target(_layer("post_attention_layernorm.bias"), (Canon.MLP_NORM_BIAS,), Split.REPLICATE),
+    Target(_layer("attention.qkv.weight"), (Canon.ATTN_Q, Canon.ATTN_K, Canon.ATTN_V), Split.QKV_HEADS),
+    Target(_layer("attention.qkv.bias"), (Canon.ATTN_Q_BIAS, Canon.ATTN_K_BIAS, Canon.ATTN_V_BIAS), Split.QKV_HEADS),
+    *_with_bias("attention.dense", Canon.ATTN_OUT, Split.ROW),
+    *_with_bias("mlp.fc", Canon.MLP_ACT_IN, Split.COLUMN),
+    *_with_bias("mlp.proj", Canon.MLP_OUT, Split.ROW),
+    Target("transformer.ln_f.weight", (Canon.FINAL_NORM,), Split.REPLICATE, Place.LAST_STAGE),
+    Target("transformer.ln_f.bias", (Canon.FINAL_NORM_BIAS,), Split.REPLICATE, Place.LAST_STAGE),
+    Target("lm_head.weight", (Canon.LM_HEAD,), Split.VOCAB, Place.LAST_STAGE),
+)
+
+# TensorRT-LLM's PhiForCausalLM (phi-2): one LayerNorm shared by parallel attention and MLP, biases everywhere,
+# lm_head with a bias (padded and split like its rows).
+PHI_LAYOUT: tuple[Target, ...] = (
+    Target("transformer.vocab_embedding.weight", (Canon.VOCAB_EMBED,), Split.EMBEDDING, Place.FIRST_STAGE),
+    Target(_layer("input_layernorm.weight"), (Canon.ATTN_NORM,), Split.REPLICATE),
+    Target(_layer("input_layernorm.bias"), (Canon.ATTN_NORM_BIAS,), Split.REPLICATE),
+    Target(_layer("attention.qkv.weight"), (Canon.ATTN_Q, Canon.ATTN_K, Canon.ATTN_V), Split.QKV_HEADS),
+    Target(_layer("attention.qkv.bias"), (Canon.ATTN_Q_BIAS, Canon.ATTN_K_BIAS, Canon.ATTN_V_BIAS), Split.QKV_HEADS),
+    *_with_bias("attention.dense", Canon.ATTN_OUT, Split.ROW),
+    *_with_bias("mlp.fc", Canon.MLP_ACT_IN, Split.COLUMN),
+    *_with_bias("mlp.proj", Canon.MLP_OUT, Split.ROW),
+    Target("transformer.ln_f.weight", (Canon.FINAL_NORM,), Split.REPLICATE, Place.LAST_STAGE),
+    Target("transformer.ln_f.bias", (Canon.FINAL_NORM_BIAS,), Split.REPLICATE, Place.LAST_STAGE),
+    Target("lm_head.weight", (Canon.LM_HEAD,), Split.VOCAB, Place.LAST_STAGE),
+    Target("lm_head.bias", (Canon.LM_HEAD_BIAS,), Split.VOCAB, Place.LAST_STAGE),
+)
+
+
 @dataclass(frozen=True)
 class PlannedTensor:
     """One tensor of one rank file."""

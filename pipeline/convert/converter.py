@@ -60,8 +60,9 @@ def bind(spec: ArchSpec, source: SourceModel, cfg: Mapping[str, Any], plans: lis
             if name not in needed:
                 continue
             source_canon = Canon.VOCAB_EMBED if (canon is Canon.LM_HEAD and tied) else canon
-            template = spec.source_names.get(source_canon)
-            src = template.format(layer=layer) if template else None
+            templates = spec.source_names.get(source_canon) or ()
+            candidates = [t.format(layer=layer) for t in ((templates,) if isinstance(templates, str) else templates)]
+            src = next((c for c in candidates if c in available), candidates[0] if candidates else None)
             if src is None or src not in available:
                 missing.append(f"{src or '<no source name>'} (for {name})")
                 continue
@@ -89,7 +90,8 @@ def _check_unmapped(spec: ArchSpec, source: SourceModel, cfg: Mapping[str, Any],
     for template in spec.dropped:
         known.update(template.format(layer=i) for i in layers)
     if tied and Canon.LM_HEAD in spec.source_names:  # some tied checkpoints also store the head; not needed
-        known.add(spec.source_names[Canon.LM_HEAD])
+        head = spec.source_names[Canon.LM_HEAD]
+        known.update((head,) if isinstance(head, str) else head)
     unmapped = sorted(source.names() - known)
     if unmapped:
         raise PipelineError(
@@ -108,6 +110,9 @@ def convert(
 ) -> ConvertResult:
     """Write `config.json` and `rank{N}.safetensors` for the whole mapping into `out_dir`."""
     spec = get_spec(resolve_architecture(source.hf_config, architecture))
+    if mapping.pp_size > 1 and not spec.supports_pp:
+        raise PipelineError(f"{spec.architecture}: TensorRT-LLM's model has no pipeline parallelism for this "
+                            f"architecture; use mapping.pp_size=1 (got {mapping.pp_size})")
     cfg = spec.trtllm_config(source.hf_config, dtype, mapping)
     validate(cfg, "checkpoint_config", what="checkpoint config.json")
     plans = plan(cfg, spec.layout)

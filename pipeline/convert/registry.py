@@ -26,6 +26,8 @@ ARCH_MODULES: dict[str, str] = {
     "GPTBigCodeForCausalLM": "pipeline.convert.archs.gpt",
     # TensorRT-LLM's own name, as written into GPT checkpoints (looked up when validating them).
     "GPTForCausalLM": "pipeline.convert.archs.gpt",
+    "GPTNeoXForCausalLM": "pipeline.convert.archs.neox",
+    "PhiForCausalLM": "pipeline.convert.archs.phi",
 }
 
 _REGISTRY: dict[str, "ArchSpec"] = {}
@@ -50,12 +52,16 @@ class ArchSpec:
     """Conversion rules of one architecture family."""
 
     layout: ClassVar[tuple[Target, ...]]
-    # Canonical tensor -> source name template ({layer} = global layer index).
-    source_names: ClassVar[Mapping[Canon, str]]
+    # Canonical tensor -> source name template ({layer} = global layer index), or a tuple of alternatives (the
+    # first one present is used, e.g. a name that changed between library versions).
+    source_names: ClassVar[Mapping[Canon, str | tuple[str, ...]]]
     # Source names (templates) that exist in checkpoints but carry nothing the target needs.
     dropped: ClassVar[tuple[str, ...]] = ()
     # Named transforms applied to a canonical tensor after reading (odd reshapes, offsets).
     transforms: ClassVar[Mapping[Canon, Callable[[torch.Tensor, Mapping[str, Any]], torch.Tensor]]] = {}
+
+    # TensorRT-LLM's model has no pipeline-parallel send/receive path for this family: refuse pp_size > 1.
+    supports_pp: ClassVar[bool] = True
 
     architecture: str = ""
     extra: dict[str, Any] = field(default_factory=dict)

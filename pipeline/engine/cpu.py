@@ -80,6 +80,31 @@ GPT_DECODER: tuple[EngineTensor, ...] = (
 )
 
 
+def _layernorm_decoder(norms: tuple[tuple[str, str], ...], lm_head_bias: bool) -> tuple[EngineTensor, ...]:
+    """LayerNorm (with bias) decoders with rotary positions and a plain MLP: GPT-NeoX and Phi."""
+    return (
+        EngineTensor("embed.weight", ("transformer.vocab_embedding.weight",), stage="first"),
+        *(EngineTensor(f"layers.{{j}}.{ours}.{kind}", (_layer(f"{theirs}.{kind}"),))
+          for ours, theirs in norms for kind in ("weight", "bias")),
+        EngineTensor("layers.{j}.attn.qkv_weight", (_layer("attention.qkv.weight"),)),
+        EngineTensor("layers.{j}.attn.qkv_bias", (_layer("attention.qkv.bias"),), optional=True),
+        EngineTensor("layers.{j}.attn.dense_weight", (_layer("attention.dense.weight"),)),
+        EngineTensor("layers.{j}.attn.dense_bias", (_layer("attention.dense.bias"),), optional=True),
+        EngineTensor("layers.{j}.mlp.fc_weight", (_layer("mlp.fc.weight"),)),
+        EngineTensor("layers.{j}.mlp.fc_bias", (_layer("mlp.fc.bias"),), optional=True),
+        EngineTensor("layers.{j}.mlp.proj_weight", (_layer("mlp.proj.weight"),)),
+        EngineTensor("layers.{j}.mlp.proj_bias", (_layer("mlp.proj.bias"),), optional=True),
+        EngineTensor("final_norm.weight", ("transformer.ln_f.weight",), stage="last"),
+        EngineTensor("final_norm.bias", ("transformer.ln_f.bias",), stage="last"),
+        EngineTensor("lm_head", ("lm_head.weight",), stage="last"),
+        *((EngineTensor("lm_head_bias", ("lm_head.bias",), stage="last"),) if lm_head_bias else ()),
+    )
+
+
+NEOX_DECODER = _layernorm_decoder((("attn_norm", "input_layernorm"), ("mlp_norm", "post_attention_layernorm")), False)
+PHI_DECODER = _layernorm_decoder((("attn_norm", "input_layernorm"),), True)
+
+
 @dataclass(frozen=True)
 class RuntimeFamily:
     """How the runtime executes a checkpoint architecture: its tensor table and its fixed structural choices."""
@@ -87,16 +112,21 @@ class RuntimeFamily:
     tensors: tuple[EngineTensor, ...]
     norm_type: str  # "rms" or "layer"
     gated_mlp: bool
+    residual: str = "sequential"  # see ModelArgs.residual
 
 
 GATED_RMS = RuntimeFamily(GATED_DECODER, norm_type="rms", gated_mlp=True)
 GPT = RuntimeFamily(GPT_DECODER, norm_type="layer", gated_mlp=False)
+NEOX = RuntimeFamily(NEOX_DECODER, norm_type="layer", gated_mlp=False, residual="parallel")
+PHI = RuntimeFamily(PHI_DECODER, norm_type="layer", gated_mlp=False, residual="parallel_shared_norm")
 
 RUNTIME_LAYOUTS: dict[str, RuntimeFamily] = {
     "LlamaForCausalLM": GATED_RMS,
     "MistralForCausalLM": GATED_RMS,
     "Qwen2ForCausalLM": GATED_RMS,
     "GPTForCausalLM": GPT,
+    "GPTNeoXForCausalLM": NEOX,
+    "PhiForCausalLM": PHI,
 }
 SUPPORTED_POSITIONS = {"rope_gpt_neox", "learned_absolute"}
 
@@ -119,7 +149,7 @@ def model_args(ckpt: dict[str, Any], pp_rank: int, names: set[str], family: Runt
         hidden_act=ckpt.get("hidden_act", "silu"),
         dtype=ckpt["dtype"],
         rotary_dim=0 if learned else int(ckpt.get("rotary_embedding_dim") or head_size * float(ckpt.get("rotary_pct", 1.0))),
-        rotary_base=float(ckpt.get("rotary_base", 10000.0)),
+        rotary_base=float(ckpt.get("rotary_base", ckpt.get("rotary_emb_base", 10000.0))),
         rotary_scaling=ckpt.get("rotary_scaling"),
         qkv_bias="transformer.layers.0.attention.qkv.bias" in names,
         dense_bias="transformer.layers.0.attention.dense.bias" in names,
@@ -129,6 +159,8 @@ def model_args(ckpt: dict[str, Any], pp_rank: int, names: set[str], family: Runt
         tp_size=m["tp_size"],
         norm_type=family.norm_type,
         gated_mlp=family.gated_mlp,
+        residual=family.residual,
+        lm_head_bias="lm_head.bias" in names,
         max_positions=int(ckpt.get("max_position_embeddings") or 2048) if learned else 0,
     )
 

@@ -51,6 +51,10 @@ class ModelArgs:
     norm_type: str = "rms"  # "rms" (RMSNorm) or "layer" (LayerNorm with bias)
     gated_mlp: bool = True  # proj(act(fc(x)) * gate(x)), else proj(act(fc(x)))
     max_positions: int = 0  # rows of the learned absolute position table (0: rotary positions)
+    # "sequential": x + attn(n1(x)), then h + mlp(n2(h)); "parallel": x + attn(n1(x)) + mlp(n2(x));
+    # "parallel_shared_norm": x + attn(n(x)) + mlp(n(x)) (one norm).
+    residual: str = "sequential"
+    lm_head_bias: bool = False
 
     @property
     def vocab_padded(self) -> int:
@@ -222,6 +226,22 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.mlp_norm(h))
 
 
+class ParallelDecoderLayer(nn.Module):
+    """Attention and MLP read the same input (GPT-NeoX: two norms; Phi, GPT-J: one shared norm)."""
+
+    def __init__(self, args: ModelArgs, d: Dist, linear: TorchKernel):
+        super().__init__()
+        self.attn_norm = make_norm(args)
+        self.attn = Attention(args, d, linear)
+        self.mlp_norm = make_norm(args) if args.residual == "parallel" else None
+        self.mlp = (GatedMLP if args.gated_mlp else PlainMLP)(args, d, linear)
+
+    def forward(self, x, cos, sin, mask, cache, input_pos, kv_len):
+        a = self.attn_norm(x)
+        m = a if self.mlp_norm is None else self.mlp_norm(x)
+        return x + self.attn(a, cos, sin, mask, cache, input_pos, kv_len) + self.mlp(m)
+
+
 class Embedding(nn.Module):
     """A table of `rows` (vocabulary or positions), replicated or sharded over tp by rows or columns (hidden)."""
 
@@ -259,10 +279,12 @@ class EngineModel(nn.Module):
         self.args, self.d, self.linear = args, d, linear
         self.embed = Embedding(args, d, args.vocab_size) if d.is_first_stage else None
         self.pos_embed = Embedding(args, d, args.max_positions) if d.is_first_stage and args.max_positions else None
-        self.layers = nn.ModuleList(DecoderLayer(args, d, linear) for _ in args.layers)
+        layer = DecoderLayer if args.residual == "sequential" else ParallelDecoderLayer
+        self.layers = nn.ModuleList(layer(args, d, linear) for _ in args.layers)
         if d.is_last_stage:
             self.final_norm = make_norm(args)
             self.lm_head = nn.Parameter(torch.empty(args.vocab_padded // args.tp_size, args.hidden_size))
+            self.lm_head_bias = _bias(args.lm_head_bias, args.vocab_padded // args.tp_size)
         dtype = DTYPES[args.dtype]
         self.caches = [KVCache(max_batch, args.local_kv_heads, max_seq, args.head_size, dtype) for _ in args.layers]
         cos, sin = rope_tables(args, max_seq)
@@ -304,7 +326,7 @@ class EngineModel(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h: [..., H] -> float32 logits over the real vocabulary [..., V] (tp shards gathered, padding dropped)."""
-        local = self.linear(self.final_norm(h), self.lm_head)
+        local = self.linear(self.final_norm(h), self.lm_head, self.lm_head_bias)
         return tp_all_gather(local, self.d, dim=-1)[..., : self.args.vocab_size].float()
 
 

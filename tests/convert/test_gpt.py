@@ -47,3 +47,25 @@ def test_gpt_checkpoint(tiny_models, tmp_path, model, transposed, kv_heads, tp):
         assert torch.equal(r["transformer.position_embedding.weight"], src["transformer.wpe.weight"])
     head = torch.cat([r["lm_head.weight"] for r in ranks])[:97]
     assert torch.equal(head, src["transformer.wte.weight"])
+
+
+@pytest.mark.parametrize("model", ["gpt_neox", "phi"])
+def test_pipeline_parallelism_refused_where_tensorrt_llm_lacks_it(tiny_models, tmp_path, model):
+    from pipeline.errors import PipelineError
+
+    with pytest.raises(PipelineError, match="no pipeline parallelism"):
+        convert(open_source("hf", tiny_models[model]), tmp_path, "float32", MappingArgs(1, 2), progress=False)
+    assert not (tmp_path / "rank0.safetensors").exists()
+
+
+@pytest.mark.parametrize("model", ["gpt_neox", "phi"])
+def test_neox_and_phi_checkpoints_validate(tiny_models, tmp_path, model):
+    convert(open_source("hf", tiny_models[model]), tmp_path, "bfloat16", MappingArgs(2, 1), progress=False)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert schema_errors(cfg, "checkpoint_config") == [] and validate_checkpoint(tmp_path) == []
+    assert 0 < cfg["rotary_pct"] < 1
+    rank1 = load_file(tmp_path / "rank1.safetensors")
+    if model == "phi":  # lm_head bias: vocab 97 padded to 98, split in two
+        assert tuple(rank1["lm_head.bias"].shape) == (49,)
+    else:
+        assert "transformer.layers.0.post_attention_layernorm.weight" in rank1

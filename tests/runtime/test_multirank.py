@@ -97,11 +97,13 @@ def test_single_process_loading_a_multirank_engine_names_both_sizes(tiny_models,
         ModelRunner.from_dir(engine)
 
 
-@pytest.mark.parametrize("model", ["gpt2", "gpt_bigcode_mqa"])
-def test_gpt_family_multirank_equals_single_rank(tiny_models, tmp_path, model):
-    """Learned positions, LayerNorm, plain MLP and (BigCode) one KV head duplicated over tp ranks."""
+@pytest.mark.parametrize("model,mappings", [("gpt2", ((2, 1), (1, 2))), ("gpt_bigcode_mqa", ((2, 1), (1, 2))),
+                                            ("gpt_neox", ((2, 1),)), ("phi", ((2, 1),))])
+def test_other_families_multirank_equal_single_rank(tiny_models, tmp_path, model, mappings):
+    """Learned positions, LayerNorm, plain MLP, parallel residuals, partial rotary, lm_head bias, and (BigCode) one
+    KV head duplicated over tp ranks. GPT-NeoX and Phi have no pipeline parallelism in TensorRT-LLM."""
     single = generate_on_ranks(build_engine(tiny_models[model], tmp_path / "tp1"), tmp_path / "o1", 1)[0]
-    for tp, pp in ((2, 1), (1, 2)):
+    for tp, pp in mappings:
         engine = build_engine(tiny_models[model], tmp_path / f"tp{tp}pp{pp}", tp=tp, pp=pp,
                               **({"max_seq_len": 64} if pp == 1 else {}))
         got = generate_on_ranks(engine, tmp_path / f"o{tp}{pp}", tp * pp)
