@@ -159,6 +159,24 @@ PHI_LAYOUT: tuple[Target, ...] = (
 )
 
 
+# TensorRT-LLM's GPTJForCausalLM: one LayerNorm shared by parallel attention and MLP, no attention biases, MLP biases
+# with the output bias on tp rank 0 only (attention and MLP are summed before a single all-reduce), lm_head bias.
+GPTJ_LAYOUT: tuple[Target, ...] = (
+    Target("transformer.vocab_embedding.weight", (Canon.VOCAB_EMBED,), Split.EMBEDDING, Place.FIRST_STAGE),
+    Target(_layer("input_layernorm.weight"), (Canon.ATTN_NORM,), Split.REPLICATE),
+    Target(_layer("input_layernorm.bias"), (Canon.ATTN_NORM_BIAS,), Split.REPLICATE),
+    Target(_layer("attention.qkv.weight"), (Canon.ATTN_Q, Canon.ATTN_K, Canon.ATTN_V), Split.QKV_HEADS),
+    Target(_layer("attention.dense.weight"), (Canon.ATTN_OUT,), Split.ROW),
+    *_with_bias("mlp.fc", Canon.MLP_ACT_IN, Split.COLUMN),
+    Target(_layer("mlp.proj.weight"), (Canon.MLP_OUT,), Split.ROW),
+    Target(_layer("mlp.proj.bias"), (Canon.MLP_OUT_BIAS,), Split.RANK0),
+    Target("transformer.ln_f.weight", (Canon.FINAL_NORM,), Split.REPLICATE, Place.LAST_STAGE),
+    Target("transformer.ln_f.bias", (Canon.FINAL_NORM_BIAS,), Split.REPLICATE, Place.LAST_STAGE),
+    Target("lm_head.weight", (Canon.LM_HEAD,), Split.VOCAB, Place.LAST_STAGE),
+    Target("lm_head.bias", (Canon.LM_HEAD_BIAS,), Split.VOCAB, Place.LAST_STAGE),
+)
+
+
 @dataclass(frozen=True)
 class PlannedTensor:
     """One tensor of one rank file."""

@@ -22,6 +22,7 @@ class Split(str, Enum):
     VOCAB = "vocab"  # pad rows to a multiple of tp_size with zeros, then chunk rows (lm_head)
     EMBEDDING = "embedding"  # vocab_embedding: replicated, or VOCAB (dim 0) / ROW-like (dim 1) when parallel
     QKV_HEADS = "qkv_heads"  # parts (q, k, v): split each by heads, duplicating KV heads when tp_size > kv heads
+    RANK0 = "rank0"  # a bias added before the reduction: the full tensor on tp rank 0, zeros on the others (GPT-J)
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,9 @@ def shard(parts: Sequence[torch.Tensor], split: Split, rank: int, ctx: ShardCont
             return _fuse([_chunk(p, 1, rank, tp, what) for p in parts])
     if split is Split.REPLICATE:
         return _fuse(list(parts))
+    if split is Split.RANK0:
+        full = _fuse(list(parts))
+        return full if rank == 0 else torch.zeros_like(full)
     if split is Split.COLUMN:
         return _fuse([_chunk(p, 0, rank, tp, what) for p in parts])
     if split is Split.ROW:

@@ -28,6 +28,7 @@ ARCH_MODULES: dict[str, str] = {
     "GPTForCausalLM": "pipeline.convert.archs.gpt",
     "GPTNeoXForCausalLM": "pipeline.convert.archs.neox",
     "PhiForCausalLM": "pipeline.convert.archs.phi",
+    "GPTJForCausalLM": "pipeline.convert.archs.gptj",
 }
 
 _REGISTRY: dict[str, "ArchSpec"] = {}

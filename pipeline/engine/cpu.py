@@ -102,7 +102,7 @@ def _layernorm_decoder(norms: tuple[tuple[str, str], ...], lm_head_bias: bool) -
 
 
 NEOX_DECODER = _layernorm_decoder((("attn_norm", "input_layernorm"), ("mlp_norm", "post_attention_layernorm")), False)
-PHI_DECODER = _layernorm_decoder((("attn_norm", "input_layernorm"),), True)
+PHI_DECODER = _layernorm_decoder((("attn_norm", "input_layernorm"),), True)  # also GPT-J (its biases are optional)
 
 
 @dataclass(frozen=True)
@@ -113,12 +113,16 @@ class RuntimeFamily:
     norm_type: str  # "rms" or "layer"
     gated_mlp: bool
     residual: str = "sequential"  # see ModelArgs.residual
+    rope_style: str = "neox"
+    mlp_bias_before_reduce: bool = False
 
 
 GATED_RMS = RuntimeFamily(GATED_DECODER, norm_type="rms", gated_mlp=True)
 GPT = RuntimeFamily(GPT_DECODER, norm_type="layer", gated_mlp=False)
 NEOX = RuntimeFamily(NEOX_DECODER, norm_type="layer", gated_mlp=False, residual="parallel")
 PHI = RuntimeFamily(PHI_DECODER, norm_type="layer", gated_mlp=False, residual="parallel_shared_norm")
+GPTJ = RuntimeFamily(PHI_DECODER, norm_type="layer", gated_mlp=False, residual="parallel_shared_norm",
+                     rope_style="gptj", mlp_bias_before_reduce=True)
 
 RUNTIME_LAYOUTS: dict[str, RuntimeFamily] = {
     "LlamaForCausalLM": GATED_RMS,
@@ -127,8 +131,9 @@ RUNTIME_LAYOUTS: dict[str, RuntimeFamily] = {
     "GPTForCausalLM": GPT,
     "GPTNeoXForCausalLM": NEOX,
     "PhiForCausalLM": PHI,
+    "GPTJForCausalLM": GPTJ,
 }
-SUPPORTED_POSITIONS = {"rope_gpt_neox", "learned_absolute"}
+SUPPORTED_POSITIONS = {"rope_gpt_neox", "rope_gptj", "learned_absolute"}
 
 
 def model_args(ckpt: dict[str, Any], pp_rank: int, names: set[str], family: RuntimeFamily) -> ModelArgs:
@@ -148,7 +153,8 @@ def model_args(ckpt: dict[str, Any], pp_rank: int, names: set[str], family: Runt
         norm_eps=float(ckpt.get("norm_epsilon", 1e-5)),
         hidden_act=ckpt.get("hidden_act", "silu"),
         dtype=ckpt["dtype"],
-        rotary_dim=0 if learned else int(ckpt.get("rotary_embedding_dim") or head_size * float(ckpt.get("rotary_pct", 1.0))),
+        rotary_dim=0 if learned else int(ckpt.get("rotary_embedding_dim") or ckpt.get("rotary_dim")
+                                         or head_size * float(ckpt.get("rotary_pct", 1.0))),
         rotary_base=float(ckpt.get("rotary_base", ckpt.get("rotary_emb_base", 10000.0))),
         rotary_scaling=ckpt.get("rotary_scaling"),
         qkv_bias="transformer.layers.0.attention.qkv.bias" in names,
@@ -160,6 +166,8 @@ def model_args(ckpt: dict[str, Any], pp_rank: int, names: set[str], family: Runt
         norm_type=family.norm_type,
         gated_mlp=family.gated_mlp,
         residual=family.residual,
+        rope_style=family.rope_style,
+        mlp_bias_before_reduce=family.mlp_bias_before_reduce,
         lm_head_bias="lm_head.bias" in names,
         max_positions=int(ckpt.get("max_position_embeddings") or 2048) if learned else 0,
     )

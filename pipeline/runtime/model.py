@@ -55,6 +55,8 @@ class ModelArgs:
     # "parallel_shared_norm": x + attn(n(x)) + mlp(n(x)) (one norm).
     residual: str = "sequential"
     lm_head_bias: bool = False
+    rope_style: str = "neox"  # "neox": rotate halves; "gptj": rotate interleaved pairs
+    mlp_bias_before_reduce: bool = False  # GPT-J: the MLP output bias lives on tp rank 0 and joins the reduction
 
     @property
     def vocab_padded(self) -> int:
@@ -94,18 +96,27 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
 
 
 def rope_tables(args: ModelArgs, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, [max_positions, rotary_dim], float32 (rotate-half layout: the frequencies repeated twice)."""
+    """cos and sin, [max_positions, rotary_dim], float32: the frequencies repeated as two halves (neox style) or
+    each twice in a row (gptj style), matching how each style pairs dimensions."""
     freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), rope_inv_freq(args))
-    emb = torch.cat([freqs, freqs], dim=-1)
+    emb = freqs.repeat_interleave(2, dim=-1) if args.rope_style == "gptj" else torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, heads, T, D]; cos/sin: [B, 1, T, R] with R <= D (partial rotary leaves the rest untouched)."""
+    """Rotate-half RoPE. x: [B, heads, T, D]; cos/sin: [B, 1, T, R], R <= D (partial rotary leaves the rest)."""
     r = cos.shape[-1]
     x_rot, x_pass = x[..., :r], x[..., r:]
     x1, x2 = x_rot.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
+    return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
+
+
+def apply_rope_gptj(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """GPT-J RoPE: dimensions (0, 1), (2, 3), ... rotate as pairs; same shapes as apply_rope."""
+    r = cos.shape[-1]
+    x_rot, x_pass = x[..., :r], x[..., r:]
+    rotated = torch.stack([-x_rot[..., 1::2], x_rot[..., ::2]], dim=-1).flatten(-2)
     return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
 
 
@@ -152,6 +163,7 @@ class Attention(nn.Module):
         self.qkv_bias = _bias(args.qkv_bias, qkv_out)
         self.dense_weight = nn.Parameter(torch.empty(h, args.local_heads * dh))
         self.dense_bias = _bias(args.dense_bias, h)
+        self.rope = apply_rope_gptj if args.rope_style == "gptj" else apply_rope
 
     def forward(self, x, cos, sin, mask, cache: KVCache, input_pos, kv_len: int) -> torch.Tensor:
         # x: [B, T, H]; mask: [B, 1, T, kv_len]
@@ -162,7 +174,7 @@ class Attention(nn.Module):
         q = q.view(b, t, a.local_heads, a.head_size).transpose(1, 2)
         k = k.view(b, t, a.local_kv_heads, a.head_size).transpose(1, 2)
         if a.rotary_dim:  # fixed per model: rotary models rotate q and k, learned-position models do not
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
         v = v.view(b, t, a.local_kv_heads, a.head_size).transpose(1, 2)
         k_all, v_all = cache.update(input_pos, k, v, kv_len)
         y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=a.local_heads != a.local_kv_heads)
@@ -201,6 +213,7 @@ class PlainMLP(nn.Module):
     def __init__(self, args: ModelArgs, d: Dist, linear: TorchKernel):
         super().__init__()
         self.d, self.linear = d, linear
+        self.bias_before_reduce = args.mlp_bias_before_reduce
         h, inner = args.hidden_size, args.intermediate_size // args.tp_size
         self.act = ACTIVATIONS[args.hidden_act]
         self.fc_weight = nn.Parameter(torch.empty(inner, h))
@@ -209,7 +222,10 @@ class PlainMLP(nn.Module):
         self.proj_bias = _bias(args.mlp_bias, h)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = tp_all_reduce(self.linear(self.act(self.linear(x, self.fc_weight, self.fc_bias)), self.proj_weight), self.d)
+        h = self.act(self.linear(x, self.fc_weight, self.fc_bias))
+        if self.bias_before_reduce:  # rank 0 holds the bias, the others zeros: the reduction adds it once
+            return tp_all_reduce(self.linear(h, self.proj_weight, self.proj_bias), self.d)
+        y = tp_all_reduce(self.linear(h, self.proj_weight), self.d)
         return y if self.proj_bias is None else y + self.proj_bias
 
 
