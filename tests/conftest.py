@@ -34,6 +34,9 @@ TINY_MODELS = {
                               bos_token_id=0, eos_token_id=0)),
     "gptj": ("GPTJConfig", dict(vocab_size=97, n_embd=64, n_layer=3, n_head=4, rotary_dim=8, n_positions=128,
                                 bos_token_id=0, eos_token_id=0)),
+    "gemma": ("GemmaConfig", dict(vocab_size=96, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                  num_key_value_heads=1, head_dim=32, intermediate_size=96,
+                                  max_position_embeddings=128, bos_token_id=0, eos_token_id=0, pad_token_id=0)),
     "qwen2_bias": ("Qwen2Config", dict(vocab_size=99, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                                        tie_word_embeddings=True)),
@@ -41,7 +44,8 @@ TINY_MODELS = {
 
 MODEL_CLASSES = {"LlamaConfig": "LlamaForCausalLM", "MistralConfig": "MistralForCausalLM", "Qwen2Config": "Qwen2ForCausalLM",
                  "GPT2Config": "GPT2LMHeadModel", "GPTBigCodeConfig": "GPTBigCodeForCausalLM",
-                 "GPTNeoXConfig": "GPTNeoXForCausalLM", "PhiConfig": "PhiForCausalLM", "GPTJConfig": "GPTJForCausalLM"}
+                 "GPTNeoXConfig": "GPTNeoXForCausalLM", "PhiConfig": "PhiForCausalLM", "GPTJConfig": "GPTJForCausalLM",
+                 "GemmaConfig": "GemmaForCausalLM"}
 
 
 def make_tiny_model(root: Path, name: str, **overrides) -> Path:

@@ -29,6 +29,7 @@ ARCH_MODULES: dict[str, str] = {
     "GPTNeoXForCausalLM": "pipeline.convert.archs.neox",
     "PhiForCausalLM": "pipeline.convert.archs.phi",
     "GPTJForCausalLM": "pipeline.convert.archs.gptj",
+    "GemmaForCausalLM": "pipeline.convert.archs.gemma",
 }
 
 _REGISTRY: dict[str, "ArchSpec"] = {}

@@ -115,9 +115,11 @@ class RuntimeFamily:
     residual: str = "sequential"  # see ModelArgs.residual
     rope_style: str = "neox"
     mlp_bias_before_reduce: bool = False
+    scale_embedding: bool = False  # multiply embeddings by sqrt(hidden_size) (Gemma)
 
 
 GATED_RMS = RuntimeFamily(GATED_DECODER, norm_type="rms", gated_mlp=True)
+GEMMA = RuntimeFamily(GATED_DECODER, norm_type="rms", gated_mlp=True, scale_embedding=True)
 GPT = RuntimeFamily(GPT_DECODER, norm_type="layer", gated_mlp=False)
 NEOX = RuntimeFamily(NEOX_DECODER, norm_type="layer", gated_mlp=False, residual="parallel")
 PHI = RuntimeFamily(PHI_DECODER, norm_type="layer", gated_mlp=False, residual="parallel_shared_norm")
@@ -132,6 +134,7 @@ RUNTIME_LAYOUTS: dict[str, RuntimeFamily] = {
     "GPTNeoXForCausalLM": NEOX,
     "PhiForCausalLM": PHI,
     "GPTJForCausalLM": GPTJ,
+    "GemmaForCausalLM": GEMMA,
 }
 SUPPORTED_POSITIONS = {"rope_gpt_neox", "rope_gptj", "learned_absolute"}
 
@@ -168,6 +171,7 @@ def model_args(ckpt: dict[str, Any], pp_rank: int, names: set[str], family: Runt
         residual=family.residual,
         rope_style=family.rope_style,
         mlp_bias_before_reduce=family.mlp_bias_before_reduce,
+        embedding_scale=float(ckpt["hidden_size"]) ** 0.5 if family.scale_embedding else 1.0,
         lm_head_bias="lm_head.bias" in names,
         max_positions=int(ckpt.get("max_position_embeddings") or 2048) if learned else 0,
     )

@@ -56,6 +56,7 @@ class ModelArgs:
     residual: str = "sequential"
     lm_head_bias: bool = False
     rope_style: str = "neox"  # "neox": rotate halves; "gptj": rotate interleaved pairs
+    embedding_scale: float = 1.0  # Gemma multiplies the embedding output by sqrt(hidden_size)
     mlp_bias_before_reduce: bool = False  # GPT-J: the MLP output bias lives on tp rank 0 and joins the reduction
 
     @property
@@ -331,6 +332,8 @@ class EngineModel(nn.Module):
         Attends to cache positions [0, kv_len); returns hidden states [B, T, H]."""
         if self.embed is not None:
             x = self.embed(x)
+            if self.args.embedding_scale != 1.0:  # fixed per model (Gemma), rounded to the dtype as Gemma does
+                x = x * torch.tensor(self.args.embedding_scale, dtype=x.dtype)
         if self.pos_embed is not None:
             x = x + self.pos_embed(input_pos)
         cos = self.rope_cos[input_pos].unsqueeze(1).to(x.dtype)
