@@ -24,13 +24,15 @@ ARCH_MODULES: dict[str, str] = {
     "Qwen2ForCausalLM": "pipeline.convert.archs.qwen",
     "GPT2LMHeadModel": "pipeline.convert.archs.gpt",
     "GPTBigCodeForCausalLM": "pipeline.convert.archs.gpt",
-    # TensorRT-LLM's own name, as written into GPT checkpoints (looked up when validating them).
-    "GPTForCausalLM": "pipeline.convert.archs.gpt",
     "GPTNeoXForCausalLM": "pipeline.convert.archs.neox",
     "PhiForCausalLM": "pipeline.convert.archs.phi",
     "GPTJForCausalLM": "pipeline.convert.archs.gptj",
     "GemmaForCausalLM": "pipeline.convert.archs.gemma",
 }
+
+# TensorRT-LLM architecture names that differ from every source name -> a source architecture with the same
+# layout (checkpoint validation looks specs up by the name written in config.json).
+WRITTEN_ALIASES = {"GPTForCausalLM": "GPT2LMHeadModel"}
 
 _REGISTRY: dict[str, "ArchSpec"] = {}
 
@@ -64,9 +66,15 @@ class ArchSpec:
 
     # TensorRT-LLM's model has no pipeline-parallel send/receive path for this family: refuse pp_size > 1.
     supports_pp: ClassVar[bool] = True
+    # The `architecture` written into config.json when TensorRT-LLM names the family differently.
+    written_name: ClassVar[str | None] = None
 
     architecture: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def writes_as(self) -> str:
+        return self.written_name or self.architecture
 
     def trtllm_config(self, hf: Mapping[str, Any], dtype: str, mapping: MappingArgs) -> dict[str, Any]:
         raise NotImplementedError
@@ -88,6 +96,7 @@ def register(*architectures: str):
 
 
 def get_spec(architecture: str) -> ArchSpec:
+    architecture = WRITTEN_ALIASES.get(architecture, architecture)
     if architecture not in ARCH_MODULES:
         raise PipelineError(
             f"architecture {architecture!r} is not supported; supported: {', '.join(sorted(ARCH_MODULES))} "
@@ -99,3 +108,17 @@ def get_spec(architecture: str) -> ArchSpec:
 
 def supported_architectures() -> list[str]:
     return sorted(ARCH_MODULES)
+
+
+def support_table() -> str:
+    """The Markdown table of what converts and runs, generated from the registry (the README carries it, and a
+    test keeps the two equal)."""
+    from pipeline.engine.cpu import RUNTIME_LAYOUTS
+
+    rows = ["| source architecture | written as | tp | pp | dtypes | cpu engine |", "|---|---|---|---|---|---|"]
+    for arch in supported_architectures():
+        spec = get_spec(arch)
+        pp = "yes" if spec.supports_pp else "no (as in TensorRT-LLM)"
+        engine = "yes" if spec.writes_as in RUNTIME_LAYOUTS else "no"
+        rows.append(f"| `{arch}` | `{spec.writes_as}` | yes | {pp} | float32, float16, bfloat16 | {engine} |")
+    return "\n".join(rows)

@@ -76,7 +76,7 @@ def gpt_transforms(transposed: bool) -> dict[Canon, Transform]:
 def gpt_config(hf: Mapping[str, Any], dtype: str, mapping: MappingArgs, variant: str, kv_heads: int) -> dict[str, Any]:
     hidden, heads = hf["n_embd"], hf["n_head"]
     return {
-        "architecture": "GPTForCausalLM",
+        "architecture": "GPTForCausalLM",  # TensorRT-LLM's class for every GPT variant
         "gpt_variant": variant,
         "dtype": dtype,
         "logits_dtype": "float32",
@@ -99,8 +99,9 @@ def gpt_config(hf: Mapping[str, Any], dtype: str, mapping: MappingArgs, variant:
     }
 
 
-@register("GPT2LMHeadModel", "GPTForCausalLM")
+@register("GPT2LMHeadModel")
 class GPT2Spec(ArchSpec):
+    written_name = "GPTForCausalLM"
     layout = GPT_LAYOUT
     source_names = GPT_SOURCE_NAMES
     dropped = ("transformer.h.{layer}.attn.bias", "transformer.h.{layer}.attn.masked_bias")
