@@ -37,6 +37,12 @@ TINY_MODELS = {
     "gemma": ("GemmaConfig", dict(vocab_size=96, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
                                   num_key_value_heads=1, head_dim=32, intermediate_size=96,
                                   max_position_embeddings=128, bos_token_id=0, eos_token_id=0, pad_token_id=0)),
+    "opt_pre_norm": ("OPTConfig", dict(vocab_size=97, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                       ffn_dim=128, max_position_embeddings=128, do_layer_norm_before=True,
+                                       word_embed_proj_dim=64, bos_token_id=0, eos_token_id=0, pad_token_id=1)),
+    "opt_post_norm": ("OPTConfig", dict(vocab_size=97, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                        ffn_dim=128, max_position_embeddings=128, do_layer_norm_before=False,
+                                        word_embed_proj_dim=64, bos_token_id=0, eos_token_id=0, pad_token_id=1)),
     "qwen2_bias": ("Qwen2Config", dict(vocab_size=99, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                                        tie_word_embeddings=True)),
@@ -45,7 +51,7 @@ TINY_MODELS = {
 MODEL_CLASSES = {"LlamaConfig": "LlamaForCausalLM", "MistralConfig": "MistralForCausalLM", "Qwen2Config": "Qwen2ForCausalLM",
                  "GPT2Config": "GPT2LMHeadModel", "GPTBigCodeConfig": "GPTBigCodeForCausalLM",
                  "GPTNeoXConfig": "GPTNeoXForCausalLM", "PhiConfig": "PhiForCausalLM", "GPTJConfig": "GPTJForCausalLM",
-                 "GemmaConfig": "GemmaForCausalLM"}
+                 "GemmaConfig": "GemmaForCausalLM", "OPTConfig": "OPTForCausalLM"}
 
 
 def make_tiny_model(root: Path, name: str, **overrides) -> Path:

@@ -177,6 +177,14 @@ GPTJ_LAYOUT: tuple[Target, ...] = (
 )
 
 
+# TensorRT-LLM's OPTForCausalLM: GPT's layout, with ln_f only when do_layer_norm_before (post-norm OPT has none).
+OPT_LAYOUT: tuple[Target, ...] = tuple(
+    Target(t.name, t.parts, t.split, t.place, flag("do_layer_norm_before")) if t.name.startswith("transformer.ln_f")
+    else t
+    for t in GPT_LAYOUT
+)
+
+
 @dataclass(frozen=True)
 class PlannedTensor:
     """One tensor of one rank file."""

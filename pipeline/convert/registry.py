@@ -28,6 +28,7 @@ ARCH_MODULES: dict[str, str] = {
     "PhiForCausalLM": "pipeline.convert.archs.phi",
     "GPTJForCausalLM": "pipeline.convert.archs.gptj",
     "GemmaForCausalLM": "pipeline.convert.archs.gemma",
+    "OPTForCausalLM": "pipeline.convert.archs.opt",
 }
 
 # TensorRT-LLM architecture names that differ from every source name -> a source architecture with the same

@@ -74,8 +74,9 @@ GPT_DECODER: tuple[EngineTensor, ...] = (
     EngineTensor("layers.{j}.mlp.fc_bias", (_layer("mlp.fc.bias"),), optional=True),
     EngineTensor("layers.{j}.mlp.proj_weight", (_layer("mlp.proj.weight"),)),
     EngineTensor("layers.{j}.mlp.proj_bias", (_layer("mlp.proj.bias"),), optional=True),
-    EngineTensor("final_norm.weight", ("transformer.ln_f.weight",), stage="last"),
-    EngineTensor("final_norm.bias", ("transformer.ln_f.bias",), stage="last"),
+    # optional: post-norm OPT has no final norm
+    EngineTensor("final_norm.weight", ("transformer.ln_f.weight",), optional=True, stage="last"),
+    EngineTensor("final_norm.bias", ("transformer.ln_f.bias",), optional=True, stage="last"),
     EngineTensor("lm_head", ("lm_head.weight",), stage="last"),
 )
 
@@ -135,6 +136,7 @@ RUNTIME_LAYOUTS: dict[str, RuntimeFamily] = {
     "PhiForCausalLM": PHI,
     "GPTJForCausalLM": GPTJ,
     "GemmaForCausalLM": GEMMA,
+    "OPTForCausalLM": GPT,  # post-norm when do_layer_norm_before is false (see model_args)
 }
 SUPPORTED_POSITIONS = {"rope_gpt_neox", "rope_gptj", "learned_absolute"}
 
@@ -168,7 +170,9 @@ def model_args(ckpt: dict[str, Any], pp_rank: int, names: set[str], family: Runt
         tp_size=m["tp_size"],
         norm_type=family.norm_type,
         gated_mlp=family.gated_mlp,
-        residual=family.residual,
+        # OPT's do_layer_norm_before=false puts the norms after the residual additions and drops the final norm.
+        residual="post_norm" if ckpt.get("do_layer_norm_before") is False else family.residual,
+        final_norm=ckpt.get("do_layer_norm_before") is not False,
         rope_style=family.rope_style,
         mlp_bias_before_reduce=family.mlp_bias_before_reduce,
         embedding_scale=float(ckpt["hidden_size"]) ** 0.5 if family.scale_embedding else 1.0,

@@ -52,11 +52,13 @@ class ModelArgs:
     gated_mlp: bool = True  # proj(act(fc(x)) * gate(x)), else proj(act(fc(x)))
     max_positions: int = 0  # rows of the learned absolute position table (0: rotary positions)
     # "sequential": x + attn(n1(x)), then h + mlp(n2(h)); "parallel": x + attn(n1(x)) + mlp(n2(x));
-    # "parallel_shared_norm": x + attn(n(x)) + mlp(n(x)) (one norm).
+    # "parallel_shared_norm": x + attn(n(x)) + mlp(n(x)) (one norm); "post_norm": h = n1(x + attn(x)),
+    # then n2(h + mlp(h)) (OPT with do_layer_norm_before false).
     residual: str = "sequential"
     lm_head_bias: bool = False
     rope_style: str = "neox"  # "neox": rotate halves; "gptj": rotate interleaved pairs
     embedding_scale: float = 1.0  # Gemma multiplies the embedding output by sqrt(hidden_size)
+    final_norm: bool = True  # post-norm OPT has no norm before the head
     mlp_bias_before_reduce: bool = False  # GPT-J: the MLP output bias lives on tp rank 0 and joins the reduction
 
     @property
@@ -243,6 +245,14 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.mlp_norm(h))
 
 
+class PostNormDecoderLayer(DecoderLayer):
+    """Norms after the residual additions (OPT with do_layer_norm_before false)."""
+
+    def forward(self, x, cos, sin, mask, cache, input_pos, kv_len):
+        h = self.attn_norm(x + self.attn(x, cos, sin, mask, cache, input_pos, kv_len))
+        return self.mlp_norm(h + self.mlp(h))
+
+
 class ParallelDecoderLayer(nn.Module):
     """Attention and MLP read the same input (GPT-NeoX: two norms; Phi, GPT-J: one shared norm)."""
 
@@ -296,10 +306,10 @@ class EngineModel(nn.Module):
         self.args, self.d, self.linear = args, d, linear
         self.embed = Embedding(args, d, args.vocab_size) if d.is_first_stage else None
         self.pos_embed = Embedding(args, d, args.max_positions) if d.is_first_stage and args.max_positions else None
-        layer = DecoderLayer if args.residual == "sequential" else ParallelDecoderLayer
+        layer = {"sequential": DecoderLayer, "post_norm": PostNormDecoderLayer}.get(args.residual, ParallelDecoderLayer)
         self.layers = nn.ModuleList(layer(args, d, linear) for _ in args.layers)
         if d.is_last_stage:
-            self.final_norm = make_norm(args)
+            self.final_norm = make_norm(args) if args.final_norm else nn.Identity()
             self.lm_head = nn.Parameter(torch.empty(args.vocab_padded // args.tp_size, args.hidden_size))
             self.lm_head_bias = _bias(args.lm_head_bias, args.vocab_padded // args.tp_size)
         dtype = DTYPES[args.dtype]
