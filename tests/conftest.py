@@ -43,6 +43,17 @@ TINY_MODELS = {
     "opt_post_norm": ("OPTConfig", dict(vocab_size=97, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
                                         ffn_dim=128, max_position_embeddings=128, do_layer_norm_before=False,
                                         word_embed_proj_dim=64, bos_token_id=0, eos_token_id=0, pad_token_id=1)),
+    "falcon_mha_sequential": ("FalconConfig", dict(vocab_size=97, hidden_size=64, num_hidden_layers=3,
+                                                   num_attention_heads=4, new_decoder_architecture=False,
+                                                   multi_query=False, parallel_attn=False, bias=True, alibi=False,
+                                                   max_position_embeddings=128, bos_token_id=0, eos_token_id=0)),
+    "falcon_mqa_parallel": ("FalconConfig", dict(vocab_size=97, hidden_size=64, num_hidden_layers=3,
+                                                 num_attention_heads=4, new_decoder_architecture=False,
+                                                 multi_query=True, parallel_attn=True, bias=False, alibi=False,
+                                                 max_position_embeddings=128, bos_token_id=0, eos_token_id=0)),
+    "falcon_new_arch": ("FalconConfig", dict(vocab_size=97, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                             new_decoder_architecture=True, num_kv_heads=2, bias=False, alibi=False,
+                                             max_position_embeddings=128, bos_token_id=0, eos_token_id=0)),
     "qwen2_bias": ("Qwen2Config", dict(vocab_size=99, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                                        tie_word_embeddings=True)),
@@ -51,7 +62,8 @@ TINY_MODELS = {
 MODEL_CLASSES = {"LlamaConfig": "LlamaForCausalLM", "MistralConfig": "MistralForCausalLM", "Qwen2Config": "Qwen2ForCausalLM",
                  "GPT2Config": "GPT2LMHeadModel", "GPTBigCodeConfig": "GPTBigCodeForCausalLM",
                  "GPTNeoXConfig": "GPTNeoXForCausalLM", "PhiConfig": "PhiForCausalLM", "GPTJConfig": "GPTJForCausalLM",
-                 "GemmaConfig": "GemmaForCausalLM", "OPTConfig": "OPTForCausalLM"}
+                 "GemmaConfig": "GemmaForCausalLM", "OPTConfig": "OPTForCausalLM",
+                 "FalconConfig": "FalconForCausalLM"}
 
 
 def make_tiny_model(root: Path, name: str, **overrides) -> Path:

@@ -185,6 +185,40 @@ OPT_LAYOUT: tuple[Target, ...] = tuple(
 )
 
 
+def _falcon_two_norms(cfg: Mapping[str, Any]) -> bool:
+    return bool(cfg.get("new_decoder_architecture")) and (cfg.get("num_ln_in_parallel_attn") or 2) == 2
+
+
+def _falcon_sequential(cfg: Mapping[str, Any]) -> bool:
+    return not cfg.get("new_decoder_architecture") and not cfg.get("parallel_attention")
+
+
+# TensorRT-LLM's FalconForCausalLM: the MLP's norm is `mlp_layernorm` (new architecture with two norms),
+# `post_layernorm` (sequential models such as falcon-rw), or absent (one norm shared by parallel attention and MLP).
+_FALCON_BIAS = flag("bias", False)
+FALCON_LAYOUT: tuple[Target, ...] = (
+    Target("transformer.vocab_embedding.weight", (Canon.VOCAB_EMBED,), Split.EMBEDDING, Place.FIRST_STAGE),
+    Target(_layer("input_layernorm.weight"), (Canon.ATTN_NORM,), Split.REPLICATE),
+    Target(_layer("input_layernorm.bias"), (Canon.ATTN_NORM_BIAS,), Split.REPLICATE),
+    Target(_layer("mlp_layernorm.weight"), (Canon.MLP_NORM,), Split.REPLICATE, present=_falcon_two_norms),
+    Target(_layer("mlp_layernorm.bias"), (Canon.MLP_NORM_BIAS,), Split.REPLICATE, present=_falcon_two_norms),
+    Target(_layer("post_layernorm.weight"), (Canon.MLP_NORM,), Split.REPLICATE, present=_falcon_sequential),
+    Target(_layer("post_layernorm.bias"), (Canon.MLP_NORM_BIAS,), Split.REPLICATE, present=_falcon_sequential),
+    Target(_layer("attention.qkv.weight"), (Canon.ATTN_Q, Canon.ATTN_K, Canon.ATTN_V), Split.QKV_HEADS),
+    Target(_layer("attention.qkv.bias"), (Canon.ATTN_Q_BIAS, Canon.ATTN_K_BIAS, Canon.ATTN_V_BIAS), Split.QKV_HEADS,
+           present=_FALCON_BIAS),
+    Target(_layer("attention.dense.weight"), (Canon.ATTN_OUT,), Split.ROW),
+    Target(_layer("attention.dense.bias"), (Canon.ATTN_OUT_BIAS,), Split.REPLICATE, present=_FALCON_BIAS),
+    Target(_layer("mlp.fc.weight"), (Canon.MLP_ACT_IN,), Split.COLUMN),
+    Target(_layer("mlp.fc.bias"), (Canon.MLP_ACT_IN_BIAS,), Split.COLUMN, present=_FALCON_BIAS),
+    Target(_layer("mlp.proj.weight"), (Canon.MLP_OUT,), Split.ROW),
+    Target(_layer("mlp.proj.bias"), (Canon.MLP_OUT_BIAS,), Split.REPLICATE, present=_FALCON_BIAS),
+    Target("transformer.ln_f.weight", (Canon.FINAL_NORM,), Split.REPLICATE, Place.LAST_STAGE),
+    Target("transformer.ln_f.bias", (Canon.FINAL_NORM_BIAS,), Split.REPLICATE, Place.LAST_STAGE),
+    Target("lm_head.weight", (Canon.LM_HEAD,), Split.VOCAB, Place.LAST_STAGE),
+)
+
+
 @dataclass(frozen=True)
 class PlannedTensor:
     """One tensor of one rank file."""

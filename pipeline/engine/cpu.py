@@ -9,7 +9,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import safe_open
@@ -106,6 +106,21 @@ NEOX_DECODER = _layernorm_decoder((("attn_norm", "input_layernorm"), ("mlp_norm"
 PHI_DECODER = _layernorm_decoder((("attn_norm", "input_layernorm"),), True)  # also GPT-J (its biases are optional)
 
 
+# Falcon: the MLP's norm, when there is one, comes from mlp_layernorm (two-norm new architecture) or post_layernorm
+# (sequential models); biases only with `bias`.
+FALCON_DECODER: tuple[EngineTensor, ...] = (
+    *_layernorm_decoder((("attn_norm", "input_layernorm"),), False),
+    *(EngineTensor(f"layers.{{j}}.mlp_norm.{kind}", (_layer(f"{theirs}.{kind}"),), optional=True)
+      for theirs in ("mlp_layernorm", "post_layernorm") for kind in ("weight", "bias")),
+)
+
+
+def falcon_residual(ckpt: dict[str, Any]) -> str:
+    if ckpt.get("new_decoder_architecture"):
+        return "parallel" if (ckpt.get("num_ln_in_parallel_attn") or 2) == 2 else "parallel_shared_norm"
+    return "parallel_shared_norm" if ckpt.get("parallel_attention") else "sequential"
+
+
 @dataclass(frozen=True)
 class RuntimeFamily:
     """How the runtime executes a checkpoint architecture: its tensor table and its fixed structural choices."""
@@ -113,7 +128,7 @@ class RuntimeFamily:
     tensors: tuple[EngineTensor, ...]
     norm_type: str  # "rms" or "layer"
     gated_mlp: bool
-    residual: str = "sequential"  # see ModelArgs.residual
+    residual: str | Callable[[dict[str, Any]], str] = "sequential"  # see ModelArgs.residual; or from the config
     rope_style: str = "neox"
     mlp_bias_before_reduce: bool = False
     scale_embedding: bool = False  # multiply embeddings by sqrt(hidden_size) (Gemma)
@@ -124,6 +139,7 @@ GEMMA = RuntimeFamily(GATED_DECODER, norm_type="rms", gated_mlp=True, scale_embe
 GPT = RuntimeFamily(GPT_DECODER, norm_type="layer", gated_mlp=False)
 NEOX = RuntimeFamily(NEOX_DECODER, norm_type="layer", gated_mlp=False, residual="parallel")
 PHI = RuntimeFamily(PHI_DECODER, norm_type="layer", gated_mlp=False, residual="parallel_shared_norm")
+FALCON = RuntimeFamily(FALCON_DECODER, norm_type="layer", gated_mlp=False, residual=falcon_residual)
 GPTJ = RuntimeFamily(PHI_DECODER, norm_type="layer", gated_mlp=False, residual="parallel_shared_norm",
                      rope_style="gptj", mlp_bias_before_reduce=True)
 
@@ -137,6 +153,7 @@ RUNTIME_LAYOUTS: dict[str, RuntimeFamily] = {
     "GPTJForCausalLM": GPTJ,
     "GemmaForCausalLM": GEMMA,
     "OPTForCausalLM": GPT,  # post-norm when do_layer_norm_before is false (see model_args)
+    "FalconForCausalLM": FALCON,
 }
 SUPPORTED_POSITIONS = {"rope_gpt_neox", "rope_gptj", "learned_absolute"}
 
@@ -171,7 +188,8 @@ def model_args(ckpt: dict[str, Any], pp_rank: int, names: set[str], family: Runt
         norm_type=family.norm_type,
         gated_mlp=family.gated_mlp,
         # OPT's do_layer_norm_before=false puts the norms after the residual additions and drops the final norm.
-        residual="post_norm" if ckpt.get("do_layer_norm_before") is False else family.residual,
+        residual="post_norm" if ckpt.get("do_layer_norm_before") is False
+        else family.residual(ckpt) if callable(family.residual) else family.residual,
         final_norm=ckpt.get("do_layer_norm_before") is not False,
         rope_style=family.rope_style,
         mlp_bias_before_reduce=family.mlp_bias_before_reduce,
@@ -201,8 +219,9 @@ class CpuBackend:
         ckpt = json.loads((checkpoint_dir / "config.json").read_text())
         family = RUNTIME_LAYOUTS.get(ckpt["architecture"])
         if family is None or ckpt.get("position_embedding_type") not in SUPPORTED_POSITIONS:
-            raise PipelineError(f"the cpu backend cannot run architecture {ckpt['architecture']} "
-                                f"(supported: {sorted(RUNTIME_LAYOUTS)})")
+            raise PipelineError(f"the cpu backend cannot run architecture {ckpt['architecture']} with "
+                                f"position_embedding_type={ckpt.get('position_embedding_type')} (architectures: "
+                                f"{sorted(RUNTIME_LAYOUTS)}; positions: {sorted(SUPPORTED_POSITIONS)})")
         limits = resolve_limits(build_config, ckpt)
         config = engine_config(ckpt, limits)
         validate(config, "engine_config", what="engine config.json")
