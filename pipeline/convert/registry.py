@@ -86,6 +86,33 @@ class ArchSpec:
         return bool(hf.get("tie_word_embeddings", False))
 
 
+def checkpoint_config(architecture: str, dtype: str, mapping: MappingArgs, *, vocab_size: int,
+                      max_position_embeddings: int, hidden_size: int, num_hidden_layers: int,
+                      num_attention_heads: int, num_key_value_heads: int, head_size: int, hidden_act: str,
+                      intermediate_size: int, norm_epsilon: float, position_embedding_type: str) -> dict[str, Any]:
+    """The base fields every TensorRT-LLM checkpoint config carries; families add their own fields to it."""
+    return {
+        "architecture": architecture,
+        "dtype": dtype,
+        "logits_dtype": "float32",
+        "vocab_size": vocab_size,
+        "max_position_embeddings": max_position_embeddings,
+        "hidden_size": hidden_size,
+        "num_hidden_layers": num_hidden_layers,
+        "num_attention_heads": num_attention_heads,
+        "num_key_value_heads": num_key_value_heads,
+        "head_size": head_size,
+        "hidden_act": hidden_act,
+        "intermediate_size": intermediate_size,
+        "norm_epsilon": norm_epsilon,
+        "position_embedding_type": position_embedding_type,
+        "mapping": mapping.as_config(),
+        "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
+        "use_parallel_embedding": mapping.use_parallel_embedding,
+        "embedding_sharding_dim": mapping.embedding_sharding_dim,
+    }
+
+
 def register(*architectures: str):
     """Class decorator: register an ArchSpec subclass under one or more HF architecture strings."""
 

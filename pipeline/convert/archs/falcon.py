@@ -11,7 +11,7 @@ import torch
 
 from pipeline.checkpoint.layout import FALCON_LAYOUT
 from pipeline.convert.canonical import Canon, Dims
-from pipeline.convert.registry import ArchSpec, MappingArgs, register
+from pipeline.convert.registry import ArchSpec, MappingArgs, checkpoint_config, register
 
 _H = "transformer.h.{layer}"
 _QKV = f"{_H}.self_attention.query_key_value"
@@ -72,30 +72,18 @@ class FalconSpec(ArchSpec):
     def trtllm_config(self, hf: Mapping[str, Any], dtype: str, mapping: MappingArgs) -> dict[str, Any]:
         hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
         params = hf.get("rope_parameters") or {}
-        cfg = {
-            "architecture": "FalconForCausalLM",  # TensorRT-LLM's name, also for RW models
-            "dtype": dtype,
-            "logits_dtype": "float32",
-            "vocab_size": hf["vocab_size"],
-            "max_position_embeddings": hf.get("max_position_embeddings", 2048),
-            "hidden_size": hidden,
-            "num_hidden_layers": hf["num_hidden_layers"],
-            "num_attention_heads": heads,
-            "num_key_value_heads": falcon_kv_heads(hf),
-            "head_size": hidden // heads,
-            "hidden_act": "gelu",
-            "intermediate_size": hf.get("ffn_hidden_size") or 4 * hidden,
-            "norm_epsilon": hf.get("layer_norm_epsilon", 1e-5),
-            "position_embedding_type": "alibi_with_scale" if hf.get("alibi") else "rope_gpt_neox",
-            "rotary_base": float(hf.get("rope_theta", params.get("rope_theta", 10000.0))),
-            "bias": bool(hf.get("bias", False)),
-            "parallel_attention": bool(hf.get("parallel_attn", True)),
-            "new_decoder_architecture": bool(hf.get("new_decoder_architecture", False)),
-            "mapping": mapping.as_config(),
-            "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
-            "use_parallel_embedding": mapping.use_parallel_embedding,
-            "embedding_sharding_dim": mapping.embedding_sharding_dim,
-        }
+        cfg = checkpoint_config(
+            "FalconForCausalLM", dtype, mapping, vocab_size=hf["vocab_size"],  # TensorRT-LLM's name, also for RW
+            max_position_embeddings=hf.get("max_position_embeddings", 2048), hidden_size=hidden,
+            num_hidden_layers=hf["num_hidden_layers"], num_attention_heads=heads,
+            num_key_value_heads=falcon_kv_heads(hf), head_size=hidden // heads, hidden_act="gelu",
+            intermediate_size=hf.get("ffn_hidden_size") or 4 * hidden,
+            norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+            position_embedding_type="alibi_with_scale" if hf.get("alibi") else "rope_gpt_neox",
+        )
+        cfg.update(rotary_base=float(hf.get("rope_theta", params.get("rope_theta", 10000.0))),
+                   bias=bool(hf.get("bias", False)), parallel_attention=bool(hf.get("parallel_attn", True)),
+                   new_decoder_architecture=bool(hf.get("new_decoder_architecture", False)))
         if cfg["new_decoder_architecture"]:
             cfg["num_ln_in_parallel_attn"] = hf.get("num_ln_in_parallel_attn") or 2
         return cfg

@@ -13,7 +13,7 @@ import torch
 from pipeline.checkpoint.layout import LLAMA_LAYOUT
 from pipeline.convert.archs.llama import LLAMA_SOURCE_NAMES, rope_fields
 from pipeline.convert.canonical import Canon
-from pipeline.convert.registry import ArchSpec, MappingArgs, register
+from pipeline.convert.registry import ArchSpec, MappingArgs, checkpoint_config, register
 from pipeline.errors import PipelineError
 
 
@@ -38,29 +38,17 @@ class GemmaSpec(ArchSpec):
             raise PipelineError(f"GemmaForCausalLM: TensorRT-LLM splits Gemma's vocabulary without padding; "
                                 f"vocab_size={hf['vocab_size']} is not divisible by tp_size={tp}")
         heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
-        return {
-            "architecture": self.architecture,
-            "dtype": dtype,
-            "logits_dtype": "float32",
-            "vocab_size": hf["vocab_size"],
-            "max_position_embeddings": hf.get("max_position_embeddings", 8192),
-            "hidden_size": hidden,
-            "num_hidden_layers": hf["num_hidden_layers"],
-            "num_attention_heads": heads,
-            "num_key_value_heads": hf.get("num_key_value_heads") or heads,
-            "head_size": hf.get("head_dim") or hidden // heads,
-            "hidden_act": hf.get("hidden_activation") or hf.get("hidden_act", "gelu_pytorch_tanh"),
-            "intermediate_size": hf["intermediate_size"],
-            "norm_epsilon": hf.get("rms_norm_eps", 1e-6),
-            "position_embedding_type": "rope_gpt_neox",
-            **rope_fields(hf, 10000.0),
-            "attn_bias": False,
-            "mlp_bias": False,
-            "inter_layernorms": False,
-            "mapping": mapping.as_config(),
-            "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
-            # Forced as TensorRT-LLM's Gemma forces it, whatever the recipe asked.
-            "use_parallel_embedding": tp > 1,
-            "embedding_sharding_dim": 0,
-            "tie_word_embeddings": True,
-        }
+        cfg = checkpoint_config(
+            self.architecture, dtype, mapping, vocab_size=hf["vocab_size"],
+            max_position_embeddings=hf.get("max_position_embeddings", 8192), hidden_size=hidden,
+            num_hidden_layers=hf["num_hidden_layers"], num_attention_heads=heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or heads, head_size=hf.get("head_dim") or hidden // heads,
+            hidden_act=hf.get("hidden_activation") or hf.get("hidden_act", "gelu_pytorch_tanh"),
+            intermediate_size=hf["intermediate_size"], norm_epsilon=hf.get("rms_norm_eps", 1e-6),
+            position_embedding_type="rope_gpt_neox",
+        )
+        cfg.update(rope_fields(hf, 10000.0))
+        # Forced as TensorRT-LLM's Gemma forces it, whatever the recipe asked.
+        cfg.update(attn_bias=False, mlp_bias=False, inter_layernorms=False, use_parallel_embedding=tp > 1,
+                   embedding_sharding_dim=0, tie_word_embeddings=True)
+        return cfg

@@ -14,7 +14,7 @@ import torch
 
 from pipeline.checkpoint.layout import GPT_LAYOUT
 from pipeline.convert.canonical import Canon, Dims
-from pipeline.convert.registry import ArchSpec, MappingArgs, register
+from pipeline.convert.registry import ArchSpec, MappingArgs, checkpoint_config, register
 
 _H = "transformer.h.{layer}"
 
@@ -75,28 +75,15 @@ def gpt_transforms(transposed: bool) -> dict[Canon, Transform]:
 
 def gpt_config(hf: Mapping[str, Any], dtype: str, mapping: MappingArgs, variant: str, kv_heads: int) -> dict[str, Any]:
     hidden, heads = hf["n_embd"], hf["n_head"]
-    return {
-        "architecture": "GPTForCausalLM",  # TensorRT-LLM's class for every GPT variant
-        "gpt_variant": variant,
-        "dtype": dtype,
-        "logits_dtype": "float32",
-        "vocab_size": hf["vocab_size"],
-        "max_position_embeddings": hf["n_positions"],
-        "hidden_size": hidden,
-        "num_hidden_layers": hf["n_layer"],
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
-        "head_size": hidden // heads,
-        "hidden_act": hf.get("activation_function", "gelu_new"),
-        "intermediate_size": hf.get("n_inner") or 4 * hidden,
-        "norm_epsilon": hf.get("layer_norm_epsilon", 1e-5),
-        "position_embedding_type": "learned_absolute",
-        "bias": True,
-        "mapping": mapping.as_config(),
-        "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
-        "use_parallel_embedding": mapping.use_parallel_embedding,
-        "embedding_sharding_dim": mapping.embedding_sharding_dim,
-    }
+    cfg = checkpoint_config(
+        "GPTForCausalLM", dtype, mapping, vocab_size=hf["vocab_size"], max_position_embeddings=hf["n_positions"],
+        hidden_size=hidden, num_hidden_layers=hf["n_layer"], num_attention_heads=heads, num_key_value_heads=kv_heads,
+        head_size=hidden // heads, hidden_act=hf.get("activation_function", "gelu_new"),
+        intermediate_size=hf.get("n_inner") or 4 * hidden, norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+        position_embedding_type="learned_absolute",
+    )
+    cfg.update(gpt_variant=variant, bias=True)
+    return cfg
 
 
 @register("GPT2LMHeadModel")

@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 from pipeline.checkpoint.layout import GPTJ_LAYOUT
 from pipeline.convert.canonical import Canon
-from pipeline.convert.registry import ArchSpec, MappingArgs, register
+from pipeline.convert.registry import ArchSpec, MappingArgs, checkpoint_config, register
 
 _H = "transformer.h.{layer}"
 
@@ -38,25 +38,13 @@ class GPTJSpec(ArchSpec):
 
     def trtllm_config(self, hf: Mapping[str, Any], dtype: str, mapping: MappingArgs) -> dict[str, Any]:
         hidden, heads = hf["n_embd"], hf["n_head"]
-        return {
-            "architecture": self.architecture,
-            "dtype": dtype,
-            "logits_dtype": "float32",
-            "vocab_size": hf["vocab_size"],
-            "max_position_embeddings": hf["n_positions"],
-            "hidden_size": hidden,
-            "num_hidden_layers": hf["n_layer"],
-            "num_attention_heads": heads,
-            "num_key_value_heads": heads,
-            "head_size": hidden // heads,
-            "hidden_act": hf.get("activation_function", "gelu_new"),
-            "intermediate_size": hf.get("n_inner") or 4 * hidden,
-            "norm_epsilon": hf.get("layer_norm_epsilon", 1e-5),
-            "position_embedding_type": "rope_gptj",
-            "rotary_dim": hf.get("rotary_dim") or hidden // heads,
-            "rotary_base": float((hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
-            "mapping": mapping.as_config(),
-            "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
-            "use_parallel_embedding": mapping.use_parallel_embedding,
-            "embedding_sharding_dim": mapping.embedding_sharding_dim,
-        }
+        cfg = checkpoint_config(
+            self.architecture, dtype, mapping, vocab_size=hf["vocab_size"], max_position_embeddings=hf["n_positions"],
+            hidden_size=hidden, num_hidden_layers=hf["n_layer"], num_attention_heads=heads, num_key_value_heads=heads,
+            head_size=hidden // heads, hidden_act=hf.get("activation_function", "gelu_new"),
+            intermediate_size=hf.get("n_inner") or 4 * hidden, norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+            position_embedding_type="rope_gptj",
+        )
+        cfg.update(rotary_dim=hf.get("rotary_dim") or hidden // heads,
+                   rotary_base=float((hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)))
+        return cfg

@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 from pipeline.checkpoint.layout import LLAMA_LAYOUT
 from pipeline.convert.canonical import Canon
-from pipeline.convert.registry import ArchSpec, MappingArgs, register
+from pipeline.convert.registry import ArchSpec, MappingArgs, checkpoint_config, register
 
 _ATTN = "model.layers.{layer}.self_attn"
 _MLP = "model.layers.{layer}.mlp"
@@ -59,29 +59,18 @@ def llama_like_config(
     """TensorRT-LLM config fields shared by LLaMAConfig and QWenConfig."""
     heads = hf["num_attention_heads"]
     hidden = hf["hidden_size"]
-    return {
-        "architecture": arch,
-        "dtype": dtype,
-        "logits_dtype": "float32",
-        "vocab_size": hf["vocab_size"],
-        "max_position_embeddings": hf.get("max_position_embeddings", 2048),
-        "hidden_size": hidden,
-        "num_hidden_layers": hf["num_hidden_layers"],
-        "num_attention_heads": heads,
-        "num_key_value_heads": hf.get("num_key_value_heads") or heads,
-        "head_size": hf.get("head_dim") or hidden // heads,
-        "hidden_act": hf.get("hidden_act", "silu"),
-        "intermediate_size": hf["intermediate_size"],
-        "norm_epsilon": hf.get("rms_norm_eps", 1e-6),
-        "position_embedding_type": "rope_gpt_neox",
-        **rope_fields(hf, default_rope_base),
-        "mapping": mapping.as_config(),
-        "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
-        "use_parallel_embedding": mapping.use_parallel_embedding,
-        "embedding_sharding_dim": mapping.embedding_sharding_dim,
-        "mlp_bias": bool(hf.get("mlp_bias", False)),
-        "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
-    }
+    cfg = checkpoint_config(
+        arch, dtype, mapping, vocab_size=hf["vocab_size"],
+        max_position_embeddings=hf.get("max_position_embeddings", 2048), hidden_size=hidden,
+        num_hidden_layers=hf["num_hidden_layers"], num_attention_heads=heads,
+        num_key_value_heads=hf.get("num_key_value_heads") or heads, head_size=hf.get("head_dim") or hidden // heads,
+        hidden_act=hf.get("hidden_act", "silu"), intermediate_size=hf["intermediate_size"],
+        norm_epsilon=hf.get("rms_norm_eps", 1e-6), position_embedding_type="rope_gpt_neox",
+    )
+    cfg.update(rope_fields(hf, default_rope_base))
+    cfg["mlp_bias"] = bool(hf.get("mlp_bias", False))
+    cfg["tie_word_embeddings"] = bool(hf.get("tie_word_embeddings", False))
+    return cfg
 
 
 @register("LlamaForCausalLM", "MistralForCausalLM")

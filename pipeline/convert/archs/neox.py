@@ -9,7 +9,7 @@ import torch
 
 from pipeline.checkpoint.layout import NEOX_LAYOUT
 from pipeline.convert.canonical import Canon, Dims
-from pipeline.convert.registry import ArchSpec, MappingArgs, register
+from pipeline.convert.registry import ArchSpec, MappingArgs, checkpoint_config, register
 from pipeline.errors import PipelineError
 
 _L = "gpt_neox.layers.{layer}"
@@ -73,25 +73,12 @@ class GPTNeoXSpec(ArchSpec):
             raise PipelineError(f"GPTNeoXForCausalLM: TensorRT-LLM fixes the MLP at 4 x hidden_size = {4 * hidden}, "
                                 f"the model has intermediate_size={hf['intermediate_size']}")
         base, pct = hf_rope(hf)
-        return {
-            "architecture": self.architecture,
-            "dtype": dtype,
-            "logits_dtype": "float32",
-            "vocab_size": hf["vocab_size"],
-            "max_position_embeddings": hf.get("max_position_embeddings", 2048),
-            "hidden_size": hidden,
-            "num_hidden_layers": hf["num_hidden_layers"],
-            "num_attention_heads": heads,
-            "num_key_value_heads": heads,
-            "head_size": hidden // heads,
-            "hidden_act": hf.get("hidden_act", "gelu"),
-            "intermediate_size": 4 * hidden,
-            "norm_epsilon": hf.get("layer_norm_eps", 1e-5),
-            "position_embedding_type": "rope_gpt_neox",
-            "rotary_emb_base": base,
-            "rotary_pct": pct,
-            "mapping": mapping.as_config(),
-            "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
-            "use_parallel_embedding": mapping.use_parallel_embedding,
-            "embedding_sharding_dim": mapping.embedding_sharding_dim,
-        }
+        cfg = checkpoint_config(
+            self.architecture, dtype, mapping, vocab_size=hf["vocab_size"],
+            max_position_embeddings=hf.get("max_position_embeddings", 2048), hidden_size=hidden,
+            num_hidden_layers=hf["num_hidden_layers"], num_attention_heads=heads, num_key_value_heads=heads,
+            head_size=hidden // heads, hidden_act=hf.get("hidden_act", "gelu"), intermediate_size=4 * hidden,
+            norm_epsilon=hf.get("layer_norm_eps", 1e-5), position_embedding_type="rope_gpt_neox",
+        )
+        cfg.update(rotary_emb_base=base, rotary_pct=pct)
+        return cfg

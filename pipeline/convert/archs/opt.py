@@ -10,7 +10,7 @@ import torch
 
 from pipeline.checkpoint.layout import OPT_LAYOUT
 from pipeline.convert.canonical import Canon
-from pipeline.convert.registry import ArchSpec, MappingArgs, register
+from pipeline.convert.registry import ArchSpec, MappingArgs, checkpoint_config, register
 from pipeline.errors import PipelineError
 
 _L = "model.decoder.layers.{layer}"
@@ -58,24 +58,12 @@ class OPTSpec(ArchSpec):
                                 f"hidden_size={hidden} (project_in/project_out, e.g. opt-350m) is not supported yet")
         if not hf.get("enable_bias", True) or not hf.get("layer_norm_elementwise_affine", True):
             raise PipelineError("OPTForCausalLM without biases or without LayerNorm affine weights is not supported")
-        return {
-            "architecture": self.architecture,
-            "dtype": dtype,
-            "logits_dtype": "float32",
-            "vocab_size": hf["vocab_size"],
-            "max_position_embeddings": hf["max_position_embeddings"],
-            "hidden_size": hidden,
-            "num_hidden_layers": hf["num_hidden_layers"],
-            "num_attention_heads": heads,
-            "num_key_value_heads": heads,
-            "head_size": hidden // heads,
-            "hidden_act": hf.get("activation_function", "relu"),
-            "intermediate_size": hf["ffn_dim"],
-            "norm_epsilon": 1e-5,
-            "position_embedding_type": "learned_absolute",
-            "do_layer_norm_before": bool(hf.get("do_layer_norm_before", True)),
-            "mapping": mapping.as_config(),
-            "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
-            "use_parallel_embedding": mapping.use_parallel_embedding,
-            "embedding_sharding_dim": mapping.embedding_sharding_dim,
-        }
+        cfg = checkpoint_config(
+            self.architecture, dtype, mapping, vocab_size=hf["vocab_size"],
+            max_position_embeddings=hf["max_position_embeddings"], hidden_size=hidden,
+            num_hidden_layers=hf["num_hidden_layers"], num_attention_heads=heads, num_key_value_heads=heads,
+            head_size=hidden // heads, hidden_act=hf.get("activation_function", "relu"), intermediate_size=hf["ffn_dim"],
+            norm_epsilon=1e-5, position_embedding_type="learned_absolute",
+        )
+        cfg["do_layer_norm_before"] = bool(hf.get("do_layer_norm_before", True))
+        return cfg

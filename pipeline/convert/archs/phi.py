@@ -8,7 +8,7 @@ from typing import Any, Mapping
 from pipeline.checkpoint.layout import PHI_LAYOUT
 from pipeline.convert.archs.neox import hf_rope
 from pipeline.convert.canonical import Canon
-from pipeline.convert.registry import ArchSpec, MappingArgs, register
+from pipeline.convert.registry import ArchSpec, MappingArgs, checkpoint_config, register
 from pipeline.errors import PipelineError
 
 _L = "model.layers.{layer}"
@@ -44,25 +44,13 @@ class PhiSpec(ArchSpec):
             raise PipelineError("PhiForCausalLM with qk_layernorm=true is not supported")
         hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
         base, pct = hf_rope(hf)
-        return {
-            "architecture": self.architecture,
-            "dtype": dtype,
-            "logits_dtype": "float32",
-            "vocab_size": hf["vocab_size"],
-            "max_position_embeddings": hf.get("max_position_embeddings", 2048),
-            "hidden_size": hidden,
-            "num_hidden_layers": hf["num_hidden_layers"],
-            "num_attention_heads": heads,
-            "num_key_value_heads": hf.get("num_key_value_heads") or heads,
-            "head_size": hidden // heads,
-            "hidden_act": hf.get("hidden_act", "gelu_new"),
-            "intermediate_size": hf["intermediate_size"],
-            "norm_epsilon": hf.get("layer_norm_eps", 1e-5),
-            "position_embedding_type": "rope_gpt_neox",
-            "rotary_base": base,
-            "rotary_pct": pct,
-            "mapping": mapping.as_config(),
-            "quantization": {"quant_algo": None, "kv_cache_quant_algo": None},
-            "use_parallel_embedding": mapping.use_parallel_embedding,
-            "embedding_sharding_dim": mapping.embedding_sharding_dim,
-        }
+        cfg = checkpoint_config(
+            self.architecture, dtype, mapping, vocab_size=hf["vocab_size"],
+            max_position_embeddings=hf.get("max_position_embeddings", 2048), hidden_size=hidden,
+            num_hidden_layers=hf["num_hidden_layers"], num_attention_heads=heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or heads, head_size=hidden // heads,
+            hidden_act=hf.get("hidden_act", "gelu_new"), intermediate_size=hf["intermediate_size"],
+            norm_epsilon=hf.get("layer_norm_eps", 1e-5), position_embedding_type="rope_gpt_neox",
+        )
+        cfg.update(rotary_base=base, rotary_pct=pct)
+        return cfg
