@@ -30,6 +30,7 @@ ARCH_MODULES: dict[str, str] = {
     "GemmaForCausalLM": "pipeline.convert.archs.gemma",
     "OPTForCausalLM": "pipeline.convert.archs.opt",
     "FalconForCausalLM": "pipeline.convert.archs.falcon",
+    "RWForCausalLM": "pipeline.convert.archs.falcon",
 }
 
 # TensorRT-LLM architecture names that differ from every source name -> a source architecture with the same
