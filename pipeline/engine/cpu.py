@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 from pipeline import __version__
 from pipeline.checkpoint.layout import pp_layers
-from pipeline.checkpoint.safetensors_stream import StreamingSafetensorsWriter
+from pipeline.checkpoint.safetensors_stream import TORCH_DTYPES, StreamingSafetensorsWriter
 from pipeline.checkpoint.validate import validate_checkpoint
 from pipeline.engine.limits import resolve_limits
 from pipeline.errors import PipelineError
@@ -254,7 +254,7 @@ class CpuBackend:
             for name, parts in plan:
                 shapes = [tuple(f.get_slice(p).get_shape()) for p in parts]
                 rows = sum(s[0] for s in shapes)
-                declared.append((name, (rows, *shapes[0][1:]), _dtype(f.get_slice(parts[0]).get_dtype())))
+                declared.append((name, (rows, *shapes[0][1:]), TORCH_DTYPES[f.get_slice(parts[0]).get_dtype()]))
             meta = {"engine": json.dumps({"format_version": ENGINE_FORMAT_VERSION, "backend": "cpu", "rank": rank,
                                           "mapping": ckpt["mapping"], "model": asdict(args), "limits": limits})}
             writer = StreamingSafetensorsWriter(dst, declared, metadata=meta)
@@ -278,12 +278,6 @@ def _instances(layout, num_local_layers: int, pp_rank: int, pp_size: int):
             yield t, None
 
 
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I8": torch.int8, "U8": torch.uint8,
-           "I32": torch.int32, "F8_E4M3": torch.float8_e4m3fn}
-
-
-def _dtype(name: str) -> torch.dtype:
-    return _DTYPES[name]
 
 
 BACKEND = CpuBackend()

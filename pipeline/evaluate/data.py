@@ -3,7 +3,6 @@ or a HuggingFace dataset name loaded with `datasets` (from its local cache, or t
 
 from __future__ import annotations
 
-import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,7 +83,6 @@ def _load_rows(name: str | None, split: str, config_name: str | None):
             raise PipelineError(f"evaluate.dataset: cannot read {path}: {_first_line(e)}") from None
     hint = ("point evaluate.dataset at a local copy (a .jsonl, .json, .csv or .parquet file, or a directory of them) "
             "and set evaluate.input_field / evaluate.reference_field")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "0")
     try:  # the local datasets cache first: no network needed when the set was downloaded before
         return datasets.load_dataset(name, config_name, split=split, download_mode="reuse_cache_if_exists")
     except Exception as cached_error:
