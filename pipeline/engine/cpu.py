@@ -278,6 +278,4 @@ def _instances(layout, num_local_layers: int, pp_rank: int, pp_size: int):
             yield t, None
 
 
-
-
 BACKEND = CpuBackend()
