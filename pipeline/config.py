@@ -99,8 +99,23 @@ def check_mapping(m: Any) -> None:
 
 
 @dataclass
+class CalibrationConfig:
+    """The calibration set and how much of it to run (the calibrate stage's whole configuration: algorithms that
+    share these settings share one statistics artifact)."""
+
+    # null: the text shipped with the project; else a local .jsonl/.json/.csv/.parquet file or directory.
+    dataset: Optional[str] = None
+    text_field: str = "text"
+    dataset_split: str = "train"
+    calib_size: int = 32  # number of samples (TensorRT-LLM's quantize.py: --calib_size)
+    calib_max_seq_length: int = 256  # tokens per sample (quantize.py: --calib_max_seq_length)
+    batch_size: int = 4
+    seed: int = 0  # picks and orders the samples
+
+
+@dataclass
 class QuantizationConfig:
-    """The checkpoint's `quantization` object (TensorRT-LLM QuantConfig field names)."""
+    """The checkpoint's `quantization` object (TensorRT-LLM QuantConfig field names) plus how to calibrate."""
 
     quant_algo: Optional[QuantAlgo] = None
     kv_cache_quant_algo: Optional[KvCacheQuantAlgo] = None
@@ -109,6 +124,14 @@ class QuantizationConfig:
     has_zero_point: bool = False
     pre_quant_scale: bool = False
     exclude_modules: Optional[List[str]] = None
+    # GPTQ: fraction of the mean Hessian diagonal added to it (AutoGPTQ's damp_percent) and the column block size.
+    gptq_damp: float = 0.01
+    # AWQ: grid points searched for the scale exponent alpha in [0, 1).
+    awq_grid: int = 20
+    # GPTQ: the GPU (SM version) whose mixed-GEMM kernel layout the stored weights take; TensorRT-LLM's own
+    # converter uses the GPU it runs on, so a GPTQ checkpoint is tied to a GPU generation.
+    gptq_sm: int = 80
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
 
 @dataclass

@@ -6,7 +6,11 @@ A stage is registered with `@stage(...)` in its own module (see `pipeline/stages
 - `version`: bumped on any change of its semantics, which invalidates its artifacts;
 - `fingerprint`: optional, the identity of external inputs (source files) given its config;
 - `unkeyed`: dotted config keys left out of the key because the fingerprint already covers what they point at
-  (the model path: a moved but identical model hits the cache).
+  (the model path: a moved but identical model hits the cache);
+- `view`: optional, reduces what it reads to what its result depends on (keyed and passed to the stage), so
+  configs that differ elsewhere share its artifact (calibration statistics across quantization algorithms);
+- `optional_needs`: upstream stages it consumes only when a predicate of the whole config says so (convert needs
+  calibration only for algorithms that use statistics).
 Stages named in PIPELINE_ORDER but not registered are slots a later version fills; asking for one is a clear error.
 """
 
@@ -31,9 +35,10 @@ from pipeline.schemas import validate
 
 log = logging.getLogger(__name__)
 
-PIPELINE_ORDER = ("convert", "build", "evaluate")
+PIPELINE_ORDER = ("calibrate", "convert", "build", "evaluate")
 # Stage name -> module that registers it; imported when a run needs the stage.
 STAGE_MODULES = {
+    "calibrate": "pipeline.stages.calibrate",
     "convert": "pipeline.stages.convert",
     "build": "pipeline.stages.build",
     "evaluate": "pipeline.stages.evaluate",
@@ -63,6 +68,12 @@ class StageSpec:
     unkeyed: tuple[str, ...] = ()
     # Judges an outcome (computed or reused) against the current config: {"failed": [...], ...} or {}.
     checks: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None
+    view: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    optional_needs: tuple[tuple[str, Callable[[dict[str, Any]], bool]], ...] = ()
+
+    def upstream(self, config: dict[str, Any]) -> tuple[str, ...]:
+        """The stages this one consumes for this config."""
+        return self.needs + tuple(name for name, wanted in self.optional_needs if wanted(config))
 
 
 STAGES: dict[str, StageSpec] = {}
@@ -70,13 +81,15 @@ STAGES: dict[str, StageSpec] = {}
 
 def stage(name: str, *, version: int, reads: tuple[str, ...], needs: tuple[str, ...] = (),
           fingerprint: Callable[[dict[str, Any]], Any] | None = None, unkeyed: tuple[str, ...] = (),
-          checks: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None):
+          checks: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None,
+          view: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+          optional_needs: tuple[tuple[str, Callable[[dict[str, Any]], bool]], ...] = ()):
     """Register a stage body. Its return value is a dict of metrics (JSON-able) recorded in manifest and run.json."""
     if name not in PIPELINE_ORDER:
         raise ValueError(f"stage {name!r} is not a slot of the pipeline {PIPELINE_ORDER}")
 
     def deco(fn: Callable[[StageContext], dict[str, Any]]):
-        STAGES[name] = StageSpec(name, version, reads, fn, needs, fingerprint, unkeyed, checks)
+        STAGES[name] = StageSpec(name, version, reads, fn, needs, fingerprint, unkeyed, checks, view, optional_needs)
         return fn
 
     return deco
@@ -123,15 +136,15 @@ class RunResult:
         return [f"{o.name}: {msg}" for o in self.stages for msg in o.checks.get("failed", [])]
 
 
-def stages_to_run(requested: list[str]) -> list[StageSpec]:
-    """The requested stages plus everything upstream of them, in pipeline order."""
+def stages_to_run(requested: list[str], config: dict[str, Any] | None = None) -> list[StageSpec]:
+    """The requested stages plus everything upstream of them (for this config), in pipeline order."""
     wanted: set[str] = set()
     todo = list(requested)
     while todo:
         spec = get_stage(todo.pop())
         if spec.name not in wanted:
             wanted.add(spec.name)
-            todo.extend(spec.needs)
+            todo.extend(spec.upstream(config) if config is not None else spec.needs)
     return [get_stage(n) for n in PIPELINE_ORDER if n in wanted]
 
 
@@ -154,14 +167,17 @@ def run_pipeline(config: dict[str, Any], cache_root: Path, requested: list[str],
     keys: dict[str, str] = {}
     artifacts: dict[str, Path] = {}
     outcomes = []
-    for spec in stages_to_run(requested):
+    for spec in stages_to_run(requested, config):
         stage_config = {k: copy.deepcopy(config[k]) for k in spec.reads}
+        if spec.view is not None:
+            stage_config = spec.view(stage_config)
         external = spec.fingerprint(stage_config) if spec.fingerprint else None
-        inputs = {n: keys[n] for n in spec.needs}
+        needs = spec.upstream(config)
+        inputs = {n: keys[n] for n in needs}
         key = cache_key(spec.name, spec.version, _drop_keys(stage_config, spec.unkeyed), inputs, external)
         forced = force or spec.name in force_stages
         outcome = _resolve(cache, spec, key, stage_config, inputs, external,
-                           {n: artifacts[n] for n in spec.needs}, forced, progress)
+                           {n: artifacts[n] for n in needs}, forced, progress)
         if spec.checks is not None:
             outcome.checks = spec.checks(stage_config, outcome.metrics)
         keys[spec.name], artifacts[spec.name] = key, outcome.artifact

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 
 from pipeline.checkpoint.sharding import ShardContext, Split, shard
 from pipeline.convert.canonical import Canon, Dims, canonical_shape
 from pipeline.errors import PipelineError
+
+if TYPE_CHECKING:
+    from pipeline.quantize.schemes import QTensor, Scheme, Settings
 
 
 class Place(str, Enum):
@@ -50,6 +53,7 @@ class Target:
     split: Split
     place: Place = Place.LAYER
     present: Predicate = always
+    quant: "QTensor | None" = None  # a tensor computed from calibration statistics (KV-cache scales)
 
 
 def _layer(name: str) -> str:
@@ -229,6 +233,9 @@ class PlannedTensor:
     split: Split
     shape: tuple[int, ...]
     dtype: torch.dtype
+    # Quantized tensors: which one of the scheme's tensors this is, and the linear module it belongs to.
+    quant: "QTensor | None" = None
+    module: str | None = None
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -289,19 +296,107 @@ def plan(cfg: Mapping[str, Any], layout: tuple[Target, ...]) -> list[RankPlan]:
     dims = Dims.from_config(cfg)
     ctx = ShardContext.from_config(cfg)
     dtype = DTYPES[cfg["dtype"]]
-    targets = [t for t in layout if t.present(cfg)]
+    targets = [t for t in layout if t.present(cfg)] + _kv_scale_targets(cfg)
+    quant = _quantization(cfg, dtype)
     plans = []
     for pp_rank in range(pp):
         layers = pp_layers(dims.layers, pp, pp_rank)
         for tp_rank in range(tp):
             tensors = []
             for target, local, layer in _instances(targets, layers, pp_rank, pp):
-                meta = [torch.empty(canonical_shape(c, dims), device="meta") for c in target.parts]
                 name = target.name.format(layer=local)
-                shape = tuple(shard(meta, target.split, tp_rank, ctx, name).shape)
-                tensors.append(PlannedTensor(name, target.parts, layer, target.split, shape, dtype))
+                tensors.extend(_planned(target, name, layer, dims, ctx, tp_rank, dtype, quant))
             plans.append(RankPlan(pp_rank * tp + tp_rank, tp_rank, pp_rank, layers, tuple(tensors)))
     return sorted(plans, key=lambda p: p.rank)
+
+
+def _quantization(cfg: Mapping[str, Any], dtype: torch.dtype) -> "tuple[Scheme, Settings, list | None] | None":
+    """The weight-quantization scheme of the config, when it writes quantized tensors into the checkpoint."""
+    q = cfg.get("quantization") or {}
+    if not q.get("quant_algo"):
+        return None
+    from pipeline.quantize.schemes import Settings, get_scheme
+
+    scheme = get_scheme(q["quant_algo"])
+    if not scheme.tensors:
+        return None
+    settings = Settings(dtype=dtype, group_size=int(q.get("group_size") or 128),
+                        smoothquant_val=float(q.get("smoothquant_val", 0.5)))
+    return scheme, settings, q.get("exclude_modules")
+
+
+def _kv_scale_targets(cfg: Mapping[str, Any]) -> list[Target]:
+    if not (cfg.get("quantization") or {}).get("kv_cache_quant_algo"):
+        return []
+    from pipeline.quantize.schemes import KV_SCALE
+
+    return [Target(_layer("attention.kv_cache_scaling_factor"), (), Split.REPLICATE, quant=KV_SCALE)]
+
+
+def quantized_module(name: str, quant, parts: tuple[Canon, ...]) -> str | None:
+    """The module name when the tensor `name` is the weight of a linear layer the scheme quantizes, else None."""
+    if quant is None or not name.endswith(".weight"):
+        return None
+    from pipeline.quantize.schemes import excluded, is_linear
+
+    module = name[: -len(".weight")]
+    return module if is_linear(module) and not excluded(module, quant[2]) else None
+
+
+def _planned(target: Target, name: str, layer: int | None, dims: Dims, ctx: ShardContext, tp_rank: int,
+             dtype: torch.dtype, quant) -> list[PlannedTensor]:
+    """The planned tensor(s) of one target instance: itself, or the scheme's tensors replacing a linear weight."""
+    if target.quant is not None:  # a scale computed from statistics, identical on every rank
+        return [PlannedTensor(name, (), layer, Split.REPLICATE, (1,), torch.float32, target.quant,
+                              name.rsplit(".", 1)[0])]
+    shapes = [canonical_shape(c, dims) for c in target.parts]
+    module = quantized_module(name, quant, target.parts)
+    if module is None:
+        meta = [torch.empty(s, device="meta") for s in shapes]
+        shape = tuple(shard(meta, target.split, tp_rank, ctx, name).shape)
+        return [PlannedTensor(name, target.parts, layer, target.split, shape, dtype)]
+    scheme, settings, _ = quant
+    if any(len(s) != 2 for s in shapes):
+        raise PipelineError(f"{name}: quantization.quant_algo={scheme.algo} of {len(shapes[0])}-D weights (MoE "
+                            "experts) is not supported; exclude the module with quantization.exclude_modules")
+    _check_quantizable(name, scheme, settings, target.split, shapes, ctx)
+    planned = []
+    for qt in scheme.tensors:
+        piece = _derived_piece([torch.empty(s, device="meta") for s in shapes], qt, settings, target.split,
+                               tp_rank, ctx, f"{module}.{qt.suffix}")
+        planned.append(PlannedTensor(f"{module}.{qt.suffix}", target.parts, layer,
+                                     qt.split(target.split, len(qt.shape(1, 1, settings))), tuple(piece.shape),
+                                     piece.dtype, qt, module))
+    return planned
+
+
+def derived_whole(qt: "QTensor", parts: list[torch.Tensor], settings: "Settings") -> list[torch.Tensor]:
+    """Empty whole tensors of a scheme tensor (meta when the parts are meta), one per part for ROWS tensors."""
+    from pipeline.quantize.schemes import Kind
+
+    inp = parts[0].shape[1]
+    dt = qt.torch_dtype(settings)
+    if qt.kind is Kind.ROWS:
+        return [torch.empty(qt.shape(p.shape[0], inp, settings), dtype=dt, device=p.device) for p in parts]
+    return [torch.empty(qt.shape(0, inp, settings), dtype=dt, device=parts[0].device)]
+
+
+def _derived_piece(meta_parts, qt, settings, base_split: Split, tp_rank: int, ctx: ShardContext, name: str):
+    whole = derived_whole(qt, meta_parts, settings)
+    piece = shard(whole, qt.split(base_split, whole[0].dim()), tp_rank, ctx, name)
+    return qt.finalize(piece, settings) if qt.finalize else piece
+
+
+def _check_quantizable(name: str, scheme, settings, split: Split, shapes, ctx: ShardContext) -> None:
+    """Group-wise schemes need every rank's input width to be a whole number of groups."""
+    if not scheme.grouped:
+        return
+    inp = shapes[0][1]
+    local = inp // ctx.tp_size if split is Split.ROW else inp
+    if inp % settings.group_size or local % settings.group_size:
+        raise PipelineError(
+            f"{name}: quantization.group_size={settings.group_size} does not divide the input width each rank "
+            f"holds ({local} of {inp} with tp_size={ctx.tp_size}); choose a group_size that divides {local}")
 
 
 def _instances(targets: list[Target], layers: range, pp_rank: int, pp: int):

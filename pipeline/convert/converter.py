@@ -27,6 +27,9 @@ from pipeline.convert.canonical import Canon, Dims, canonical_shape
 from pipeline.convert.registry import ArchSpec, MappingArgs, get_spec
 from pipeline.convert.sources.base import SourceModel
 from pipeline.errors import PipelineError
+from pipeline.quantize.schemes import Settings, get_scheme, quant_config
+from pipeline.quantize.stats import StatsReader
+from pipeline.quantize.writer import TargetQuantizer, needs_statistics
 from pipeline.schemas import validate
 
 
@@ -107,32 +110,62 @@ def convert(
     mapping: MappingArgs,
     architecture: str | None = None,
     progress: bool = True,
+    quantization: Mapping[str, Any] | None = None,
+    stats_dir: Path | None = None,
 ) -> ConvertResult:
-    """Write `config.json` and `rank{N}.safetensors` for the whole mapping into `out_dir`."""
+    """Write `config.json` and `rank{N}.safetensors` for the whole mapping into `out_dir`. `quantization` is the
+    recipe's quantization group; `stats_dir` the calibration artifact when its algorithms need one."""
     spec = get_spec(resolve_architecture(source.hf_config, architecture))
     if mapping.pp_size > 1 and not spec.supports_pp:
         raise PipelineError(f"{spec.architecture}: TensorRT-LLM's model has no pipeline parallelism for this "
                             f"architecture; use mapping.pp_size=1 (got {mapping.pp_size})")
     cfg = spec.trtllm_config(source.hf_config, dtype, mapping)
+    if quantization:
+        cfg["quantization"] = quant_config(quantization)
     validate(cfg, "checkpoint_config", what="checkpoint config.json")
     plans = plan(cfg, spec.layout)
     binding = bind(spec, source, cfg, plans)
     out_dir.mkdir(parents=True, exist_ok=True)
     ctx = ShardContext.from_config(cfg)
     target_dtype = DTYPES[dtype]
+    quantizer = _quantizer(spec, source, binding, cfg, quantization, stats_dir)
     written: dict[int, list[str]] = {}
     total = sum(len(p.tensors) for p in plans if p.tp_rank == 0)
     bytes_written = 0
     with tqdm(total=total, desc=f"convert tp{mapping.tp_size} pp{mapping.pp_size}", unit="tensor", disable=not progress) as bar:
         for pp_rank in range(mapping.pp_size):
             stage = [p for p in plans if p.pp_rank == pp_rank]
-            bytes_written += _write_stage(stage, source, binding, spec, cfg, ctx, target_dtype, out_dir, written, bar)
+            bytes_written += _write_stage(stage, source, binding, spec, cfg, ctx, target_dtype, out_dir, written, bar,
+                                          quantizer)
     _check_complete(plans, written)
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     return ConvertResult(cfg, written, bytes_written)
 
 
-def _write_stage(stage, source, binding, spec, cfg, ctx, target_dtype, out_dir, written, bar) -> int:
+def _quantizer(spec, source, binding, cfg, quantization, stats_dir) -> TargetQuantizer | None:
+    q = cfg["quantization"]
+    if not (q.get("quant_algo") or q.get("kv_cache_quant_algo")):
+        return None
+    need = needs_statistics(quantization)
+    if need != "none" and stats_dir is None:
+        raise PipelineError(f"quantization {q.get('quant_algo')} / kv {q.get('kv_cache_quant_algo')} needs "
+                            "calibration statistics (run the calibrate stage)")
+    scheme = get_scheme(q["quant_algo"]) if q.get("quant_algo") else None
+    settings = Settings(dtype=DTYPES[cfg["dtype"]], group_size=int(quantization.get("group_size", 128)),
+                        smoothquant_val=float(quantization.get("smoothquant_val", 0.5)),
+                        gptq_damp=float(quantization.get("gptq_damp", 0.01)),
+                        awq_grid=int(quantization.get("awq_grid", 20)),
+                        gptq_sm=int(quantization.get("gptq_sm", 80)))
+
+    def read_parts(canons, layer):
+        return [_read_canonical(c, layer, source, binding, spec, cfg) for c in canons]
+
+    return TargetQuantizer(scheme, settings, StatsReader(stats_dir) if need != "none" else None, read_parts,
+                           [t for t in spec.layout if t.present(cfg)], q.get("exclude_modules"),
+                           q.get("kv_cache_quant_algo"))
+
+
+def _write_stage(stage, source, binding, spec, cfg, ctx, target_dtype, out_dir, written, bar, quantizer=None) -> int:
     """Stream one pipeline stage: every target read once, each tp rank's piece written to that rank's file."""
     writers = [
         StreamingSafetensorsWriter(out_dir / f"rank{p.rank}.safetensors", [(t.name, t.shape, t.dtype) for t in p.tensors])
@@ -141,10 +174,17 @@ def _write_stage(stage, source, binding, spec, cfg, ctx, target_dtype, out_dir, 
     nbytes = 0
     try:
         for i, head in enumerate(stage[0].tensors):
-            parts = [_read_canonical(c, head.layer, source, binding, spec, cfg).to(target_dtype) for c in head.canons]
+            if head.quant is not None:
+                settings = quantizer.settings
+                parts = [t.to(head.quant.torch_dtype(settings)) for t in quantizer.whole(head)]
+            else:
+                parts = [_read_canonical(c, head.layer, source, binding, spec, cfg).to(target_dtype)
+                         for c in head.canons]
             for p, w in zip(stage, writers):
                 planned = p.tensors[i]
-                piece = shard(parts, planned.split, p.tp_rank, ctx, planned.name)
+                piece = _shard_any(parts, planned.split, p.tp_rank, ctx, planned.name)
+                if planned.quant is not None and planned.quant.finalize is not None:
+                    piece = planned.quant.finalize(piece, quantizer.settings)
                 w.write(planned.name, piece)
                 written.setdefault(p.rank, []).append(planned.name)
                 nbytes += piece.numel() * piece.element_size()
@@ -157,6 +197,14 @@ def _write_stage(stage, source, binding, spec, cfg, ctx, target_dtype, out_dir, 
             w.abort()
         raise
     return nbytes
+
+
+def _shard_any(parts: list[torch.Tensor], split, rank: int, ctx, name: str) -> torch.Tensor:
+    """shard(), also for float8 tensors (split as their bytes: not every op has float8 kernels)."""
+    if parts[0].dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        dtype = parts[0].dtype
+        return shard([p.view(torch.uint8) for p in parts], split, rank, ctx, name).view(dtype)
+    return shard(parts, split, rank, ctx, name)
 
 
 def _read_canonical(canon: Canon, layer: int | None, source, binding, spec: ArchSpec, cfg) -> torch.Tensor:

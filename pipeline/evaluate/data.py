@@ -40,20 +40,20 @@ def dataset_fingerprint(name: str | None, split: str) -> dict[str, Any]:
     return {"files": [{"name": f.name, "sha256": file_sha256(f)} for f in files]}
 
 
-def _local_files(path: Path) -> list[Path]:
+def _local_files(path: Path, key: str = "evaluate.dataset") -> list[Path]:
     if not path.exists():
-        raise PipelineError(f"evaluate.dataset: {path} does not exist")
+        raise PipelineError(f"{key}: {path} does not exist")
     if path.is_dir():
         files = sorted(f for f in path.iterdir() if f.suffix in LOCAL_FORMATS)
         if not files:
-            raise PipelineError(f"evaluate.dataset: {path} holds no {', '.join(LOCAL_FORMATS)} files")
+            raise PipelineError(f"{key}: {path} holds no {', '.join(LOCAL_FORMATS)} files")
         if len({f.suffix for f in files}) > 1:
-            raise PipelineError(f"evaluate.dataset: {path} mixes file formats; keep one of {sorted(LOCAL_FORMATS)}")
+            raise PipelineError(f"{key}: {path} mixes file formats; keep one of {sorted(LOCAL_FORMATS)}")
         return files
     if path.suffix not in LOCAL_FORMATS:
-        raise PipelineError(f"evaluate.dataset: {path} is not one of {sorted(LOCAL_FORMATS)}")
+        raise PipelineError(f"{key}: {path} is not one of {sorted(LOCAL_FORMATS)}")
     if path.stat().st_size == 0:
-        raise PipelineError(f"evaluate.dataset: {path} is empty (no rows)")
+        raise PipelineError(f"{key}: {path} is empty (no rows)")
     return [path]
 
 
@@ -70,17 +70,18 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _load_rows(name: str | None, split: str, config_name: str | None):
+def load_rows(name: str | None, split: str, config_name: str | None, key: str = "evaluate.dataset"):
+    """A dataset's rows (a `datasets.Dataset`): local files, or a hub name (from the local cache first)."""
     import datasets
 
     datasets.disable_progress_bars()
     path = dataset_path(name)
     if path is not None:
-        files = _local_files(path)
+        files = _local_files(path, key)
         try:
             return datasets.load_dataset(LOCAL_FORMATS[files[0].suffix], data_files=[str(f) for f in files], split="train")
         except Exception as e:
-            raise PipelineError(f"evaluate.dataset: cannot read {path}: {_first_line(e)}") from None
+            raise PipelineError(f"{key}: cannot read {path}: {_first_line(e)}") from None
     hint = ("point evaluate.dataset at a local copy (a .jsonl, .json, .csv or .parquet file, or a directory of them) "
             "and set evaluate.input_field / evaluate.reference_field")
     try:  # the local datasets cache first: no network needed when the set was downloaded before
@@ -96,7 +97,7 @@ def _load_rows(name: str | None, split: str, config_name: str | None):
 def load_samples(name: str | None, input_field: str, reference_field: str, split: str = "test",
                  config_name: str | None = None, shuffle_seed: int | None = None) -> list[Sample]:
     """Rows as samples, in file order (or shuffled with `shuffle_seed`, as summarize.py shuffles with its seed)."""
-    rows = _load_rows(name, split, config_name)
+    rows = load_rows(name, split, config_name)
     if len(rows) == 0:
         raise PipelineError(f"evaluate.dataset {name or SHIPPED_SUMMARIZE}: no rows")
     for field in (input_field, reference_field):

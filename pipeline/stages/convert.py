@@ -13,10 +13,11 @@ from pipeline.convert.sources import open_source
 from pipeline.convert.sources.locate import resolve_model_path
 from pipeline.errors import PipelineError
 from pipeline.executor import StageContext, stage
+from pipeline.quantize.writer import needs_statistics
 
 log = logging.getLogger(__name__)
 
-STAGE_VERSION = 2  # 2: the tokenizer is saved beside the checkpoint (tokenizer/)
+STAGE_VERSION = 3  # 2: the tokenizer is saved beside the checkpoint (tokenizer/); 3: quantization
 
 
 def source_fingerprint(config: dict[str, Any]) -> dict[str, Any]:
@@ -39,26 +40,43 @@ def save_tokenizer(source, out: Path) -> bool:
     return True
 
 
+# Quantization keys that only matter to algorithms computing from calibration statistics.
+_CALIBRATION_KEYS = ("calibration", "gptq_damp", "awq_grid", "gptq_sm")
+_ALGORITHM_KEYS = {"gptq_damp": "GPTQ", "awq_grid": "AWQ", "gptq_sm": "GPTQ"}
+
+
+def needs_calibration(config: dict[str, Any]) -> bool:
+    return needs_statistics(config.get("quantization")) != "none"
+
+
+def convert_view(config: dict[str, Any]) -> dict[str, Any]:
+    """Leave out the quantization keys the recipe's algorithm does not use, so that changing them does not
+    invalidate its checkpoints (the calibration settings reach the key through the calibrate stage's key)."""
+    q = dict(config["quantization"])
+    algo = q.get("quant_algo") or ""
+    for key in _CALIBRATION_KEYS:
+        if key == "calibration" or _ALGORITHM_KEYS[key] not in algo:
+            q.pop(key, None)
+    return {**config, "quantization": q}
+
+
 @stage(
     "convert",
     version=STAGE_VERSION,
     reads=("model", "dtype", "mapping", "quantization"),
     fingerprint=source_fingerprint,
     unkeyed=("model.path", "model.package"),
+    view=convert_view,
+    optional_needs=(("calibrate", needs_calibration),),
 )
 def convert_stage(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.config
-    quant = cfg["quantization"]
-    if quant.get("quant_algo") or quant.get("kv_cache_quant_algo"):
-        raise PipelineError(
-            f"quantization.quant_algo={quant.get('quant_algo')} / kv_cache_quant_algo={quant.get('kv_cache_quant_algo')}: "
-            "quantized conversion is not implemented in this version; use quantization=none"
-        )
     model, m = cfg["model"], cfg["mapping"]
     mapping = MappingArgs(m["tp_size"], m["pp_size"], m["use_parallel_embedding"], m["embedding_sharding_dim"])
     source = open_source(model["source"], resolve_model_path(model["path"], model["package"]))
     try:
-        result = convert(source, ctx.out_dir, cfg["dtype"], mapping, model["architecture"], ctx.progress)
+        result = convert(source, ctx.out_dir, cfg["dtype"], mapping, model["architecture"], ctx.progress,
+                         quantization=cfg["quantization"], stats_dir=ctx.inputs.get("calibrate"))
         has_tokenizer = save_tokenizer(source, ctx.out_dir / "tokenizer")
     finally:
         source.close()

@@ -1,0 +1,131 @@
+"""Calibration-driven weight transforms: SmoothQuant smoothing, AWQ scale search and GPTQ rounding.
+
+Each works on the whole weight of one linear layer (or on several layers that read the same input, concatenated
+along the output dim) and on that input's calibration statistics (`InputStats`). The Hessian H = sum over tokens of
+x x^T makes every output-error estimate exact on the calibration set: for a weight error dW, the summed squared
+output error is trace(dW H dW^T). So AWQ's grid search needs no activation samples, only H.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.errors import PipelineError
+from pipeline.quantize.numerics import group_view, int_range, symmetric_per_group
+
+
+@dataclass
+class InputStats:
+    """Statistics of one linear input over the calibration tokens (input dim `in`)."""
+
+    absmax: torch.Tensor  # (in,) max |x_c|
+    absmean: torch.Tensor  # (in,) mean |x_c|
+    hessian: torch.Tensor | None  # (in, in) sum of x x^T (float32), when the algorithm needs it
+    tokens: int
+    output_absmax: float = 0.0  # max |y| of the layer's output (the fused qkv output for INT8 KV-cache scales)
+
+
+def smoothquant_scales(weight: torch.Tensor, stats: InputStats, alpha: float) -> torch.Tensor:
+    """SmoothQuant: s_c = max|x_c|^alpha / max|W_:,c|^(1 - alpha), clamped >= 1e-5; activations are divided by s
+    (the checkpoint's prequant factor is 1 / s) and weight columns multiplied by it."""
+    w_max = weight.abs().amax(dim=0).clamp(min=1e-5)
+    x_max = stats.absmax.clamp(min=1e-5)
+    return (x_max.pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
+
+
+def output_error(delta: torch.Tensor, hessian: torch.Tensor) -> float:
+    """Summed squared output error over the calibration tokens of a weight error delta (out, in)."""
+    return float(((delta.double() @ hessian.double()) * delta.double()).sum())
+
+
+def awq_scales(weight: torch.Tensor, stats: InputStats, group_size: int, grid: int, scale_dtype: torch.dtype,
+               what: str) -> torch.Tensor:
+    """AWQ's activation-aware scale search: s = mean|x|^alpha (normalised by sqrt(max * min)) for alpha on a grid
+    in [0, 1); the alpha whose int4 group quantization of W * s (activations divided by s) gives the least output
+    error on the calibration set wins. Returns s (in,); alpha = 0 (s = 1, plain group quantization) is a candidate,
+    so the result is never worse than no scaling on the calibration data."""
+    if stats.hessian is None:
+        raise PipelineError(f"{what}: AWQ needs Hessian statistics; the calibration artifact has none")
+    x_mean = stats.absmean.float().clamp(min=1e-4)
+    best, best_err = torch.ones_like(x_mean), float("inf")
+    for i in range(grid):
+        alpha = i / grid
+        s = x_mean.pow(alpha)
+        s = s / (s.max() * s.min()).sqrt()
+        s = s.to(scale_dtype).float()  # the stored prequant factor is 1 / s in the model dtype
+        q, scale = symmetric_per_group(weight * s, 4, group_size, scale_dtype, what)
+        deq = (group_view(q.float(), group_size, what) * scale.unsqueeze(-1)).reshape(weight.shape) / s
+        err = output_error(deq - weight, stats.hessian)
+        if err < best_err:
+            best, best_err = s, err
+    return best
+
+
+def gptq_quantize(weight: torch.Tensor, stats: InputStats, bits: int, group_size: int, damp: float,
+                  scale_dtype: torch.dtype, what: str, block: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ (Frantar et al.): quantize columns left to right, each column's rounding error spread onto the columns
+    not yet quantized through the inverse Hessian's Cholesky factor; asymmetric per (row, group) grids chosen when
+    a group's first column is reached (AutoGPTQ's default without act-order). Returns q (out, in) as signed int8
+    values (unsigned grid value - 2^(bits-1)), scale and zero (out, in / group_size) with w ~ q * scale + zero."""
+    if stats.hessian is None:
+        raise PipelineError(f"{what}: GPTQ needs Hessian statistics; the calibration artifact has none")
+    rows, cols = weight.shape
+    if cols % group_size:
+        raise PipelineError(f"{what}: input width {cols} is not a multiple of quantization.group_size={group_size}")
+    w = weight.double().clone()
+    h = stats.hessian.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += torch.eye(cols, dtype=h.dtype) * damp * torch.diag(h).mean()
+    try:
+        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    except torch.linalg.LinAlgError as e:
+        raise PipelineError(f"{what}: the calibration Hessian is not positive definite even with damping "
+                            f"{damp} ({e}); raise quantization.gptq_damp or calibrate on more tokens") from None
+    umax = (1 << bits) - 1
+    groups = cols // group_size
+    q_u = torch.zeros(rows, cols, dtype=torch.int16)
+    scale = torch.zeros(rows, groups, dtype=torch.float64)
+    zero = torch.zeros(rows, groups, dtype=torch.float64)
+    for start in range(0, cols, block):
+        end = min(start + block, cols)
+        wb = w[:, start:end].clone()
+        errs = torch.zeros_like(wb)
+        hb = hinv[start:end, start:end]
+        for j in range(end - start):
+            col = start + j
+            if col % group_size == 0:
+                g = col // group_size
+                gw = torch.cat([wb[:, j:], w[:, end:]], dim=1)[:, :group_size]
+                s, z = _asymmetric_grid(gw, umax, scale_dtype)
+                scale[:, g], zero[:, g] = s, z
+            g = col // group_size
+            s, z = scale[:, g], zero[:, g]
+            qc = torch.clamp(torch.round(wb[:, j] / s) + z, 0, umax)
+            q_u[:, col] = qc.to(torch.int16)
+            err = (wb[:, j] - (qc - z) * s) / hb[j, j]
+            wb[:, j:] -= err.unsqueeze(1) * hb[j, j:].unsqueeze(0)
+            errs[:, j] = err
+        w[:, end:] -= errs @ hinv[start:end, end:]
+    offset = 1 << (bits - 1)
+    q_signed = (q_u - offset).to(torch.int8)
+    # w ~ (q_u - z) * s = (q_u - offset) * s + (offset - z) * s
+    zero_value = (offset - zero) * scale
+    return q_signed, scale.float(), zero_value.float()
+
+
+def _asymmetric_grid(w: torch.Tensor, umax: int, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row min/max grid including 0: scale = (max - min) / umax (rounded to the stored dtype), integer zero."""
+    lo = torch.clamp(w.amin(dim=1), max=0)
+    hi = torch.clamp(w.amax(dim=1), min=0)
+    flat = (hi - lo) == 0
+    lo, hi = torch.where(flat, -torch.ones_like(lo), lo), torch.where(flat, torch.ones_like(hi), hi)
+    s = ((hi - lo) / umax).to(scale_dtype).double()
+    z = torch.round(-lo / s)
+    return s, z
+
+
+__all__ = ["InputStats", "awq_scales", "gptq_quantize", "int_range", "output_error", "smoothquant_scales"]

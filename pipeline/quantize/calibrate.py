@@ -1,0 +1,198 @@
+"""Calibration: run the float model over a calibration text set one decoder layer at a time and record, for every
+linear layer's input, the per-channel ranges (max and mean |x|), optionally the Hessian sum x x^T, the range of the
+layer's output, and the per-layer K and V ranges as the KV cache stores them.
+
+The model is our own fp32 CPU engine (converted and built into a temporary directory), so calibration covers every
+architecture the runtime runs, and the statistics are named by TensorRT-LLM module (`attention.qkv`, `mlp.fc`, ...)
+exactly as the quantizing converter looks them up. Memory: the hidden states of the calibration set
+([samples, tokens, hidden] fp32) plus one layer's weights and statistics at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from pipeline.checkpoint.safetensors_stream import read_header
+from pipeline.errors import PipelineError
+from pipeline.quantize.stats import META_FILE, module_prefix, stats_file
+from pipeline.runtime.kernels import TorchKernel
+from pipeline.runtime.kv_cache import KVCache
+from pipeline.runtime.model import EngineModel, ModelArgs
+from pipeline.runtime.parallel import Dist
+
+SHIPPED_CALIBRATION = Path(__file__).resolve().parent.parent / "datasets" / "calib_text.jsonl"
+# Runtime linear weight attribute -> the TensorRT-LLM module whose input it sees (fc and gate share one input).
+STATS_KEYS = {"qkv_weight": "attention.qkv", "dense_weight": "attention.dense", "fc_gate_weight": "mlp.fc",
+              "fc_weight": "mlp.fc", "proj_weight": "mlp.proj"}
+
+
+class _Accumulator:
+    def __init__(self, width: int, hessian: bool):
+        self.absmax = torch.zeros(width, dtype=torch.float32)
+        self.abssum = torch.zeros(width, dtype=torch.float64)
+        self.hessian = torch.zeros(width, width, dtype=torch.float64) if hessian else None
+        self.output_absmax = 0.0
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        rows = x.reshape(-1, x.shape[-1]).float()
+        self.absmax = torch.maximum(self.absmax, rows.abs().amax(dim=0))
+        self.abssum += rows.abs().sum(dim=0, dtype=torch.float64)
+        if self.hessian is not None:
+            r = rows.double()
+            self.hessian += r.t() @ r
+        self.output_absmax = max(self.output_absmax, float(y.abs().max()))
+        self.tokens += rows.shape[0]
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        out = {f"{prefix}.absmax": self.absmax, f"{prefix}.absmean": (self.abssum / max(self.tokens, 1)).float(),
+               f"{prefix}.output_absmax": torch.tensor(self.output_absmax)}
+        if self.hessian is not None:
+            out[f"{prefix}.hessian"] = self.hessian.float()
+        return out
+
+
+class RecordingKernel(TorchKernel):
+    """An fp32 F.linear that records each named weight's input and output statistics."""
+
+    def __init__(self, hessian: bool):
+        self.hessian = hessian
+        self.names: dict[int, str] = {}
+        self.acc: dict[str, _Accumulator] = {}
+
+    def __call__(self, x, w, b=None):
+        y = F.linear(x, w, b)
+        name = self.names.get(id(w))
+        if name is not None:
+            if name not in self.acc:
+                self.acc[name] = _Accumulator(x.shape[-1], self.hessian)
+            self.acc[name].add(x, y)
+        return y
+
+
+class RecordingKVCache(KVCache):
+    """A KV cache that records the ranges of the keys and values written to it."""
+
+    k_absmax = 0.0
+    v_absmax = 0.0
+
+    def update(self, input_pos, k, v, kv_len, *args):
+        self.k_absmax = max(self.k_absmax, float(k.abs().max()))
+        self.v_absmax = max(self.v_absmax, float(v.abs().max()))
+        return super().update(input_pos, k, v, kv_len, *args)
+
+
+def calibration_tokens(tokenizer, cfg: Mapping[str, Any]) -> torch.Tensor:
+    """[calib_size, calib_max_seq_length] token windows: the texts, shuffled with the seed, tokenized, joined by the
+    EOS token into one stream and cut into consecutive windows (no padding, so every token is real)."""
+    from pipeline.evaluate.data import load_rows
+
+    path = cfg.get("dataset") or str(SHIPPED_CALIBRATION)
+    rows = load_rows(path, cfg.get("dataset_split", "train"), None, key="quantization.calibration.dataset")
+    field = cfg.get("text_field", "text")
+    if field not in rows.column_names:
+        raise PipelineError(f"quantization.calibration.dataset {path}: no field {field!r}; fields are "
+                            f"{rows.column_names} (set quantization.calibration.text_field)")
+    texts = [str(t) for t in rows[field] if str(t).strip()]
+    random.Random(cfg.get("seed", 0)).shuffle(texts)
+    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    stream: list[int] = []
+    for t in texts:
+        stream += tokenizer(t, add_special_tokens=False)["input_ids"] + sep
+    n, length = int(cfg["calib_size"]), int(cfg["calib_max_seq_length"])
+    if len(stream) < n * length:
+        raise PipelineError(f"quantization.calibration: the calibration text {path} has {len(stream)} tokens, fewer "
+                            f"than calib_size x calib_max_seq_length = {n} x {length}; lower one of them or give a "
+                            "larger quantization.calibration.dataset")
+    return torch.tensor(stream[: n * length]).view(n, length)
+
+
+def _stage_model(args: ModelArgs, layers: list[int], role: str, batch: int, seq: int, kernel) -> EngineModel:
+    """An EngineModel holding `layers` as a first (embedding), middle or last (final norm) pipeline stage."""
+    ranks = {"first": (0, 2), "middle": (1, 3), "last": (1, 2)}
+    rank, pp = ranks[role]
+    return EngineModel(replace(args, layers=layers), Dist(rank=rank, tp_size=1, pp_size=pp), batch, seq, kernel)
+
+
+def _load(model: EngineModel, f, names: list[str], rename: tuple[str, str] | None = None) -> None:
+    tensors = ((n.replace(*rename, 1) if rename else n, f.get_tensor(n)) for n in names)
+    model.load_weights(tensors)
+
+
+def collect(engine_file: Path, tokens: torch.Tensor, hessian: bool, batch_size: int, out_dir: Path,
+            progress: bool = True) -> dict[str, Any]:
+    """Run the engine's layers over `tokens` one layer at a time, writing one statistics file per layer."""
+    meta = json.loads(read_header(engine_file)[0]["__metadata__"]["engine"])
+    args = ModelArgs(**meta["model"])
+    n, seq = tokens.shape
+    batches = [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+    pos = torch.arange(seq).unsqueeze(0)
+    with safe_open(str(engine_file), framework="pt") as f, torch.no_grad():
+        names = list(f.keys())
+        first = _stage_model(args, [], "first", batch_size, seq, TorchKernel())
+        _load(first, f, [k for k in names if k.startswith(("embed.", "pos_embed."))])
+        hidden = torch.cat([first.step(tokens[b], pos.expand(b.stop - b.start, -1), seq) for b in batches])
+        del first
+        for layer in tqdm(args.layers, desc="calibrate", unit="layer", disable=not progress):
+            kernel = RecordingKernel(hessian)
+            model = _stage_model(args, [layer], "middle", batch_size, seq, kernel)
+            cache = RecordingKVCache(batch_size, args.local_kv_heads, seq, args.head_size, torch.float32)
+            model.caches[0] = cache
+            _load(model, f, [k for k in names if k.startswith(f"layers.{layer}.")], (f"layers.{layer}.", "layers.0."))
+            kernel.names = {id(getattr(m, a)): STATS_KEYS[a] for _, m in model.named_modules()
+                            for a in getattr(m, "linear_weights", ()) if a in STATS_KEYS and hasattr(m, a)}
+            hidden = torch.cat([model.step(hidden[b], pos.expand(b.stop - b.start, -1), seq) for b in batches])
+            stats = {k: v for key, acc in kernel.acc.items() for k, v in acc.tensors(module_prefix(layer, key)).items()}
+            prefix = module_prefix(layer, "attention")
+            stats[f"{prefix}.k_absmax"] = torch.tensor(cache.k_absmax)
+            stats[f"{prefix}.v_absmax"] = torch.tensor(cache.v_absmax)
+            save_file(stats, str(out_dir / stats_file(layer)))
+            del model, cache, kernel
+        last = _stage_model(args, [], "last", batch_size, seq, TorchKernel())
+        _load(last, f, [k for k in names if k.startswith("final_norm.")])
+        head = _Accumulator(args.hidden_size, hessian)
+        for b in batches:
+            x = last.final_norm(hidden[b])
+            head.add(x, x[..., :1])
+        save_file(head.tensors("lm_head"), str(out_dir / stats_file(None)))
+    return {"samples": n, "tokens": n * seq, "layers": len(args.layers), "hessian": hessian}
+
+
+def calibrate(source, out_dir: Path, cfg: Mapping[str, Any], hessian: bool, architecture: str | None,
+              progress: bool = True) -> dict[str, Any]:
+    """Convert the source to a temporary fp32 tp1 engine, tokenize the calibration set, collect statistics into
+    `out_dir`. Returns what `calibration.json` records."""
+    from pipeline.convert.converter import convert
+    from pipeline.convert.registry import MappingArgs
+    from pipeline.engine.cpu import CpuBackend
+
+    tokenizer = source.tokenizer()
+    if tokenizer is None:
+        raise PipelineError("calibration needs the source model's tokenizer, and the source carries none")
+    tokens = calibration_tokens(tokenizer, cfg)
+    seq = tokens.shape[1]
+    with tempfile.TemporaryDirectory(prefix="calib-", dir=out_dir) as tmp:
+        ckpt, engine = Path(tmp) / "checkpoint", Path(tmp) / "engine"
+        convert(source, ckpt, "float32", MappingArgs(), architecture, progress)
+        build = {"max_batch_size": int(cfg["batch_size"]), "max_input_len": seq, "max_seq_len": seq,
+                 "max_num_tokens": None, "max_beam_width": 1, "gather_context_logits": False,
+                 "gather_generation_logits": False, "logits_dtype": "float32"}
+        CpuBackend().build(ckpt, engine, build)
+        record = collect(engine / "rank0.engine", tokens, hessian, int(cfg["batch_size"]), out_dir, progress)
+    record.update(dataset=cfg.get("dataset") or SHIPPED_CALIBRATION.name, seed=cfg.get("seed", 0))
+    (out_dir / META_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+__all__ = ["calibrate", "calibration_tokens", "collect"]

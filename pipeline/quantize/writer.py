@@ -1,0 +1,109 @@
+"""Computes the quantized tensors of one checkpoint target at a time for the converter's streaming writer.
+
+The converter walks the rank plan; when a planned tensor belongs to a quantized linear, `TargetQuantizer.whole`
+returns that scheme tensor for the whole (unsplit) layer, computing all of the layer's scheme tensors once when its
+first one is asked for. AWQ and SmoothQuant factors are computed per *input* (qkv; fc and gate together), so layers
+that read the same activations share one factor, as TensorRT-LLM's fused kernels need.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import torch
+
+from pipeline.checkpoint.layout import PlannedTensor, Target, quantized_module
+from pipeline.convert.canonical import Canon
+from pipeline.errors import PipelineError
+from pipeline.quantize.schemes import KV_SCALE, Scheme, Settings, kv_cache_scale, stats_key
+from pipeline.quantize.stats import StatsReader
+
+ReadParts = Callable[[tuple[Canon, ...], "int | None"], list[torch.Tensor]]
+
+
+def _local_module(module: str) -> tuple[str, str]:
+    """'transformer.layers.3.mlp.fc' -> ('transformer.layers.3.', 'mlp.fc'); 'lm_head' -> ('', 'lm_head')."""
+    parts = module.split(".")
+    if len(parts) > 3 and parts[0] == "transformer" and parts[1] == "layers":
+        return ".".join(parts[:3]) + ".", ".".join(parts[3:])
+    return "", module
+
+
+class TargetQuantizer:
+    def __init__(self, scheme: Scheme | None, settings: Settings, stats: StatsReader | None, read_parts: ReadParts,
+                 targets: list[Target], exclude_modules: list[str] | None, kv_algo: str | None):
+        self.scheme, self.settings, self.stats = scheme, settings, stats
+        self.read_parts, self.targets = read_parts, targets
+        self.quant = (scheme, settings, exclude_modules)
+        self.kv_algo = kv_algo
+        self._key: tuple | None = None
+        self._tensors: dict[str, Any] = {}
+        self._smooth: dict[tuple, torch.Tensor] = {}
+
+    def whole(self, planned: PlannedTensor) -> list[torch.Tensor]:
+        """The whole tensor(s) of a planned scheme tensor: one per part for ROWS tensors, else one."""
+        if planned.quant is KV_SCALE:
+            return [self._kv_scale(planned.layer)]
+        key = (planned.layer, planned.module)
+        if key != self._key:
+            self._tensors = self._quantize(planned)
+            self._key = key
+        value = self._tensors[planned.quant.suffix]
+        return list(value) if isinstance(value, (list, tuple)) else [value]
+
+    def _stats(self, layer: int | None, module: str):
+        if self.stats is None:
+            return None
+        _, local = _local_module(module)
+        return self.stats.input(layer, stats_key(local), hessian=self.scheme.stats == "hessian")
+
+    def _quantize(self, planned: PlannedTensor) -> dict[str, Any]:
+        parts = [p.float() for p in self.read_parts(planned.canons, planned.layer)]
+        stats = self._stats(planned.layer, planned.module)
+        prequant = self._prequant(planned, stats) if self.scheme.smooth else None
+        return self.scheme.quantize(parts, prequant, stats, self.settings, planned.module)
+
+    def _prequant(self, planned: PlannedTensor, stats) -> torch.Tensor:
+        """1 / s of the input this module reads, in the model dtype, computed once for every module reading it."""
+        prefix, local = _local_module(planned.module)
+        key = (planned.layer, stats_key(local))
+        if key not in self._smooth:
+            weights = torch.cat([p.float() for t in self._sharing(planned, prefix, key[1])
+                                 for p in self.read_parts(t.parts, planned.layer)], dim=0)
+            s = self.scheme.smooth(weights, stats, self.settings, f"{prefix}{key[1]}")
+            self._smooth = {key: (1.0 / s).to(self.settings.dtype).float()}
+        return self._smooth[key]
+
+    def _sharing(self, planned: PlannedTensor, prefix: str, input_key: str) -> list[Target]:
+        """The quantized linear targets of this layer that read the same input."""
+        found = []
+        for t in self.targets:
+            name = t.name.format(layer=prefix.split(".")[2] if prefix else 0)
+            module = quantized_module(name, self.quant, t.parts)
+            if module is None:
+                continue
+            where, local = _local_module(module)
+            if where == prefix and stats_key(local) == input_key:
+                found.append(t)
+        if not found:
+            raise PipelineError(f"{planned.module}: no quantized layer reads input {input_key}")
+        return found
+
+    def _kv_scale(self, layer: int) -> torch.Tensor:
+        if self.stats is None:
+            raise PipelineError("KV-cache quantization needs calibration statistics")
+        qkv = self.stats.input(layer, "attention.qkv", hessian=False)
+        prefix = f"transformer.layers.{layer}.attention"
+        return kv_cache_scale(self.kv_algo, qkv, self.stats.scalar(layer, f"{prefix}.k_absmax"),
+                              self.stats.scalar(layer, f"{prefix}.v_absmax"))
+
+
+def needs_statistics(quantization: Mapping[str, Any] | None) -> str:
+    """'none', 'basic' or 'hessian': what the recipe's algorithms need from calibration."""
+    from pipeline.quantize.schemes import get_scheme
+
+    q = quantization or {}
+    need = get_scheme(q["quant_algo"]).stats if q.get("quant_algo") else "none"
+    if q.get("kv_cache_quant_algo") and need == "none":
+        need = "basic"
+    return need
