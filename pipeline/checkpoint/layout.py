@@ -335,12 +335,11 @@ def _kv_scale_targets(cfg: Mapping[str, Any]) -> list[Target]:
 
 def quantized_module(name: str, quant, parts: tuple[Canon, ...]) -> str | None:
     """The module name when the tensor `name` is the weight of a linear layer the scheme quantizes, else None."""
-    if quant is None or not name.endswith(".weight"):
+    if quant is None:
         return None
-    from pipeline.quantize.schemes import excluded, is_linear
+    from pipeline.quantize.schemes import quantized_linear
 
-    module = name[: -len(".weight")]
-    return module if is_linear(module) and not excluded(module, quant[2]) else None
+    return quantized_linear(name, quant[2])
 
 
 def _planned(target: Target, name: str, layer: int | None, dims: Dims, ctx: ShardContext, tp_rank: int,

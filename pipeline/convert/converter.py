@@ -138,6 +138,10 @@ def convert(
             bytes_written += _write_stage(stage, source, binding, spec, cfg, ctx, target_dtype, out_dir, written, bar,
                                           quantizer)
     _check_complete(plans, written)
+    if "GPTQ" in (cfg["quantization"].get("quant_algo") or ""):
+        from pipeline.engine.cpu import QUANT_LAYOUT_FILE
+
+        (out_dir / QUANT_LAYOUT_FILE).write_text(json.dumps({"gptq_sm": quantizer.settings.gptq_sm}) + "\n")
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     return ConvertResult(cfg, written, bytes_written)
 

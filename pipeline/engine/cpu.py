@@ -196,7 +196,18 @@ def model_args(ckpt: dict[str, Any], pp_rank: int, names: set[str], family: Runt
         embedding_scale=float(ckpt["hidden_size"]) ** 0.5 if family.scale_embedding else 1.0,
         lm_head_bias="lm_head.bias" in names,
         max_positions=int(ckpt.get("max_position_embeddings") or 2048) if learned else 0,
+        act_quant=_act_quant(ckpt),
+        kv_cache_quant=((ckpt.get("quantization") or {}).get("kv_cache_quant_algo") or "").lower() or None,
     )
+
+
+def _act_quant(ckpt: dict[str, Any]) -> str | None:
+    algo = (ckpt.get("quantization") or {}).get("quant_algo")
+    if not algo:
+        return None
+    from pipeline.quantize.engine_format import readers
+
+    return readers(80)[algo][2] if algo in readers(80) else None
 
 
 def engine_config(ckpt: dict[str, Any], limits: dict[str, Any]) -> dict[str, Any]:
@@ -229,21 +240,24 @@ class CpuBackend:
         started = time.perf_counter()
         total = 0
         m = ckpt["mapping"]
+        quant = QuantReader.for_checkpoint(checkpoint_dir, ckpt)
         for rank in range(m["world_size"]):
             total += self._build_rank(checkpoint_dir / f"rank{rank}.safetensors", engine_dir / f"rank{rank}.engine",
-                                      ckpt, limits, family, rank)
+                                      ckpt, limits, family, rank, quant)
         (engine_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if (checkpoint_dir / "tokenizer").is_dir():
             shutil.copytree(checkpoint_dir / "tokenizer", engine_dir / "tokenizer")
         return {"engine_bytes": total, "build_seconds": round(time.perf_counter() - started, 3)}
 
-    def _build_rank(self, src: Path, dst: Path, ckpt, limits, family: RuntimeFamily, rank: int) -> int:
+    def _build_rank(self, src: Path, dst: Path, ckpt, limits, family: RuntimeFamily, rank: int,
+                    quant: "QuantReader | None" = None) -> int:
         pp_rank = rank // ckpt["mapping"]["tp_size"]
         with safe_open(str(src), framework="pt") as f:
             names = set(f.keys())
             args = model_args(ckpt, pp_rank, names, family)
             plan = []
-            for t, j in _instances(family.tensors, len(args.layers), pp_rank, ckpt["mapping"]["pp_size"]):
+            for t, j in _instances(family.tensors + QUANT_TENSORS, len(args.layers), pp_rank,
+                                   ckpt["mapping"]["pp_size"]):
                 parts = [p.format(j=j) for p in t.parts]
                 missing = [p for p in parts if p not in names]
                 if missing and not t.optional:
@@ -252,6 +266,9 @@ class CpuBackend:
                     plan.append((t.name.format(j=j), parts))
             declared = []
             for name, parts in plan:
+                if quant is not None and quant.covers(parts):  # shapes known once computed (cheap)
+                    declared += [(n, tuple(t.shape), t.dtype) for n, t in quant.engine_tensors(f, name, parts).items()]
+                    continue
                 shapes = [tuple(f.get_slice(p).get_shape()) for p in parts]
                 rows = sum(s[0] for s in shapes)
                 declared.append((name, (rows, *shapes[0][1:]), TORCH_DTYPES[f.get_slice(parts[0]).get_dtype()]))
@@ -260,6 +277,10 @@ class CpuBackend:
             writer = StreamingSafetensorsWriter(dst, declared, metadata=meta)
             try:
                 for name, parts in plan:
+                    if quant is not None and quant.covers(parts):
+                        for n, t in quant.engine_tensors(f, name, parts).items():
+                            writer.write(n, t)
+                        continue
                     tensors = [f.get_tensor(p) for p in parts]
                     writer.write(name, tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0))
                 writer.close()
@@ -267,6 +288,58 @@ class CpuBackend:
                 writer.abort()
                 raise
         return dst.stat().st_size
+
+
+# Present in any family's checkpoint when the KV cache is quantized.
+QUANT_TENSORS: tuple[EngineTensor, ...] = (
+    EngineTensor("layers.{j}.attn.kv_scale", (_layer("attention.kv_cache_scaling_factor"),), optional=True),
+)
+
+
+class QuantReader:
+    """Turns a quantized checkpoint's linear modules into the engine's quantized form (see
+    pipeline.quantize.engine_format), one runtime parameter at a time."""
+
+    def __init__(self, algo: str, exclude_modules, gptq_sm: int):
+        from pipeline.quantize.engine_format import readers
+
+        self.algo, self.exclude = algo, exclude_modules
+        self.suffixes, self.read, self.act_quant = readers(gptq_sm)[algo]
+
+    @classmethod
+    def for_checkpoint(cls, checkpoint_dir: Path, ckpt: dict[str, Any]) -> "QuantReader | None":
+        q = ckpt.get("quantization") or {}
+        algo = q.get("quant_algo")
+        if not algo:
+            return None
+        from pipeline.quantize.engine_format import readers
+
+        if algo not in readers(80):
+            raise PipelineError(f"the cpu backend cannot run quant_algo={algo}; it runs {sorted(readers(80))}")
+        layout = checkpoint_dir / QUANT_LAYOUT_FILE
+        gptq_sm = json.loads(layout.read_text()).get("gptq_sm", 80) if layout.is_file() else 80
+        return cls(algo, q.get("exclude_modules"), gptq_sm)
+
+    def covers(self, parts: list[str]) -> bool:
+        from pipeline.quantize.schemes import quantized_linear
+
+        return all(quantized_linear(p, self.exclude) is not None for p in parts)
+
+    def engine_tensors(self, f, name: str, parts: list[str]) -> dict[str, torch.Tensor]:
+        from pipeline.quantize.engine_format import fuse
+
+        modules = [p[: -len(".weight")] for p in parts]
+        pieces = []
+        for m in modules:
+            missing = [s for s in self.suffixes if f"{m}.{s}" not in f.keys()]
+            if missing:
+                raise PipelineError(f"quant_algo={self.algo}: tensor {m}.{missing[0]} is missing from the checkpoint")
+            pieces.append(self.read({s: f.get_tensor(f"{m}.{s}") for s in self.suffixes}))
+        return fuse(pieces, name).tensors(name)
+
+
+# A file beside a quantized checkpoint (TensorRT-LLM ignores it) recording the GPU layout of GPTQ weights.
+QUANT_LAYOUT_FILE = "quant_layout.json"
 
 
 def _instances(layout, num_local_layers: int, pp_rank: int, pp_size: int):

@@ -144,11 +144,16 @@ def _gptq_weight(bits: int) -> Callable[[torch.Tensor, Settings], torch.Tensor]:
         if q.shape[1] % (4 if bits == 4 else 2):
             raise PipelineError(f"GPTQ weights are stored as float16 containers of packed values: a rank's output "
                                 f"width ({q.shape[1]}) must be a multiple of {4 if bits == 4 else 2}")
+        from pipeline.quantize.mixed_gemm import check_shape, preprocess_weights_for_mixed_gemm
+
+        try:
+            check_shape(q.shape[0], q.shape[1], bits, s.gptq_sm)
+        except ValueError as e:
+            raise PipelineError(f"the GPTQ kernel layout for SM {s.gptq_sm} cannot take a rank's (in, out) = "
+                                f"{tuple(q.shape)} weight: {e}") from None
         if q.is_meta:  # planning: the kernel layout permutes bytes and keeps the packed shape
             data = pack_int4_cols(q) if bits == 4 else q
         else:
-            from pipeline.quantize.mixed_gemm import preprocess_weights_for_mixed_gemm
-
             data = preprocess_weights_for_mixed_gemm(q, bits, s.gptq_sm)
         return data.contiguous().view(torch.float16)
 
@@ -266,6 +271,14 @@ def kv_cache_scale(kv_algo: str, qkv: InputStats, k_absmax: float, v_absmax: flo
 
 
 # -- which modules are quantized -------------------------------------------------------------------------------------
+def quantized_linear(weight_name: str, exclude_modules: list[str] | None) -> str | None:
+    """The module of a linear layer's weight that quantization replaces (by name and exclusions), else None."""
+    if not weight_name.endswith(".weight"):
+        return None
+    module = weight_name[: -len(".weight")]
+    return module if is_linear(module) and not excluded(module, exclude_modules) else None
+
+
 def is_linear(module: str) -> bool:
     return any(module == m or module.endswith("." + m) for m in LINEAR_MODULES)
 

@@ -17,11 +17,21 @@ import torch.nn.functional as F
 
 class TorchKernel:
     name = "torch"
+    # Quantized weights: the torch kernel multiplies the exactly dequantized weight (the reference); the others use
+    # torch's integer weight-only kernels where they fit (see pipeline.runtime.quant_linear).
+    fast_quantized = False
 
     def prepare(self, w: torch.Tensor) -> torch.Tensor:
         return w
 
+    def prepare_quantized(self, w, act_quant: str | None, dtype: torch.dtype):
+        from pipeline.runtime.quant_linear import QuantLinear
+
+        return QuantLinear(w, act_quant, dtype, self.fast_quantized, self)
+
     def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        if not isinstance(w, torch.Tensor):  # a quantized linear: fixed per weight at load, not per input
+            return w(x, b)
         return F.linear(x, w, b)
 
 
@@ -31,6 +41,8 @@ class BlasKernel(TorchKernel):
     name = "blas"
 
     def __call__(self, x, w, b=None):
+        if not isinstance(w, torch.Tensor):
+            return w(x, b)
         lead = x.shape[:-1]
         out = torch.from_numpy(x.reshape(-1, x.shape[-1]).contiguous().numpy() @ w.numpy().T)
         out = out.reshape(*lead, w.shape[0])
@@ -45,11 +57,14 @@ class OneDnnKernel(TorchKernel):
     # The batch-size hint picks oneDNN's blocking; measured on SmolLM2-135M's shapes, 16 was as fast as any hint at
     # 1 row and at 8 rows (hint 1 was 20% slower at 1 row and 35% slower at 8).
     BATCH_HINT = 16
+    fast_quantized = True
 
     def prepare(self, w):
         return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), self.BATCH_HINT)
 
     def __call__(self, x, w, b=None):
+        if not isinstance(w, torch.Tensor):
+            return w(x, b)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, b, "none", [], "")
 
 

@@ -15,21 +15,43 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(np.zeros(shape, dtype=same_size)).view(dtype)
 
 
-class KVCache(nn.Module):
-    """Keys and values of one layer, [max_batch, kv_heads, max_seq, head_size]; KV heads are never repeated here."""
+STORAGE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 
-    def __init__(self, max_batch: int, kv_heads: int, max_seq: int, head_size: int, dtype: torch.dtype):
+
+def _quantize(x: torch.Tensor, scale: torch.Tensor, quant: str) -> torch.Tensor:
+    """Stored form of keys/values with a dequantization scale: round and saturate to int8, or cast to FP8 e4m3."""
+    if quant == "int8":
+        return torch.clamp(torch.round(x.float() / scale), -128, 127).to(torch.int8)
+    return torch.clamp(x.float() / scale, -448.0, 448.0).to(torch.float8_e4m3fn)
+
+
+class KVCache(nn.Module):
+    """Keys and values of one layer, [max_batch, kv_heads, max_seq, head_size]; KV heads are never repeated here.
+    With `quant` ("int8" or "fp8") the cache stores quantized values (TensorRT-LLM's INT8/FP8 KV cache) and
+    `update` takes the layer's dequantization scale."""
+
+    def __init__(self, max_batch: int, kv_heads: int, max_seq: int, head_size: int, dtype: torch.dtype,
+                 quant: str | None = None):
         super().__init__()
         shape = (max_batch, kv_heads, max_seq, head_size)
-        self.register_buffer("k", lazy_zeros(shape, dtype), persistent=False)
-        self.register_buffer("v", lazy_zeros(shape, dtype), persistent=False)
+        self.dtype, self.quant = dtype, quant
+        storage = STORAGE[quant] if quant else dtype
+        self.register_buffer("k", lazy_zeros(shape, storage), persistent=False)
+        self.register_buffer("v", lazy_zeros(shape, storage), persistent=False)
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int):
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int,
+               scale: torch.Tensor | None = None):
         """Write k, v ([B, kv_heads, T, D]) at each sequence's positions input_pos ([B, T]); return this batch's
-        keys and values for cache positions [0, kv_len)."""
+        keys and values for cache positions [0, kv_len) (dequantized when the cache is quantized)."""
         b = k.shape[0]
         rows = torch.arange(b, device=input_pos.device).unsqueeze(1).expand_as(input_pos)
+        if self.quant:
+            k, v = _quantize(k, scale, self.quant), _quantize(v, scale, self.quant)
         # Advanced indices on dims 0 and 2 put the indexed dims first: the values are laid out [B, T, heads, D].
         self.k[rows, :, input_pos] = k.transpose(1, 2)
         self.v[rows, :, input_pos] = v.transpose(1, 2)
-        return self.k[:b, :, :kv_len], self.v[:b, :, :kv_len]
+        k_all, v_all = self.k[:b, :, :kv_len], self.v[:b, :, :kv_len]
+        if self.quant:
+            k_all = (k_all.float() * scale).to(self.dtype)
+            v_all = (v_all.float() * scale).to(self.dtype)
+        return k_all, v_all

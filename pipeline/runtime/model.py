@@ -20,6 +20,9 @@ from pipeline.runtime.kv_cache import KVCache
 from pipeline.runtime.parallel import Dist, tp_all_gather, tp_all_reduce
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Engine tensors beside a quantized linear weight `N` (`N.scale`, ...; see pipeline.quantize.engine_format).
+QUANT_SUFFIXES = ("scale", "zero", "prequant", "act_scale")
+QUANTIZED_DTYPES = (torch.int8, torch.uint8, torch.float8_e4m3fn)
 ACTIVATIONS = {"silu": F.silu, "swiglu": F.silu, "gelu": F.gelu, "relu": F.relu,
                "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
@@ -60,6 +63,8 @@ class ModelArgs:
     embedding_scale: float = 1.0  # Gemma multiplies the embedding output by sqrt(hidden_size)
     final_norm: bool = True  # post-norm OPT has no norm before the head
     mlp_bias_before_reduce: bool = False  # GPT-J: the MLP output bias lives on tp rank 0 and joins the reduction
+    act_quant: str | None = None  # "int8" / "fp8": quantized linears quantize their inputs (SmoothQuant, FP8)
+    kv_cache_quant: str | None = None  # "int8" / "fp8": the KV cache stores quantized values with a per-layer scale
 
     @property
     def vocab_padded(self) -> int:
@@ -167,6 +172,8 @@ class Attention(nn.Module):
         self.dense_weight = nn.Parameter(torch.empty(h, args.local_heads * dh))
         self.dense_bias = _bias(args.dense_bias, h)
         self.rope = apply_rope_gptj if args.rope_style == "gptj" else apply_rope
+        # The KV cache's dequantization scale (TensorRT-LLM's kv_cache_scaling_factor), when it is quantized.
+        self.kv_scale = nn.Parameter(torch.empty(1)) if args.kv_cache_quant else None
 
     def forward(self, x, cos, sin, mask, cache: KVCache, input_pos, kv_len: int) -> torch.Tensor:
         # x: [B, T, H]; mask: [B, 1, T, kv_len]
@@ -179,7 +186,7 @@ class Attention(nn.Module):
         if a.rotary_dim:  # fixed per model: rotary models rotate q and k, learned-position models do not
             q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
         v = v.view(b, t, a.local_kv_heads, a.head_size).transpose(1, 2)
-        k_all, v_all = cache.update(input_pos, k, v, kv_len)
+        k_all, v_all = cache.update(input_pos, k, v, kv_len, self.kv_scale)
         y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=a.local_heads != a.local_kv_heads)
         y = self.linear(y.transpose(1, 2).reshape(b, t, a.local_heads * a.head_size), self.dense_weight)
         y = tp_all_reduce(y, self.d)
@@ -313,7 +320,8 @@ class EngineModel(nn.Module):
             self.lm_head = nn.Parameter(torch.empty(args.vocab_padded // args.tp_size, args.hidden_size))
             self.lm_head_bias = _bias(args.lm_head_bias, args.vocab_padded // args.tp_size)
         dtype = DTYPES[args.dtype]
-        self.caches = [KVCache(max_batch, args.local_kv_heads, max_seq, args.head_size, dtype) for _ in args.layers]
+        self.caches = [KVCache(max_batch, args.local_kv_heads, max_seq, args.head_size, dtype, args.kv_cache_quant)
+                       for _ in args.layers]
         cos, sin = rope_tables(args, max_seq)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -324,18 +332,38 @@ class EngineModel(nn.Module):
         linear = {f"{prefix}.{n}" if prefix else n: (module, n) for prefix, module in self.named_modules()
                   for n in getattr(module, "linear_weights", ()) if n in module._parameters}
         expected = set(self.state_dict())
+        quantized: dict[str, dict[str, torch.Tensor]] = {}  # linear name -> its integer values and scales
         for name, tensor in tensors:
+            base, _, suffix = name.rpartition(".")
+            if base in linear and suffix in QUANT_SUFFIXES:
+                quantized.setdefault(base, {})[suffix] = tensor
+                continue
             if name not in expected:
                 raise KeyError(name)
             expected.discard(name)
             module_name, _, attr = name.rpartition(".")
             module = self.get_submodule(module_name)
-            if name in linear:
+            if name in linear and tensor.dtype in QUANTIZED_DTYPES:
+                quantized.setdefault(name, {})["q"] = tensor
+            elif name in linear:
                 del module._parameters[attr]
                 setattr(module, attr, self.linear.prepare(tensor))
             else:
                 module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+        for name, parts in quantized.items():
+            self._set_quantized(name, parts)
         return sorted(expected)
+
+    def _set_quantized(self, name: str, parts: dict[str, torch.Tensor]) -> None:
+        from pipeline.quantize.engine_format import from_engine_tensors
+
+        if "q" not in parts or "scale" not in parts:
+            raise KeyError(f"{name} (quantized: needs its values and {name}.scale)")
+        module_name, _, attr = name.rpartition(".")
+        module = self.get_submodule(module_name)
+        del module._parameters[attr]
+        weight = from_engine_tensors(parts.pop("q"), parts)
+        setattr(module, attr, self.linear.prepare_quantized(weight, self.args.act_quant, DTYPES[self.args.dtype]))
 
     def step(self, x: torch.Tensor, input_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
         """x: tokens [B, T] on the first stage, else hidden states [B, T, H]; input_pos: [B, T] absolute positions.

@@ -9,7 +9,7 @@ from pipeline.runtime import ModelRunner
 from tests.runtime.test_multirank import PROMPTS
 
 engine, out = Path(sys.argv[1]), Path(sys.argv[2])
-runner = ModelRunner.from_dir(engine)
+runner = ModelRunner.from_dir(engine, kernel=sys.argv[3] if len(sys.argv) > 3 else "auto")
 result = runner.generate([torch.tensor(p) for p in PROMPTS], max_new_tokens=10, end_id=-1, pad_id=0, return_dict=True,
                          output_generation_logits=True)
 torch.save(result, out / f"rank{runner.dist.rank}.pt")

@@ -26,9 +26,9 @@ def mpirun(n: int, *args: str, timeout: int = 300) -> subprocess.CompletedProces
                           timeout=timeout, cwd=REPO)
 
 
-def generate_on_ranks(engine: Path, out: Path, world: int) -> list[dict]:
+def generate_on_ranks(engine: Path, out: Path, world: int, kernel: str = "auto") -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
-    proc = mpirun(world, "-m", "tests.runtime.mpi_generate", str(engine), str(out))
+    proc = mpirun(world, "-m", "tests.runtime.mpi_generate", str(engine), str(out), kernel)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
