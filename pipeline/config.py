@@ -81,6 +81,11 @@ class MappingConfig:
     world_size: Optional[int] = None
     use_parallel_embedding: bool = False
     embedding_sharding_dim: int = 0
+    # Mixture-of-experts models: the tp ranks split each expert's inner size (moe_tp_size) and/or hold whole experts
+    # (moe_ep_size, experts are distributed); moe_tp_size * moe_ep_size = tp_size. null = derived: both null means
+    # moe_tp_size = tp_size, moe_ep_size = 1; one null is tp_size divided by the other.
+    moe_tp_size: Optional[int] = None
+    moe_ep_size: Optional[int] = None
 
 
 def check_mapping(m: Any) -> None:
@@ -96,6 +101,16 @@ def check_mapping(m: Any) -> None:
         )
     if m.embedding_sharding_dim not in (0, 1):
         raise PipelineError(f"mapping.embedding_sharding_dim must be 0 or 1, got {m.embedding_sharding_dim}")
+    for key in ("moe_tp_size", "moe_ep_size"):
+        if getattr(m, key) is not None and getattr(m, key) < 1:
+            raise PipelineError(f"mapping.{key} must be >= 1 or null, got {getattr(m, key)}")
+    given = [x for x in (m.moe_tp_size, m.moe_ep_size) if x is not None]
+    product = given[0] * given[1] if len(given) == 2 else None
+    if (product is not None and product != m.tp_size) or (len(given) == 1 and m.tp_size % given[0]):
+        raise PipelineError(
+            f"mapping: moe_tp_size x moe_ep_size must equal tp_size={m.tp_size} (the MoE ranks are the tp ranks), got "
+            f"moe_tp_size={m.moe_tp_size} moe_ep_size={m.moe_ep_size}"
+        )
 
 
 @dataclass

@@ -57,13 +57,22 @@ TINY_MODELS = {
     "qwen2_bias": ("Qwen2Config", dict(vocab_size=99, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                                        tie_word_embeddings=True)),
+    # Mixture of experts: GQA, 4 experts top-2 (I=48 splits over moe_tp 2 and 4); 8 experts top-1 with MQA.
+    "mixtral_4e_top2": ("MixtralConfig", dict(vocab_size=97, hidden_size=64, intermediate_size=48, num_hidden_layers=3,
+                                              num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                              num_experts_per_tok=2, max_position_embeddings=128,
+                                              tie_word_embeddings=False)),
+    "mixtral_8e_top1_mqa": ("MixtralConfig", dict(vocab_size=101, hidden_size=64, intermediate_size=32,
+                                                  num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1,
+                                                  num_local_experts=8, num_experts_per_tok=1,
+                                                  max_position_embeddings=128, tie_word_embeddings=False)),
 }
 
 MODEL_CLASSES = {"LlamaConfig": "LlamaForCausalLM", "MistralConfig": "MistralForCausalLM", "Qwen2Config": "Qwen2ForCausalLM",
                  "GPT2Config": "GPT2LMHeadModel", "GPTBigCodeConfig": "GPTBigCodeForCausalLM",
                  "GPTNeoXConfig": "GPTNeoXForCausalLM", "PhiConfig": "PhiForCausalLM", "GPTJConfig": "GPTJForCausalLM",
                  "GemmaConfig": "GemmaForCausalLM", "OPTConfig": "OPTForCausalLM",
-                 "FalconConfig": "FalconForCausalLM"}
+                 "FalconConfig": "FalconForCausalLM", "MixtralConfig": "MixtralForCausalLM"}
 
 
 def make_tiny_model(root: Path, name: str, **overrides) -> Path:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 
-from pipeline.checkpoint.sharding import ShardContext, Split, shard
+from pipeline.checkpoint.sharding import ShardContext, Split, moe_parallel, shard
 from pipeline.convert.canonical import Canon, Dims, canonical_shape
 from pipeline.errors import PipelineError
 
@@ -54,6 +54,7 @@ class Target:
     place: Place = Place.LAYER
     present: Predicate = always
     quant: "QTensor | None" = None  # a tensor computed from calibration statistics (KV-cache scales)
+    dtype: str | None = None  # stored in this dtype whatever the checkpoint's (the MoE router: float32)
 
 
 def _layer(name: str) -> str:
@@ -93,6 +94,17 @@ def _without_dense_bias(layout: tuple[Target, ...]) -> tuple[Target, ...]:
 
 # TensorRT-LLM's QWenForCausalLM for qwen2: like Llama, but attn_bias covers q/k/v only (o_proj has no bias).
 QWEN2_LAYOUT: tuple[Target, ...] = _without_dense_bias(LLAMA_LAYOUT)
+
+
+# TensorRT-LLM's LLaMAForCausalLM with a MoE MLP (Mixtral): the router (float32, replicated, never quantized) and
+# the experts stacked: fc = [w3 (linear); w1 (activated)] per expert -> (E, 2I, H), proj -> (E, H, I). moe_ep gives
+# each rank whole experts, moe_tp splits each expert's I (each fc half separately).
+MIXTRAL_LAYOUT: tuple[Target, ...] = (
+    *(t for t in LLAMA_LAYOUT if ".mlp." not in t.name),
+    Target(_layer("mlp.router.weight"), (Canon.MOE_ROUTER,), Split.REPLICATE, dtype="float32"),
+    Target(_layer("mlp.fc.weight"), (Canon.MOE_LINEAR_IN, Canon.MOE_ACT_IN), Split.EXPERT_COLUMN),
+    Target(_layer("mlp.proj.weight"), (Canon.MOE_OUT,), Split.EXPERT_ROW),
+)
 
 
 # TensorRT-LLM's GPTForCausalLM (GPT-2, GPT-BigCode/starcoder): LayerNorm with bias, learned absolute positions,
@@ -278,7 +290,15 @@ def check_fits(cfg: Mapping[str, Any]) -> None:
             f"num_key_value_heads={dims.kv_heads} must divide or be divisible by tp_size={tp} "
             "(KV heads are split, or duplicated when tp_size exceeds them)"
         )
-    if dims.intermediate % tp:
+    if dims.experts:
+        moe_tp, moe_ep = moe_parallel(cfg["mapping"])
+        if moe_tp * moe_ep != tp:
+            problems.append(f"moe_tp_size={moe_tp} x moe_ep_size={moe_ep} does not equal tp_size={tp}")
+        if dims.experts % moe_ep:
+            problems.append(f"num_experts={dims.experts} is not divisible by moe_ep_size={moe_ep}")
+        if dims.intermediate % moe_tp:
+            problems.append(f"intermediate_size={dims.intermediate} is not divisible by moe_tp_size={moe_tp}")
+    elif dims.intermediate % tp:
         problems.append(f"intermediate_size={dims.intermediate} is not divisible by tp_size={tp}")
     if ctx.use_parallel_embedding and ctx.embedding_sharding_dim == 1 and dims.hidden % tp:
         problems.append(f"hidden_size={dims.hidden} is not divisible by tp_size={tp} (embedding_sharding_dim=1)")
@@ -353,7 +373,8 @@ def _planned(target: Target, name: str, layer: int | None, dims: Dims, ctx: Shar
     if module is None:
         meta = [torch.empty(s, device="meta") for s in shapes]
         shape = tuple(shard(meta, target.split, tp_rank, ctx, name).shape)
-        return [PlannedTensor(name, target.parts, layer, target.split, shape, dtype)]
+        return [PlannedTensor(name, target.parts, layer, target.split, shape,
+                              DTYPES[target.dtype] if target.dtype else dtype)]
     scheme, settings, _ = quant
     if any(len(s) != 2 for s in shapes):
         raise PipelineError(f"{name}: quantization.quant_algo={scheme.algo} of {len(shapes[0])}-D weights (MoE "

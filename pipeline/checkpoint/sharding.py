@@ -23,6 +23,25 @@ class Split(str, Enum):
     EMBEDDING = "embedding"  # vocab_embedding: replicated, or VOCAB (dim 0) / ROW-like (dim 1) when parallel
     QKV_HEADS = "qkv_heads"  # parts (q, k, v): split each by heads, duplicating KV heads when tp_size > kv heads
     RANK0 = "rank0"  # a bias added before the reduction: the full tensor on tp rank 0, zeros on the others (GPT-J)
+    # Stacked expert weights (E, out, in): this rank's experts (moe_ep), then each part's out dim chunked over moe_tp
+    # and the parts concatenated on it (MoE fc = [w3; w1] per rank).
+    EXPERT_COLUMN = "expert_column"
+    # Stacked expert weights (E, out, in): this rank's experts, the in dim chunked over moe_tp (MoE proj).
+    EXPERT_ROW = "expert_row"
+
+
+def moe_parallel(mapping: Mapping[str, Any]) -> tuple[int, int]:
+    """(moe_tp_size, moe_ep_size) of a checkpoint mapping, resolved as TensorRT-LLM's Mapping does: absent or -1 on
+    both means all tensor parallelism (moe_tp = tp, moe_ep = 1); one of them -1 is derived from the other."""
+    tp = mapping["tp_size"]
+    moe_tp, moe_ep = mapping.get("moe_tp_size", -1), mapping.get("moe_ep_size", -1)
+    if moe_tp == -1 and moe_ep == -1:
+        return tp, 1
+    if moe_tp == -1:
+        return tp // moe_ep, moe_ep
+    if moe_ep == -1:
+        return moe_tp, tp // moe_tp
+    return moe_tp, moe_ep
 
 
 @dataclass(frozen=True)
@@ -33,12 +52,15 @@ class ShardContext:
     head_size: int
     use_parallel_embedding: bool
     embedding_sharding_dim: int
+    moe_tp_size: int = 1
+    moe_ep_size: int = 1
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "ShardContext":
         from pipeline.convert.canonical import Dims
 
         dims = Dims.from_config(cfg)
+        moe_tp, moe_ep = moe_parallel(cfg["mapping"])
         return cls(
             tp_size=cfg["mapping"]["tp_size"],
             heads=dims.heads,
@@ -46,16 +68,22 @@ class ShardContext:
             head_size=dims.head_size,
             use_parallel_embedding=bool(cfg.get("use_parallel_embedding", False)),
             embedding_sharding_dim=int(cfg.get("embedding_sharding_dim", 0)),
+            moe_tp_size=moe_tp,
+            moe_ep_size=moe_ep,
         )
 
     @property
     def kv_heads_per_rank(self) -> int:
         return -(-self.kv_heads // self.tp_size)
 
+    def moe_ranks(self, tp_rank: int) -> tuple[int, int]:
+        """(moe_tp_rank, moe_ep_rank) of a tp rank: expert-parallel ranks are consecutive, as in TensorRT-LLM."""
+        return tp_rank // self.moe_ep_size, tp_rank % self.moe_ep_size
 
-def _chunk(t: torch.Tensor, dim: int, rank: int, tp: int, what: str) -> torch.Tensor:
+
+def _chunk(t: torch.Tensor, dim: int, rank: int, tp: int, what: str, size_name: str = "tp_size") -> torch.Tensor:
     if t.shape[dim] % tp:
-        raise PipelineError(f"{what}: dimension {dim} of size {t.shape[dim]} is not divisible by tp_size={tp}")
+        raise PipelineError(f"{what}: dimension {dim} of size {t.shape[dim]} is not divisible by {size_name}={tp}")
     size = t.shape[dim] // tp
     return t.narrow(dim, rank * size, size)
 
@@ -102,6 +130,12 @@ def shard(parts: Sequence[torch.Tensor], split: Split, rank: int, ctx: ShardCont
         return _fuse([_chunk(p, 1, rank, tp, what) for p in parts])
     if split is Split.VOCAB:
         return _fuse([_chunk(_pad_rows(p, tp), 0, rank, tp, what) for p in parts])
+    if split in (Split.EXPERT_COLUMN, Split.EXPERT_ROW):
+        moe_tp_rank, moe_ep_rank = ctx.moe_ranks(rank)
+        dim = 1 if split is Split.EXPERT_COLUMN else 2
+        pieces = [_chunk(_chunk(p, 0, moe_ep_rank, ctx.moe_ep_size, what, "moe_ep_size"), dim, moe_tp_rank,
+                         ctx.moe_tp_size, what, "moe_tp_size") for p in parts]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
     raise AssertionError(f"unhandled split kind {split}")
 
 

@@ -37,6 +37,12 @@ class Canon(str, Enum):
     MLP_LINEAR_IN_BIAS = "layers.{layer}.mlp.linear_in.bias"
     MLP_OUT = "layers.{layer}.mlp.out.weight"  # all (HF down_proj)
     MLP_OUT_BIAS = "layers.{layer}.mlp.out.bias"
+    # Mixture of experts (Mixtral): the router, and expert weights stacked over a leading expert dimension. A source
+    # template with `{expert}` names one expert's matrix; the converter stacks the experts while reading.
+    MOE_ROUTER = "layers.{layer}.moe.router.weight"  # (E, H)
+    MOE_ACT_IN = "layers.{layer}.moe.act_in.weight"  # (E, I, H): the activated branch (HF w1 / gate)
+    MOE_LINEAR_IN = "layers.{layer}.moe.linear_in.weight"  # (E, I, H): the linear branch (HF w3 / up)
+    MOE_OUT = "layers.{layer}.moe.out.weight"  # (E, H, I) (HF w2 / down)
     FINAL_NORM = "final_norm.weight"  # all
     FINAL_NORM_BIAS = "final_norm.bias"
     LM_HEAD = "lm_head.weight"  # all (tied archs read it from VOCAB_EMBED)
@@ -63,6 +69,7 @@ class Dims:
     vocab: int
     layers: int
     max_positions: int
+    experts: int = 0  # experts per MoE layer (0: dense)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "Dims":
@@ -77,6 +84,7 @@ class Dims:
             vocab=cfg["vocab_size"],
             layers=cfg["num_hidden_layers"],
             max_positions=cfg.get("max_position_embeddings") or 2048,
+            experts=int((cfg.get("moe") or {}).get("num_experts") or 0),
         )
 
 
@@ -110,6 +118,10 @@ CANONICAL_SHAPES: dict[Canon, Callable[[Dims], tuple[int, ...]]] = {
     Canon.MLP_LINEAR_IN_BIAS: lambda d: (d.intermediate,),
     Canon.MLP_OUT: lambda d: (d.hidden, d.intermediate),
     Canon.MLP_OUT_BIAS: lambda d: (d.hidden,),
+    Canon.MOE_ROUTER: lambda d: (d.experts, d.hidden),
+    Canon.MOE_ACT_IN: lambda d: (d.experts, d.intermediate, d.hidden),
+    Canon.MOE_LINEAR_IN: lambda d: (d.experts, d.intermediate, d.hidden),
+    Canon.MOE_OUT: lambda d: (d.experts, d.hidden, d.intermediate),
     Canon.FINAL_NORM: lambda d: (d.hidden,),
     Canon.FINAL_NORM_BIAS: lambda d: (d.hidden,),
     Canon.LM_HEAD: lambda d: (d.vocab, d.hidden),

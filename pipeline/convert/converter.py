@@ -3,7 +3,8 @@
 1. The ArchSpec turns the HF config into the TensorRT-LLM config, which is schema-checked.
 2. `layout.plan` lists every rank's tensors (names, shapes, dtypes) from that config alone.
 3. `bind` maps every needed canonical tensor to a source tensor and checks, before any data is read, that nothing
-   is missing, nothing is left unmapped, and every shape is what the config implies.
+   is missing, nothing is left unmapped, and every shape is what the config implies. A canonical tensor with an
+   expert dimension may come from one source tensor per expert (an `{expert}` template): it is stacked while read.
 4. Per pipeline stage, one file per tp rank is opened with its header written from the plan; each target tensor is
    read once (its canonical parts), cast, and each rank's piece is streamed into its file. Peak memory is about one
    tensor (plus its fused parts), not the model and not the model times the number of ranks.
@@ -24,7 +25,7 @@ from pipeline.checkpoint.layout import DTYPES, RankPlan, plan
 from pipeline.checkpoint.safetensors_stream import StreamingSafetensorsWriter
 from pipeline.checkpoint.sharding import ShardContext, shard
 from pipeline.convert.canonical import Canon, Dims, canonical_shape
-from pipeline.convert.registry import ArchSpec, MappingArgs, get_spec
+from pipeline.convert.registry import ArchSpec, MappingArgs, SourceName, Transform, get_spec
 from pipeline.convert.sources.base import SourceModel
 from pipeline.errors import PipelineError
 from pipeline.quantize.schemes import Settings, get_scheme, quant_config
@@ -49,8 +50,31 @@ def resolve_architecture(hf: Mapping[str, Any], override: str | None) -> str:
     return archs[0]
 
 
-def bind(spec: ArchSpec, source: SourceModel, cfg: Mapping[str, Any], plans: list[RankPlan]) -> dict[str, str]:
-    """Canonical name -> source name for every canonical tensor the plan needs; fail on anything unaccounted."""
+@dataclass(frozen=True)
+class Bound:
+    """Where one canonical tensor comes from: one source tensor, or one per expert (stacked on a new dim 0)."""
+
+    names: tuple[str, ...]
+    transform: Transform | None
+    stacked: bool = False
+
+
+def _alternatives(spec: ArchSpec, canon: Canon) -> list[SourceName]:
+    entry = spec.source_names.get(canon) or ()
+    default = spec.transforms.get(canon)
+    return [a if isinstance(a, SourceName) else SourceName(a, default)
+            for a in ((entry,) if isinstance(entry, (str, SourceName)) else entry)]
+
+
+def _expand(alt: SourceName, layer: int | None, experts: int) -> tuple[str, ...]:
+    if "{expert}" in alt.template:
+        return tuple(alt.template.format(layer=layer, expert=e) for e in range(experts))
+    return (alt.template.format(layer=layer),)
+
+
+def bind(spec: ArchSpec, source: SourceModel, cfg: Mapping[str, Any], plans: list[RankPlan]) -> dict[str, Bound]:
+    """Canonical name -> its source tensor(s) for every canonical tensor the plan needs; fail on anything
+    unaccounted, and check every shape (after transforms, per expert for stacked ones) before any data is read."""
     dims = Dims.from_config(cfg)
     tied = spec.tied_embeddings(source.hf_config)
     needed = {part for p in plans for t in p.tensors for part in t.parts}
@@ -63,27 +87,30 @@ def bind(spec: ArchSpec, source: SourceModel, cfg: Mapping[str, Any], plans: lis
             if name not in needed:
                 continue
             source_canon = Canon.VOCAB_EMBED if (canon is Canon.LM_HEAD and tied) else canon
-            templates = spec.source_names.get(source_canon) or ()
-            candidates = [t.format(layer=layer) for t in ((templates,) if isinstance(templates, str) else templates)]
-            src = next((c for c in candidates if c in available), candidates[0] if candidates else None)
-            if src is None or src not in available:
-                missing.append(f"{src or '<no source name>'} (for {name})")
+            alts = [(a, _expand(a, layer, dims.experts)) for a in _alternatives(spec, source_canon)]
+            chosen = next(((a, n) for a, n in alts if n and n[0] in available), alts[0] if alts else None)
+            absent = [n for n in chosen[1] if n not in available] if chosen else ["<no source name>"]
+            if absent or not chosen[1]:
+                missing.append(f"{(absent or ['<no expert>'])[0]} (for {name})")
                 continue
+            alt, names = chosen
+            bound = Bound(names, alt.transform, stacked="{expert}" in alt.template)
             want = canonical_shape(canon, dims)
-            got = source.shape(src)
-            transform = spec.transforms.get(source_canon)
-            if transform is not None:  # e.g. one slice of a fused source tensor: check the shape it will produce
-                got = transform(torch.empty(got, device="meta"), cfg).shape
-            if tuple(got) != want:
-                raise PipelineError(
-                    f"tensor {src} in {source.where(src)} has shape {tuple(got)}, expected {want} from the config "
-                    f"(hidden_size={dims.hidden}, heads={dims.heads}, kv_heads={dims.kv_heads}, "
-                    f"head_size={dims.head_size}, intermediate_size={dims.intermediate}, vocab_size={dims.vocab})"
-                )
-            binding[name] = src
+            for src in names:
+                got = source.shape(src)
+                if alt.transform is not None:  # e.g. one slice of a fused source tensor: check what it will produce
+                    got = alt.transform(torch.empty(got, device="meta"), cfg).shape
+                if tuple(got) != (want[1:] if bound.stacked else want):
+                    raise PipelineError(
+                        f"tensor {src} in {source.where(src)} has shape {tuple(got)}, expected "
+                        f"{want[1:] if bound.stacked else want} from the config (hidden_size={dims.hidden}, "
+                        f"heads={dims.heads}, kv_heads={dims.kv_heads}, head_size={dims.head_size}, "
+                        f"intermediate_size={dims.intermediate}, vocab_size={dims.vocab}, num_experts={dims.experts})"
+                    )
+            binding[name] = bound
     if missing:
         raise PipelineError(f"{len(missing)} tensor(s) missing from the source, first: {missing[0]}")
-    _check_unmapped(spec, source, cfg, set(binding.values()), tied)
+    _check_unmapped(spec, source, cfg, {n for b in binding.values() for n in b.names}, tied)
     return binding
 
 
@@ -93,8 +120,7 @@ def _check_unmapped(spec: ArchSpec, source: SourceModel, cfg: Mapping[str, Any],
     for template in spec.dropped:
         known.update(template.format(layer=i) for i in layers)
     if tied and Canon.LM_HEAD in spec.source_names:  # some tied checkpoints also store the head; not needed
-        head = spec.source_names[Canon.LM_HEAD]
-        known.update((head,) if isinstance(head, str) else head)
+        known.update(a.template for a in _alternatives(spec, Canon.LM_HEAD))
     unmapped = sorted(source.names() - known)
     if unmapped:
         raise PipelineError(
@@ -127,7 +153,6 @@ def convert(
     binding = bind(spec, source, cfg, plans)
     out_dir.mkdir(parents=True, exist_ok=True)
     ctx = ShardContext.from_config(cfg)
-    target_dtype = DTYPES[dtype]
     quantizer = _quantizer(spec, source, binding, cfg, quantization, stats_dir)
     written: dict[int, list[str]] = {}
     total = sum(len(p.tensors) for p in plans if p.tp_rank == 0)
@@ -135,8 +160,7 @@ def convert(
     with tqdm(total=total, desc=f"convert tp{mapping.tp_size} pp{mapping.pp_size}", unit="tensor", disable=not progress) as bar:
         for pp_rank in range(mapping.pp_size):
             stage = [p for p in plans if p.pp_rank == pp_rank]
-            bytes_written += _write_stage(stage, source, binding, spec, cfg, ctx, target_dtype, out_dir, written, bar,
-                                          quantizer)
+            bytes_written += _write_stage(stage, source, binding, cfg, ctx, out_dir, written, bar, quantizer)
     _check_complete(plans, written)
     if "GPTQ" in (cfg["quantization"].get("quant_algo") or ""):
         from pipeline.engine.cpu import QUANT_LAYOUT_FILE
@@ -162,14 +186,14 @@ def _quantizer(spec, source, binding, cfg, quantization, stats_dir) -> TargetQua
                         gptq_sm=int(quantization.get("gptq_sm", 80)))
 
     def read_parts(canons, layer):
-        return [_read_canonical(c, layer, source, binding, spec, cfg) for c in canons]
+        return [_read_canonical(binding[c.at(layer)], source, cfg) for c in canons]
 
     return TargetQuantizer(scheme, settings, StatsReader(stats_dir) if need != "none" else None, read_parts,
                            [t for t in spec.layout if t.present(cfg)], q.get("exclude_modules"),
                            q.get("kv_cache_quant_algo"))
 
 
-def _write_stage(stage, source, binding, spec, cfg, ctx, target_dtype, out_dir, written, bar, quantizer=None) -> int:
+def _write_stage(stage, source, binding, cfg, ctx, out_dir, written, bar, quantizer=None) -> int:
     """Stream one pipeline stage: every target read once, each tp rank's piece written to that rank's file."""
     writers = [
         StreamingSafetensorsWriter(out_dir / f"rank{p.rank}.safetensors", [(t.name, t.shape, t.dtype) for t in p.tensors])
@@ -182,8 +206,7 @@ def _write_stage(stage, source, binding, spec, cfg, ctx, target_dtype, out_dir, 
                 settings = quantizer.settings
                 parts = [t.to(head.quant.torch_dtype(settings)) for t in quantizer.whole(head)]
             else:
-                parts = [_read_canonical(c, head.layer, source, binding, spec, cfg).to(target_dtype)
-                         for c in head.canons]
+                parts = [_read_canonical(binding[c.at(head.layer)], source, cfg, head.dtype) for c in head.canons]
             for p, w in zip(stage, writers):
                 planned = p.tensors[i]
                 piece = _shard_any(parts, planned.split, p.tp_rank, ctx, planned.name)
@@ -211,12 +234,23 @@ def _shard_any(parts: list[torch.Tensor], split, rank: int, ctx, name: str) -> t
     return shard(parts, split, rank, ctx, name)
 
 
-def _read_canonical(canon: Canon, layer: int | None, source, binding, spec: ArchSpec, cfg) -> torch.Tensor:
-    tensor = source.read(binding[canon.at(layer)])
-    if canon is Canon.LM_HEAD and spec.tied_embeddings(source.hf_config):
-        canon = Canon.VOCAB_EMBED
-    transform = spec.transforms.get(canon)
-    return transform(tensor, cfg).contiguous() if transform else tensor
+def _read_canonical(bound: Bound, source, cfg, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One canonical tensor, transformed and cast (when a dtype is given). Experts are read one at a time into one
+    preallocated stacked tensor, so memory holds the stacked tensor and one expert, never a list of them."""
+    if not bound.stacked:
+        tensor = source.read(bound.names[0])
+        tensor = bound.transform(tensor, cfg).contiguous() if bound.transform else tensor
+        return tensor if dtype is None else tensor.to(dtype)
+    stacked = None
+    for e, name in enumerate(bound.names):
+        tensor = source.read(name)
+        if bound.transform:
+            tensor = bound.transform(tensor, cfg)
+        if stacked is None:
+            stacked = torch.empty((len(bound.names), *tensor.shape), dtype=dtype or tensor.dtype)
+        stacked[e].copy_(tensor)
+        del tensor
+    return stacked
 
 
 def _check_complete(plans: list[RankPlan], written: dict[int, list[str]]) -> None:

@@ -31,6 +31,7 @@ ARCH_MODULES: dict[str, str] = {
     "OPTForCausalLM": "pipeline.convert.archs.opt",
     "FalconForCausalLM": "pipeline.convert.archs.falcon",
     "RWForCausalLM": "pipeline.convert.archs.falcon",
+    "MixtralForCausalLM": "pipeline.convert.archs.mixtral",
 }
 
 # TensorRT-LLM architecture names that differ from every source name -> a source architecture with the same
@@ -38,6 +39,18 @@ ARCH_MODULES: dict[str, str] = {
 WRITTEN_ALIASES = {"GPTForCausalLM": "GPT2LMHeadModel"}
 
 _REGISTRY: dict[str, "ArchSpec"] = {}
+
+
+Transform = Callable[[torch.Tensor, Mapping[str, Any]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SourceName:
+    """A source name template with its own transform, for one alternative of a canonical tensor's sources (e.g. one
+    half of a fused tensor that newer libraries save, next to the separate tensors older checkpoints hold)."""
+
+    template: str
+    transform: Transform | None = None
 
 
 @dataclass(frozen=True)
@@ -48,10 +61,35 @@ class MappingArgs:
     pp_size: int = 1
     use_parallel_embedding: bool = False
     embedding_sharding_dim: int = 0
+    # MoE parallelism inside the tp group (moe_tp_size * moe_ep_size = tp_size); None = derived as TensorRT-LLM
+    # derives it (both None: moe_tp_size = tp_size, moe_ep_size = 1).
+    moe_tp_size: int | None = None
+    moe_ep_size: int | None = None
 
     def as_config(self) -> dict[str, int]:
-        # Only the keys every TensorRT-LLM release knows (Mapping.from_dict raises on unknown keys).
-        return {"world_size": self.tp_size * self.pp_size, "tp_size": self.tp_size, "pp_size": self.pp_size}
+        # Only the keys every TensorRT-LLM release knows (Mapping.from_dict raises on unknown keys); the MoE sizes
+        # only when they differ from what a mapping without them means (moe_tp = tp, moe_ep = 1), since only
+        # releases with expert parallelism know them.
+        cfg = {"world_size": self.tp_size * self.pp_size, "tp_size": self.tp_size, "pp_size": self.pp_size}
+        moe_tp, moe_ep = self.moe_sizes()
+        if (moe_tp, moe_ep) != (self.tp_size, 1):
+            cfg.update(moe_tp_size=moe_tp, moe_ep_size=moe_ep)
+        return cfg
+
+    def moe_sizes(self) -> tuple[int, int]:
+        """(moe_tp_size, moe_ep_size), derived where not given; their product must be tp_size."""
+        tp, moe_tp, moe_ep = self.tp_size, self.moe_tp_size, self.moe_ep_size
+        if moe_tp is None and moe_ep is None:
+            return tp, 1
+        if moe_tp is None:
+            moe_tp = tp // moe_ep if moe_ep and tp % moe_ep == 0 else 0
+        elif moe_ep is None:
+            moe_ep = tp // moe_tp if moe_tp and tp % moe_tp == 0 else 0
+        if moe_tp < 1 or moe_ep < 1 or moe_tp * moe_ep != tp:
+            raise PipelineError(
+                f"mapping: moe_tp_size x moe_ep_size must equal tp_size={tp} (got moe_tp_size={self.moe_tp_size}, "
+                f"moe_ep_size={self.moe_ep_size})")
+        return moe_tp, moe_ep
 
 
 @dataclass(frozen=True)
@@ -60,12 +98,14 @@ class ArchSpec:
 
     layout: ClassVar[tuple[Target, ...]]
     # Canonical tensor -> source name template ({layer} = global layer index), or a tuple of alternatives (the
-    # first one present is used, e.g. a name that changed between library versions).
-    source_names: ClassVar[Mapping[Canon, str | tuple[str, ...]]]
+    # first one present is used, e.g. a name that changed between library versions). A template with `{expert}`
+    # names one expert's matrix of a canonical tensor with an expert dimension: the converter stacks experts
+    # 0..E-1. A SourceName alternative carries its own transform instead of the canonical tensor's.
+    source_names: ClassVar[Mapping[Canon, str | SourceName | tuple[str | SourceName, ...]]]
     # Source names (templates) that exist in checkpoints but carry nothing the target needs.
     dropped: ClassVar[tuple[str, ...]] = ()
     # Named transforms applied to a canonical tensor after reading (odd reshapes, offsets).
-    transforms: ClassVar[Mapping[Canon, Callable[[torch.Tensor, Mapping[str, Any]], torch.Tensor]]] = {}
+    transforms: ClassVar[Mapping[Canon, Transform]] = {}
 
     # TensorRT-LLM's model has no pipeline-parallel send/receive path for this family: refuse pp_size > 1.
     supports_pp: ClassVar[bool] = True

@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from pipeline import __version__
 from pipeline.checkpoint.layout import pp_layers
+from pipeline.checkpoint.sharding import moe_parallel
 from pipeline.checkpoint.safetensors_stream import TORCH_DTYPES, StreamingSafetensorsWriter
 from pipeline.checkpoint.validate import validate_checkpoint
 from pipeline.engine.limits import resolve_limits
@@ -56,6 +57,15 @@ GATED_DECODER: tuple[EngineTensor, ...] = (
     EngineTensor("layers.{j}.mlp.proj_bias", (_layer("mlp.proj.bias"),), optional=True),
     EngineTensor("final_norm.weight", ("transformer.ln_f.weight",), stage="last"),
     EngineTensor("lm_head", ("lm_head.weight",), stage="last"),
+)
+
+# Mixtral: GATED_DECODER's attention with a mixture-of-experts MLP: the float32 router and the stacked experts
+# (fc = [w3; w1] per expert, proj) as the checkpoint holds them.
+MOE_DECODER: tuple[EngineTensor, ...] = (
+    *(t for t in GATED_DECODER if ".mlp." not in t.name),
+    EngineTensor("layers.{j}.mlp.router_weight", (_layer("mlp.router.weight"),)),
+    EngineTensor("layers.{j}.mlp.fc_weight", (_layer("mlp.fc.weight"),)),
+    EngineTensor("layers.{j}.mlp.proj_weight", (_layer("mlp.proj.weight"),)),
 )
 
 # GPT-2 style: LayerNorm with bias, learned absolute positions, plain MLP (TensorRT-LLM's GPTForCausalLM).
@@ -135,6 +145,7 @@ class RuntimeFamily:
 
 
 GATED_RMS = RuntimeFamily(GATED_DECODER, norm_type="rms", gated_mlp=True)
+MOE_RMS = RuntimeFamily(MOE_DECODER, norm_type="rms", gated_mlp=True)
 GEMMA = RuntimeFamily(GATED_DECODER, norm_type="rms", gated_mlp=True, scale_embedding=True)
 GPT = RuntimeFamily(GPT_DECODER, norm_type="layer", gated_mlp=False)
 NEOX = RuntimeFamily(NEOX_DECODER, norm_type="layer", gated_mlp=False, residual="parallel")
@@ -147,6 +158,7 @@ RUNTIME_LAYOUTS: dict[str, RuntimeFamily] = {
     "LlamaForCausalLM": GATED_RMS,
     "MistralForCausalLM": GATED_RMS,
     "Qwen2ForCausalLM": GATED_RMS,
+    "MixtralForCausalLM": MOE_RMS,
     "GPTForCausalLM": GPT,
     "GPTNeoXForCausalLM": NEOX,
     "PhiForCausalLM": PHI,
@@ -158,8 +170,11 @@ RUNTIME_LAYOUTS: dict[str, RuntimeFamily] = {
 SUPPORTED_POSITIONS = {"rope_gpt_neox", "rope_gptj", "learned_absolute"}
 
 
-def model_args(ckpt: dict[str, Any], pp_rank: int, names: set[str], family: RuntimeFamily) -> ModelArgs:
+def model_args(ckpt: dict[str, Any], tp_rank: int, pp_rank: int, names: set[str], family: RuntimeFamily) -> ModelArgs:
     m = ckpt["mapping"]
+    moe = ckpt.get("moe") or {}
+    experts = int(moe.get("num_experts") or 0)
+    moe_tp, moe_ep = moe_parallel(m)
     heads = ckpt["num_attention_heads"]
     head_size = ckpt.get("head_size") or ckpt["hidden_size"] // heads
     learned = ckpt.get("position_embedding_type") == "learned_absolute"
@@ -198,6 +213,12 @@ def model_args(ckpt: dict[str, Any], pp_rank: int, names: set[str], family: Runt
         max_positions=int(ckpt.get("max_position_embeddings") or 2048) if learned else 0,
         act_quant=_act_quant(ckpt),
         kv_cache_quant=((ckpt.get("quantization") or {}).get("kv_cache_quant_algo") or "").lower() or None,
+        num_experts=experts,
+        top_k=int(moe.get("top_k") or 0),
+        moe_tp_size=moe_tp,
+        moe_ep_size=moe_ep,
+        # TensorRT-LLM's Mapping: moe_ep_rank = tp_rank mod moe_ep_size, each holding a contiguous block of experts.
+        expert_offset=(tp_rank % moe_ep) * (experts // moe_ep),
     )
 
 
@@ -251,10 +272,10 @@ class CpuBackend:
 
     def _build_rank(self, src: Path, dst: Path, ckpt, limits, family: RuntimeFamily, rank: int,
                     quant: "QuantReader | None" = None) -> int:
-        pp_rank = rank // ckpt["mapping"]["tp_size"]
+        tp_rank, pp_rank = rank % ckpt["mapping"]["tp_size"], rank // ckpt["mapping"]["tp_size"]
         with safe_open(str(src), framework="pt") as f:
             names = set(f.keys())
-            args = model_args(ckpt, pp_rank, names, family)
+            args = model_args(ckpt, tp_rank, pp_rank, names, family)
             plan = []
             for t, j in _instances(family.tensors + QUANT_TENSORS, len(args.layers), pp_rank,
                                    ckpt["mapping"]["pp_size"]):

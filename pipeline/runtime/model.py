@@ -65,6 +65,13 @@ class ModelArgs:
     mlp_bias_before_reduce: bool = False  # GPT-J: the MLP output bias lives on tp rank 0 and joins the reduction
     act_quant: str | None = None  # "int8" / "fp8": quantized linears quantize their inputs (SmoothQuant, FP8)
     kv_cache_quant: str | None = None  # "int8" / "fp8": the KV cache stores quantized values with a per-layer scale
+    # Mixture of experts (0 experts: a dense MLP). The tp ranks split each expert's inner size over moe_tp_size and
+    # hold num_experts / moe_ep_size whole experts; this rank's are [expert_offset, expert_offset + local experts).
+    num_experts: int = 0
+    top_k: int = 0
+    moe_tp_size: int = 1
+    moe_ep_size: int = 1
+    expert_offset: int = 0
 
     @property
     def vocab_padded(self) -> int:
@@ -239,13 +246,53 @@ class PlainMLP(nn.Module):
         return y if self.proj_bias is None else y + self.proj_bias
 
 
+class MoeMLP(nn.Module):
+    """Mixtral's sparse MoE MLP, computed densely: float32 router logits, softmax, top-k renormalized to sum to 1,
+    scattered into a [tokens, E] routing matrix that is zero for unselected experts; every local expert runs on every
+    token and its output is weighted by that matrix (no data-dependent control flow; fine for small expert counts).
+    Expert weights are stacked: fc [E_local, 2 * I_local, H] = [linear (w3); activated (w1)] per expert, proj
+    [E_local, H, I_local]. Each rank's output is a partial sum (its slice of I, its experts): one all-reduce."""
+
+    def __init__(self, args: ModelArgs, d: Dist, linear: TorchKernel):
+        super().__init__()
+        self.d, self.top_k = d, args.top_k
+        experts, inner = args.num_experts // args.moe_ep_size, args.intermediate_size // args.moe_tp_size
+        self.first, self.last = args.expert_offset, args.expert_offset + experts
+        self.act = ACTIVATIONS[args.hidden_act]
+        self.router_weight = nn.Parameter(torch.empty(args.num_experts, args.hidden_size, dtype=torch.float32))
+        self.fc_weight = nn.Parameter(torch.empty(experts, 2 * inner, args.hidden_size))
+        self.proj_weight = nn.Parameter(torch.empty(experts, args.hidden_size, inner))
+
+    def routing(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [N, H] -> [N, E] float32 weights: the renormalized top-k probabilities, zero elsewhere."""
+        probs = F.linear(x.float(), self.router_weight).softmax(dim=-1)
+        top, idx = probs.topk(self.top_k, dim=-1)
+        return torch.zeros_like(probs).scatter(-1, idx, top / top.sum(dim=-1, keepdim=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [B, T, H]
+        flat = x.reshape(-1, x.shape[-1])  # [N, H]
+        weights = self.routing(flat)[:, self.first:self.last]  # [N, E_local]
+        up, gate = torch.einsum("nh,eoh->eno", flat, self.fc_weight).chunk(2, dim=-1)  # [E_local, N, I_local] each
+        out = torch.einsum("eni,ehi->enh", self.act(gate) * up, self.proj_weight)  # [E_local, N, H]
+        y = torch.einsum("ne,enh->nh", weights, out.float()).to(x.dtype)
+        return tp_all_reduce(y, self.d).view_as(x)
+
+
+def make_mlp(args: ModelArgs, d: Dist, linear: TorchKernel) -> nn.Module:
+    """The MLP fixed by the model description: mixture of experts, gated, or plain."""
+    if args.num_experts:
+        return MoeMLP(args, d, linear)
+    return (GatedMLP if args.gated_mlp else PlainMLP)(args, d, linear)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, d: Dist, linear: TorchKernel):
         super().__init__()
         self.attn_norm = make_norm(args)
         self.attn = Attention(args, d, linear)
         self.mlp_norm = make_norm(args)
-        self.mlp = (GatedMLP if args.gated_mlp else PlainMLP)(args, d, linear)
+        self.mlp = make_mlp(args, d, linear)
 
     def forward(self, x, cos, sin, mask, cache, input_pos, kv_len):
         h = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, input_pos, kv_len)
@@ -268,7 +315,7 @@ class ParallelDecoderLayer(nn.Module):
         self.attn_norm = make_norm(args)
         self.attn = Attention(args, d, linear)
         self.mlp_norm = make_norm(args) if args.residual == "parallel" else None
-        self.mlp = (GatedMLP if args.gated_mlp else PlainMLP)(args, d, linear)
+        self.mlp = make_mlp(args, d, linear)
 
     def forward(self, x, cos, sin, mask, cache, input_pos, kv_len):
         a = self.attn_norm(x)

@@ -72,7 +72,8 @@ def convert_view(config: dict[str, Any]) -> dict[str, Any]:
 def convert_stage(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.config
     model, m = cfg["model"], cfg["mapping"]
-    mapping = MappingArgs(m["tp_size"], m["pp_size"], m["use_parallel_embedding"], m["embedding_sharding_dim"])
+    mapping = MappingArgs(m["tp_size"], m["pp_size"], m["use_parallel_embedding"], m["embedding_sharding_dim"],
+                          m.get("moe_tp_size"), m.get("moe_ep_size"))
     source = open_source(model["source"], resolve_model_path(model["path"], model["package"]))
     try:
         result = convert(source, ctx.out_dir, cfg["dtype"], mapping, model["architecture"], ctx.progress,

@@ -70,12 +70,52 @@ def reassemble_llama(ckpt: Path) -> dict[str, torch.Tensor]:
                 out[hf + f"self_attn.q_proj.{kind}"] = torch.cat(qs, 0)
                 out[hf + f"self_attn.k_proj.{kind}"] = k
                 out[hf + f"self_attn.v_proj.{kind}"] = v
-            for trt, hf_name, dim in (("attention.dense", "self_attn.o_proj", 1), ("mlp.fc", "mlp.gate_proj", 0),
-                                      ("mlp.gate", "mlp.up_proj", 0), ("mlp.proj", "mlp.down_proj", 1)):
+            dense = (("attention.dense", "self_attn.o_proj", 1),)
+            if not cfg.get("moe"):
+                dense += (("mlp.fc", "mlp.gate_proj", 0), ("mlp.gate", "mlp.up_proj", 0), ("mlp.proj", "mlp.down_proj", 1))
+            for trt, hf_name, dim in dense:
                 out[hf + hf_name + ".weight"] = torch.cat(tp_group(pp_rank, pre + trt + ".weight"), dim)
                 if pre + trt + ".bias" in ranks[pp_rank * tp]:
                     pieces = tp_group(pp_rank, pre + trt + ".bias")
                     out[hf + hf_name + ".bias"] = same_on_all(pieces) if dim == 1 else torch.cat(pieces, 0)
             out[hf + "input_layernorm.weight"] = same_on_all(tp_group(pp_rank, pre + "input_layernorm.weight"))
             out[hf + "post_attention_layernorm.weight"] = same_on_all(tp_group(pp_rank, pre + "post_layernorm.weight"))
+    return out
+
+
+def reassemble_moe(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Mixtral's experts back to HF per-expert names (`block_sparse_moe.experts.{e}.w1/w2/w3`, `gate`). tp rank r
+    holds moe_tp rank r // ep and moe_ep rank r % ep: experts [ep_rank * E/ep, ...) and slice moe_tp_rank of each
+    expert's inner dimension, with fc = [w3 slice; w1 slice]."""
+    cfg = json.loads((ckpt / "config.json").read_text())
+    m = cfg["mapping"]
+    tp, pp = m["tp_size"], m["pp_size"]
+    ep = m.get("moe_ep_size", 1)
+    moe_tp = m.get("moe_tp_size", tp)
+    experts = cfg["moe"]["num_experts"]
+    per_rank = experts // ep
+    ranks = {r: load_file(ckpt / f"rank{r}.safetensors") for r in range(tp * pp)}
+    out: dict[str, torch.Tensor] = {}
+    for pp_rank, layers in enumerate(stage_layers(cfg["num_hidden_layers"], pp)):
+        for local, g in enumerate(layers):
+            pre, hf = f"transformer.layers.{local}.mlp.", f"model.layers.{g}.block_sparse_moe."
+            group = [ranks[pp_rank * tp + t] for t in range(tp)]
+            routers = [r[pre + "router.weight"] for r in group]
+            assert all(x.dtype == torch.float32 and torch.equal(x, routers[0]) for x in routers)
+            out[hf + "gate.weight"] = routers[0]
+            for e in range(experts):
+                w1, w2, w3 = [], [], []
+                for t in range(tp):
+                    if t % ep != e // per_rank:
+                        continue  # this rank's experts are another block
+                    assert t // ep == len(w1)  # moe_tp slices in order
+                    fc = group[t][pre + "fc.weight"][e % per_rank]
+                    half = fc.shape[0] // 2
+                    w3.append(fc[:half])
+                    w1.append(fc[half:])
+                    w2.append(group[t][pre + "proj.weight"][e % per_rank])
+                assert len(w1) == moe_tp
+                out[hf + f"experts.{e}.w1.weight"] = torch.cat(w1, 0)
+                out[hf + f"experts.{e}.w3.weight"] = torch.cat(w3, 0)
+                out[hf + f"experts.{e}.w2.weight"] = torch.cat(w2, 1)
     return out

@@ -14,11 +14,11 @@ BUILD = {"max_batch_size": 4, "max_input_len": 32, "max_seq_len": 64, "max_beam_
 
 
 def build_engine(model_dir: Path, out: Path, tp: int = 1, pp: int = 1, dtype: str = "float32", source: str = "hf",
-                 **build) -> Path:
+                 moe_ep_size: int | None = None, **build) -> Path:
     ckpt, engine = out / "ckpt", out / "engine"
     src = open_source(source, model_dir)
     try:
-        convert(src, ckpt, dtype, MappingArgs(tp, pp), progress=False)
+        convert(src, ckpt, dtype, MappingArgs(tp, pp, moe_ep_size=moe_ep_size), progress=False)
     finally:
         src.close()
     BACKEND.build(ckpt, engine, {**BUILD, **build})

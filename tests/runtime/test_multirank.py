@@ -114,3 +114,20 @@ def test_other_families_multirank_equal_single_rank(tiny_models, tmp_path, model
         for rank_result in got:
             assert torch.equal(rank_result["output_ids"], single["output_ids"]), (model, tp, pp)
             assert (rank_result["context_logits"] - single["context_logits"]).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("model,mappings", [
+    ("mixtral_4e_top2", ((2, 1, None), (2, 1, 2), (1, 2, None), (4, 1, 2))),
+    ("mixtral_8e_top1_mqa", ((2, 1, 2), (2, 2, None))),
+])
+def test_moe_multirank_equal_single_rank(tiny_models, tmp_path, model, mappings):
+    """Mixture of experts over tp ranks: each expert's inner size split (moe_tp), whole experts per rank (moe_ep),
+    both (tp4 = moe_tp 2 x moe_ep 2, with KV heads duplicated), and pipeline stages."""
+    single = generate_on_ranks(build_engine(tiny_models[model], tmp_path / "tp1"), tmp_path / "o1", 1)[0]
+    for tp, pp, ep in mappings:
+        engine = build_engine(tiny_models[model], tmp_path / f"tp{tp}pp{pp}ep{ep}", tp=tp, pp=pp, moe_ep_size=ep)
+        got = generate_on_ranks(engine, tmp_path / f"o{tp}{pp}{ep}", tp * pp)
+        for rank_result in got:
+            assert torch.equal(rank_result["output_ids"], single["output_ids"]), (model, tp, pp, ep)
+            for key in ("context_logits", "generation_logits"):
+                assert (rank_result[key] - single[key]).abs().max().item() < 1e-5, (model, tp, pp, ep, key)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import shutil
@@ -58,8 +60,7 @@ def test_second_run_reuses_and_never_calls_the_stage_body(tiny_models, tmp_path,
     def must_not_run(ctx):
         raise AssertionError("stage body called on a cache hit")
 
-    monkeypatch.setitem(executor.STAGES, "convert", StageSpec(spec.name, spec.version, spec.reads, must_not_run,
-                                                              spec.needs, spec.fingerprint, spec.unkeyed))
+    monkeypatch.setitem(executor.STAGES, "convert", dataclasses.replace(spec, run=must_not_run))
     second = run(cfg, tmp_path)
     assert second["convert"].reused and second["convert"].key == first["convert"].key
     assert second["convert"].metrics == first["convert"].metrics

@@ -66,6 +66,13 @@ def test_cross_field_checks():
         compose_recipe(["mapping.tp_size=2", "mapping.world_size=3"])
     with pytest.raises(PipelineError, match="embedding_sharding_dim"):
         compose_recipe(["mapping.embedding_sharding_dim=2"])
+    with pytest.raises(PipelineError, match=r"moe_tp_size x moe_ep_size must equal tp_size=2"):
+        compose_recipe(["mapping.tp_size=2", "mapping.moe_ep_size=3"])
+    with pytest.raises(PipelineError, match=r"moe_tp_size x moe_ep_size must equal tp_size=4"):
+        compose_recipe(["mapping.tp_size=4", "mapping.moe_ep_size=2", "mapping.moe_tp_size=1"])
+    with pytest.raises(PipelineError, match="moe_ep_size must be >= 1"):
+        compose_recipe(["mapping.moe_ep_size=0"])
+    compose_recipe(["mapping.tp_size=4", "mapping.moe_ep_size=2"])  # moe_tp_size derived: 2
 
 
 def test_readme_support_table_matches_the_registry():
