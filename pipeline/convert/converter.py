@@ -30,7 +30,7 @@ from pipeline.convert.sources.base import SourceModel
 from pipeline.errors import PipelineError
 from pipeline.quantize.schemes import Settings, get_scheme, quant_config
 from pipeline.quantize.stats import StatsReader
-from pipeline.quantize.writer import TargetQuantizer, needs_statistics
+from pipeline.quantize.writer import KEEPS_SOURCE_INTEGERS, TargetQuantizer, needs_statistics
 from pipeline.schemas import validate
 
 
@@ -175,6 +175,9 @@ def _quantizer(spec, source, binding, cfg, quantization, stats_dir) -> TargetQua
     if not (q.get("quant_algo") or q.get("kv_cache_quant_algo")):
         return None
     need = needs_statistics(quantization)
+    keeps_integers = q.get("quant_algo") in KEEPS_SOURCE_INTEGERS and hasattr(source, "prequantized")
+    if need != "none" and stats_dir is None and keeps_integers and not q.get("kv_cache_quant_algo"):
+        need = "none"  # a GPTQ source's own integers: nothing to calibrate
     if need != "none" and stats_dir is None:
         raise PipelineError(f"quantization {q.get('quant_algo')} / kv {q.get('kv_cache_quant_algo')} needs "
                             "calibration statistics (run the calibrate stage)")
@@ -188,9 +191,21 @@ def _quantizer(spec, source, binding, cfg, quantization, stats_dir) -> TargetQua
     def read_parts(canons, layer):
         return [_read_canonical(binding[c.at(layer)], source, cfg) for c in canons]
 
+    def read_prequantized(canons, layer):
+        bound = [binding[c.at(layer)] for c in canons]
+        if any(b.stacked or b.transform for b in bound):
+            return None
+        found = [source.prequantized(b.names[0]) for b in bound]
+        if all(f is None for f in found):
+            return None
+        if any(f is None for f in found):
+            raise PipelineError(f"{[b.names[0] for b in bound]}: fused layers mix GPTQ and float weights")
+        return found
+
     return TargetQuantizer(scheme, settings, StatsReader(stats_dir) if need != "none" else None, read_parts,
                            [t for t in spec.layout if t.present(cfg)], q.get("exclude_modules"),
-                           q.get("kv_cache_quant_algo"))
+                           q.get("kv_cache_quant_algo"),
+                           read_prequantized if hasattr(source, "prequantized") else None)
 
 
 def _write_stage(stage, source, binding, cfg, ctx, out_dir, written, bar, quantizer=None) -> int:

@@ -19,6 +19,10 @@ from pipeline.quantize.schemes import KV_SCALE, Scheme, Settings, kv_cache_scale
 from pipeline.quantize.stats import StatsReader
 
 ReadParts = Callable[[tuple[Canon, ...], "int | None"], list[torch.Tensor]]
+# Integers, scales and zeros of pre-quantized source weights (GPTQ checkpoints), or None for float sources.
+ReadPrequantized = Callable[[tuple[Canon, ...], "int | None"], "list | None"]
+# quant_algo -> bits of the algorithms that take a GPTQ source's integers as they are
+KEEPS_SOURCE_INTEGERS = {"W4A16_GPTQ": 4, "W8A16_GPTQ": 8}
 
 
 def _local_module(module: str) -> tuple[str, str]:
@@ -31,9 +35,11 @@ def _local_module(module: str) -> tuple[str, str]:
 
 class TargetQuantizer:
     def __init__(self, scheme: Scheme | None, settings: Settings, stats: StatsReader | None, read_parts: ReadParts,
-                 targets: list[Target], exclude_modules: list[str] | None, kv_algo: str | None):
+                 targets: list[Target], exclude_modules: list[str] | None, kv_algo: str | None,
+                 read_prequantized: ReadPrequantized | None = None):
         self.scheme, self.settings, self.stats = scheme, settings, stats
         self.read_parts, self.targets = read_parts, targets
+        self.read_prequantized = read_prequantized
         self.quant = (scheme, settings, exclude_modules)
         self.kv_algo = kv_algo
         self._key: tuple | None = None
@@ -58,10 +64,27 @@ class TargetQuantizer:
         return self.stats.input(layer, stats_key(local), hessian=self.scheme.stats == "hessian")
 
     def _quantize(self, planned: PlannedTensor) -> dict[str, Any]:
+        if self.scheme.algo in KEEPS_SOURCE_INTEGERS and self.read_prequantized is not None:
+            pre = self.read_prequantized(planned.canons, planned.layer)
+            if pre is not None:
+                return self._source_integers(pre, planned.module)
         parts = [p.float() for p in self.read_parts(planned.canons, planned.layer)]
         stats = self._stats(planned.layer, planned.module)
         prequant = self._prequant(planned, stats) if self.scheme.smooth else None
         return self.scheme.quantize(parts, prequant, stats, self.settings, planned.module)
+
+    def _source_integers(self, pre: list, module: str) -> dict[str, Any]:
+        """A GPTQ source's own integers, scales and zeros: nothing is rounded again."""
+        bits = KEEPS_SOURCE_INTEGERS[self.scheme.algo]
+        for p in pre:
+            if p.bits != bits or p.group_size != self.settings.group_size:
+                raise PipelineError(
+                    f"{module}: the source is GPTQ with bits={p.bits}, group_size={p.group_size}; "
+                    f"quant_algo={self.scheme.algo} with quantization.group_size={self.settings.group_size} would "
+                    f"re-quantize it (set quantization.group_size={p.group_size}"
+                    + (")" if p.bits == bits else f", quant_algo={'W4A16_GPTQ' if p.bits == 4 else 'W8A16_GPTQ'})"))
+        return {"weight": [p.q for p in pre], "weights_scaling_factor": [p.scale.to(self.settings.dtype) for p in pre],
+                "zero": [p.zero.to(self.settings.dtype) for p in pre]}
 
     def _prequant(self, planned: PlannedTensor, stats) -> torch.Tensor:
         """1 / s of the input this module reads, in the model dtype, computed once for every module reading it."""

@@ -13,7 +13,7 @@ from pipeline.convert.sources import open_source
 from pipeline.convert.sources.locate import resolve_model_path
 from pipeline.errors import PipelineError
 from pipeline.executor import StageContext, stage
-from pipeline.quantize.writer import needs_statistics
+from pipeline.quantize.writer import KEEPS_SOURCE_INTEGERS, needs_statistics
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,20 @@ _ALGORITHM_KEYS = {"gptq_damp": "GPTQ", "awq_grid": "AWQ", "gptq_sm": "GPTQ"}
 
 
 def needs_calibration(config: dict[str, Any]) -> bool:
-    return needs_statistics(config.get("quantization")) != "none"
+    q = config.get("quantization") or {}
+    if needs_statistics(q) == "none":
+        return False
+    # A GPTQ source converted to GPTQ keeps its own integers: nothing to calibrate (unless the KV cache is quantized).
+    return not (q.get("quant_algo") in KEEPS_SOURCE_INTEGERS and not q.get("kv_cache_quant_algo")
+                and source_is_prequantized(config["model"]))
+
+
+def source_is_prequantized(model: dict[str, Any]) -> bool:
+    source = open_source(model["source"], resolve_model_path(model["path"], model["package"]))
+    try:
+        return hasattr(source, "prequantized")
+    finally:
+        source.close()
 
 
 def convert_view(config: dict[str, Any]) -> dict[str, Any]:

@@ -50,3 +50,13 @@ def test_unused_quantization_keys_do_not_invalidate_checkpoints(quant_model, tmp
 def test_too_little_calibration_text_is_a_clear_error(quant_model, tmp_path):
     with pytest.raises(PipelineError, match="fewer than calib_size x calib_max_seq_length"):
         run(quant_model, tmp_path, "quantization=fp8", "quantization.calibration.calib_size=1000")
+
+
+def test_gptq_source_needs_no_calibration(quant_model, tmp_path):
+    from tests.quantize.test_gptq_source import gptq_checkpoint
+
+    model, _ = gptq_checkpoint(quant_model, tmp_path / "gptq")
+    stages = run(model, tmp_path / "cache", "quantization=w4a16_gptq")
+    assert set(stages) == {"convert"}
+    assert set(run(model, tmp_path / "cache", "quantization=w4a16_gptq",
+                   "quantization.kv_cache_quant_algo=FP8")) == {"calibrate", "convert"}

@@ -26,6 +26,8 @@ def open_source(kind: str, path: Path) -> SourceModel:
     # Import the built-in sources so they register themselves.
     from pipeline.convert.sources import gguf, hf  # noqa: F401
 
+    from pipeline.convert.sources.gptq import with_prequantized
+
     if kind not in SOURCES:
         raise PipelineError(f"model.source={kind!r} is not a known source; known: {sorted(SOURCES)}")
-    return SOURCES[kind](Path(path))
+    return with_prequantized(SOURCES[kind](Path(path)))
