@@ -28,6 +28,8 @@ ARCH_MODULES: dict[str, str] = {
     "PhiForCausalLM": "pipeline.convert.archs.phi",
     "GPTJForCausalLM": "pipeline.convert.archs.gptj",
     "GemmaForCausalLM": "pipeline.convert.archs.gemma",
+    "Gemma2ForCausalLM": "pipeline.convert.archs.gemma",
+    "Gemma3ForCausalLM": "pipeline.convert.archs.gemma",
     "OPTForCausalLM": "pipeline.convert.archs.opt",
     "FalconForCausalLM": "pipeline.convert.archs.falcon",
     "RWForCausalLM": "pipeline.convert.archs.falcon",
