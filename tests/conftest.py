@@ -65,6 +65,10 @@ TINY_MODELS = {
     "opt_post_norm": ("OPTConfig", dict(vocab_size=97, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
                                         ffn_dim=128, max_position_embeddings=128, do_layer_norm_before=False,
                                         word_embed_proj_dim=64, bos_token_id=0, eos_token_id=0, pad_token_id=1)),
+    # opt-350m's shape: word embeddings narrower than hidden (project_in/out folded by the converter), post-norm.
+    "opt_proj": ("OPTConfig", dict(vocab_size=97, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                   ffn_dim=128, max_position_embeddings=128, do_layer_norm_before=False,
+                                   word_embed_proj_dim=32, bos_token_id=0, eos_token_id=0, pad_token_id=1)),
     "falcon_mha_sequential": ("FalconConfig", dict(vocab_size=97, hidden_size=64, num_hidden_layers=3,
                                                    num_attention_heads=4, new_decoder_architecture=False,
                                                    multi_query=False, parallel_attn=False, bias=True, alibi=False,

@@ -53,6 +53,10 @@ class SourceName:
 
     template: str
     transform: Transform | None = None
+    # Further source tensors this one is combined with by `join` ([this, *joined] -> one tensor, before the
+    # transform): e.g. a linear projection folded into an embedding. All must be present for the alternative.
+    joined: tuple[str, ...] = ()
+    join: Callable[[list[torch.Tensor], Mapping[str, Any]], torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
