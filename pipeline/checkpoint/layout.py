@@ -88,6 +88,34 @@ LLAMA_LAYOUT: tuple[Target, ...] = (
 )
 
 
+# TensorRT-LLM's GemmaForCausalLM with inter_layernorms (Gemma2): no biases; the attention output is normed
+# (post_layernorm) before its residual add, and the MLP has a norm on each side (pre_/post_feedforward_layernorm).
+_GEMMA2_HEAD = (
+    Target("transformer.vocab_embedding.weight", (Canon.VOCAB_EMBED,), Split.EMBEDDING, Place.FIRST_STAGE),
+    Target(_layer("input_layernorm.weight"), (Canon.ATTN_NORM,), Split.REPLICATE),
+    Target(_layer("attention.qkv.weight"), (Canon.ATTN_Q, Canon.ATTN_K, Canon.ATTN_V), Split.QKV_HEADS),
+)
+_GEMMA2_TAIL = (
+    Target(_layer("attention.dense.weight"), (Canon.ATTN_OUT,), Split.ROW),
+    Target(_layer("post_layernorm.weight"), (Canon.ATTN_POST_NORM,), Split.REPLICATE),
+    Target(_layer("pre_feedforward_layernorm.weight"), (Canon.MLP_NORM,), Split.REPLICATE),
+    Target(_layer("post_feedforward_layernorm.weight"), (Canon.MLP_POST_NORM,), Split.REPLICATE),
+    Target(_layer("mlp.fc.weight"), (Canon.MLP_ACT_IN,), Split.COLUMN),
+    Target(_layer("mlp.gate.weight"), (Canon.MLP_LINEAR_IN,), Split.COLUMN),
+    Target(_layer("mlp.proj.weight"), (Canon.MLP_OUT,), Split.ROW),
+    Target("transformer.ln_f.weight", (Canon.FINAL_NORM,), Split.REPLICATE, Place.LAST_STAGE),
+    Target("lm_head.weight", (Canon.LM_HEAD,), Split.VOCAB, Place.LAST_STAGE),
+)
+GEMMA2_LAYOUT: tuple[Target, ...] = _GEMMA2_HEAD + _GEMMA2_TAIL
+# Gemma3: Gemma2's layer plus per-head RMSNorms of q and k (replicated, head_size long).
+GEMMA3_LAYOUT: tuple[Target, ...] = (
+    *_GEMMA2_HEAD,
+    Target(_layer("attention.q_layernorm.weight"), (Canon.ATTN_Q_NORM,), Split.REPLICATE),
+    Target(_layer("attention.k_layernorm.weight"), (Canon.ATTN_K_NORM,), Split.REPLICATE),
+    *_GEMMA2_TAIL,
+)
+
+
 def _without_dense_bias(layout: tuple[Target, ...]) -> tuple[Target, ...]:
     return tuple(t for t in layout if t.name != _layer("attention.dense.bias"))
 

@@ -27,8 +27,12 @@ class Canon(str, Enum):
     ATTN_V_BIAS = "layers.{layer}.attn.v.bias"
     ATTN_OUT = "layers.{layer}.attn.out.weight"  # all
     ATTN_OUT_BIAS = "layers.{layer}.attn.out.bias"  # Llama with attention_bias
+    ATTN_Q_NORM = "layers.{layer}.attn.q_norm.weight"  # per-head RMSNorm of queries (Gemma3)
+    ATTN_K_NORM = "layers.{layer}.attn.k_norm.weight"  # per-head RMSNorm of keys (Gemma3)
+    ATTN_POST_NORM = "layers.{layer}.attn_post_norm.weight"  # norm of the attention output (Gemma2/3)
     MLP_NORM = "layers.{layer}.mlp_norm.weight"  # all
     MLP_NORM_BIAS = "layers.{layer}.mlp_norm.bias"
+    MLP_POST_NORM = "layers.{layer}.mlp_post_norm.weight"  # norm of the MLP output (Gemma2/3)
     # The branch that goes through the activation (HF gate_proj for SwiGLU; the only input matrix of plain MLPs).
     MLP_ACT_IN = "layers.{layer}.mlp.act_in.weight"
     MLP_ACT_IN_BIAS = "layers.{layer}.mlp.act_in.bias"
@@ -110,8 +114,12 @@ CANONICAL_SHAPES: dict[Canon, Callable[[Dims], tuple[int, ...]]] = {
     Canon.ATTN_V_BIAS: lambda d: (_kv_rows(d),),
     Canon.ATTN_OUT: lambda d: (d.hidden, _q_rows(d)),
     Canon.ATTN_OUT_BIAS: lambda d: (d.hidden,),
+    Canon.ATTN_Q_NORM: lambda d: (d.head_size,),
+    Canon.ATTN_K_NORM: lambda d: (d.head_size,),
+    Canon.ATTN_POST_NORM: lambda d: (d.hidden,),
     Canon.MLP_NORM: lambda d: (d.hidden,),
     Canon.MLP_NORM_BIAS: lambda d: (d.hidden,),
+    Canon.MLP_POST_NORM: lambda d: (d.hidden,),
     Canon.MLP_ACT_IN: lambda d: (d.intermediate, d.hidden),
     Canon.MLP_ACT_IN_BIAS: lambda d: (d.intermediate,),
     Canon.MLP_LINEAR_IN: lambda d: (d.intermediate, d.hidden),

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from tqdm import tqdm
@@ -57,6 +57,13 @@ class Bound:
     names: tuple[str, ...]
     transform: Transform | None
     stacked: bool = False
+    joined: tuple[str, ...] = ()  # read with names[0] and combined by `join` (SourceName.joined)
+    join: Callable[[list[torch.Tensor], Mapping[str, Any]], torch.Tensor] | None = None
+
+    def combined(self, tensors: list[torch.Tensor], cfg: Mapping[str, Any]) -> torch.Tensor:
+        """names[0]'s tensor (first) joined with the `joined` ones, then transformed."""
+        tensor = self.join(tensors, cfg) if self.join else tensors[0]
+        return self.transform(tensor, cfg) if self.transform else tensor
 
 
 def _alternatives(spec: ArchSpec, canon: Canon) -> list[SourceName]:
@@ -88,18 +95,21 @@ def bind(spec: ArchSpec, source: SourceModel, cfg: Mapping[str, Any], plans: lis
                 continue
             source_canon = Canon.VOCAB_EMBED if (canon is Canon.LM_HEAD and tied) else canon
             alts = [(a, _expand(a, layer, dims.experts)) for a in _alternatives(spec, source_canon)]
-            chosen = next(((a, n) for a, n in alts if n and n[0] in available), alts[0] if alts else None)
-            absent = [n for n in chosen[1] if n not in available] if chosen else ["<no source name>"]
+            chosen = next(((a, n) for a, n in alts if n and n[0] in available
+                           and all(j.format(layer=layer) in available for j in a.joined)), alts[0] if alts else None)
+            absent = ([n for n in (*chosen[1], *(j.format(layer=layer) for j in chosen[0].joined)) if n not in available]
+                      if chosen else ["<no source name>"])
             if absent or not chosen[1]:
                 missing.append(f"{(absent or ['<no expert>'])[0]} (for {name})")
                 continue
             alt, names = chosen
-            bound = Bound(names, alt.transform, stacked="{expert}" in alt.template)
+            bound = Bound(names, alt.transform, stacked="{expert}" in alt.template,
+                          joined=tuple(j.format(layer=layer) for j in alt.joined), join=alt.join)
             want = canonical_shape(canon, dims)
             for src in names:
-                got = source.shape(src)
-                if alt.transform is not None:  # e.g. one slice of a fused source tensor: check what it will produce
-                    got = alt.transform(torch.empty(got, device="meta"), cfg).shape
+                # e.g. one slice of a fused source tensor, or a joined one: check what it will produce
+                got = bound.combined([torch.empty(source.shape(n), device="meta") for n in (src, *bound.joined)],
+                                     cfg).shape
                 if tuple(got) != (want[1:] if bound.stacked else want):
                     raise PipelineError(
                         f"tensor {src} in {source.where(src)} has shape {tuple(got)}, expected "
@@ -110,7 +120,7 @@ def bind(spec: ArchSpec, source: SourceModel, cfg: Mapping[str, Any], plans: lis
             binding[name] = bound
     if missing:
         raise PipelineError(f"{len(missing)} tensor(s) missing from the source, first: {missing[0]}")
-    _check_unmapped(spec, source, cfg, {n for b in binding.values() for n in b.names}, tied)
+    _check_unmapped(spec, source, cfg, {n for b in binding.values() for n in (*b.names, *b.joined)}, tied)
     return binding
 
 
@@ -253,8 +263,7 @@ def _read_canonical(bound: Bound, source, cfg, dtype: torch.dtype | None = None)
     """One canonical tensor, transformed and cast (when a dtype is given). Experts are read one at a time into one
     preallocated stacked tensor, so memory holds the stacked tensor and one expert, never a list of them."""
     if not bound.stacked:
-        tensor = source.read(bound.names[0])
-        tensor = bound.transform(tensor, cfg).contiguous() if bound.transform else tensor
+        tensor = bound.combined([source.read(n) for n in (bound.names[0], *bound.joined)], cfg).contiguous()
         return tensor if dtype is None else tensor.to(dtype)
     stacked = None
     for e, name in enumerate(bound.names):

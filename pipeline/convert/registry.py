@@ -28,6 +28,8 @@ ARCH_MODULES: dict[str, str] = {
     "PhiForCausalLM": "pipeline.convert.archs.phi",
     "GPTJForCausalLM": "pipeline.convert.archs.gptj",
     "GemmaForCausalLM": "pipeline.convert.archs.gemma",
+    "Gemma2ForCausalLM": "pipeline.convert.archs.gemma",
+    "Gemma3ForCausalLM": "pipeline.convert.archs.gemma",
     "OPTForCausalLM": "pipeline.convert.archs.opt",
     "FalconForCausalLM": "pipeline.convert.archs.falcon",
     "RWForCausalLM": "pipeline.convert.archs.falcon",
@@ -51,6 +53,10 @@ class SourceName:
 
     template: str
     transform: Transform | None = None
+    # Further source tensors this one is combined with by `join` ([this, *joined] -> one tensor, before the
+    # transform): e.g. a linear projection folded into an embedding. All must be present for the alternative.
+    joined: tuple[str, ...] = ()
+    join: Callable[[list[torch.Tensor], Mapping[str, Any]], torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,16 @@ MOE_DECODER: tuple[EngineTensor, ...] = (
     EngineTensor("layers.{j}.mlp.proj_weight", (_layer("mlp.proj.weight"),)),
 )
 
+# Gemma2/3 (TensorRT-LLM's inter_layernorms): a norm on each side of attention and MLP; Gemma3's per-head q/k norms.
+SANDWICH_DECODER: tuple[EngineTensor, ...] = (
+    *(t for t in GATED_DECODER if not t.optional and t.name != "layers.{j}.mlp_norm.weight"),
+    EngineTensor("layers.{j}.attn.q_norm.weight", (_layer("attention.q_layernorm.weight"),), optional=True),
+    EngineTensor("layers.{j}.attn.k_norm.weight", (_layer("attention.k_layernorm.weight"),), optional=True),
+    EngineTensor("layers.{j}.attn_post_norm.weight", (_layer("post_layernorm.weight"),)),
+    EngineTensor("layers.{j}.mlp_norm.weight", (_layer("pre_feedforward_layernorm.weight"),)),
+    EngineTensor("layers.{j}.mlp_post_norm.weight", (_layer("post_feedforward_layernorm.weight"),)),
+)
+
 # GPT-2 style: LayerNorm with bias, learned absolute positions, plain MLP (TensorRT-LLM's GPTForCausalLM).
 GPT_DECODER: tuple[EngineTensor, ...] = (
     EngineTensor("embed.weight", ("transformer.vocab_embedding.weight",), stage="first"),
@@ -147,6 +157,7 @@ class RuntimeFamily:
 GATED_RMS = RuntimeFamily(GATED_DECODER, norm_type="rms", gated_mlp=True)
 MOE_RMS = RuntimeFamily(MOE_DECODER, norm_type="rms", gated_mlp=True)
 GEMMA = RuntimeFamily(GATED_DECODER, norm_type="rms", gated_mlp=True, scale_embedding=True)
+GEMMA2 = RuntimeFamily(SANDWICH_DECODER, norm_type="rms", gated_mlp=True, residual="sandwich", scale_embedding=True)
 GPT = RuntimeFamily(GPT_DECODER, norm_type="layer", gated_mlp=False)
 NEOX = RuntimeFamily(NEOX_DECODER, norm_type="layer", gated_mlp=False, residual="parallel")
 PHI = RuntimeFamily(PHI_DECODER, norm_type="layer", gated_mlp=False, residual="parallel_shared_norm")
@@ -164,6 +175,8 @@ RUNTIME_LAYOUTS: dict[str, RuntimeFamily] = {
     "PhiForCausalLM": PHI,
     "GPTJForCausalLM": GPTJ,
     "GemmaForCausalLM": GEMMA,
+    "Gemma2ForCausalLM": GEMMA2,
+    "Gemma3ForCausalLM": GEMMA2,
     "OPTForCausalLM": GPT,  # post-norm when do_layer_norm_before is false (see model_args)
     "FalconForCausalLM": FALCON,
 }
@@ -219,6 +232,14 @@ def model_args(ckpt: dict[str, Any], tp_rank: int, pp_rank: int, names: set[str]
         moe_ep_size=moe_ep,
         # TensorRT-LLM's Mapping: moe_ep_rank = tp_rank mod moe_ep_size, each holding a contiguous block of experts.
         expert_offset=(tp_rank % moe_ep) * (experts // moe_ep),
+        # Gemma2/3 fields (absent elsewhere): query scaling, soft-caps, q/k norms, sliding-window layers.
+        attn_scale=float(ckpt["query_pre_attn_scalar"]) ** -0.5 if ckpt.get("query_pre_attn_scalar") else 0.0,
+        attn_softcap=float(ckpt.get("attn_logit_softcapping") or 0.0),
+        final_softcap=float(ckpt.get("final_logit_softcapping") or 0.0),
+        qk_norm="transformer.layers.0.attention.q_layernorm.weight" in names,
+        sliding_window=int(ckpt.get("sliding_window") or 0) if ckpt.get("_sliding_window_pattern", 1) != 1 else 0,
+        sliding_window_pattern=int(ckpt.get("_sliding_window_pattern") or 1),
+        rotary_base_local=float(ckpt.get("rope_local_base_freq") or 0.0),
     )
 
 

@@ -8,7 +8,7 @@ its forward free of data-dependent Python control flow: positions are explicit t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -72,6 +72,18 @@ class ModelArgs:
     moe_tp_size: int = 1
     moe_ep_size: int = 1
     expert_offset: int = 0
+    attn_scale: float = 0.0  # query scaling (0: 1/sqrt(head_size)); Gemma2/3: query_pre_attn_scalar**-0.5
+    attn_softcap: float = 0.0  # cap * tanh(scores / cap) on attention scores (0: none; Gemma2)
+    final_softcap: float = 0.0  # the same on the logits (Gemma2/3)
+    qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (Gemma3)
+    # Sliding-window attention: layer i is global when (i + 1) % sliding_window_pattern == 0, else it sees only the
+    # last sliding_window positions (0: every layer global). Gemma2/3.
+    sliding_window: int = 0
+    sliding_window_pattern: int = 1
+    rotary_base_local: float = 0.0  # RoPE base of the sliding layers (0: rotary_base); Gemma3
+
+    def is_sliding(self, layer: int) -> bool:
+        return self.sliding_window > 0 and (layer + 1) % self.sliding_window_pattern != 0
 
     @property
     def vocab_padded(self) -> int:
@@ -125,6 +137,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x1, x2 = x_rot.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
+
+
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    return torch.tanh(x / cap) * cap
+
+
+def softcapped_attention(q, k, v, mask, scale: float, cap: float) -> torch.Tensor:
+    """Attention with tanh-capped scores (SDPA cannot cap): q [B, h, T, D], k/v [B, kv_h, S, D] (KV heads repeated
+    here), mask [B, 1, T, S] (True = visible); softmax in float32 as transformers does."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = softcap(torch.matmul(q, k.transpose(-1, -2)) * scale, cap)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
 
 
 def apply_rope_gptj(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -181,6 +207,9 @@ class Attention(nn.Module):
         self.rope = apply_rope_gptj if args.rope_style == "gptj" else apply_rope
         # The KV cache's dequantization scale (TensorRT-LLM's kv_cache_scaling_factor), when it is quantized.
         self.kv_scale = nn.Parameter(torch.empty(1)) if args.kv_cache_quant else None
+        self.q_norm = RMSNorm(dh, args.norm_eps) if args.qk_norm else None
+        self.k_norm = RMSNorm(dh, args.norm_eps) if args.qk_norm else None
+        self.scale = args.attn_scale or dh ** -0.5
 
     def forward(self, x, cos, sin, mask, cache: KVCache, input_pos, kv_len: int) -> torch.Tensor:
         # x: [B, T, H]; mask: [B, 1, T, kv_len]
@@ -190,11 +219,17 @@ class Attention(nn.Module):
         q, k, v = qkv.split([a.local_heads * a.head_size, a.local_kv_heads * a.head_size, a.local_kv_heads * a.head_size], -1)
         q = q.view(b, t, a.local_heads, a.head_size).transpose(1, 2)
         k = k.view(b, t, a.local_kv_heads, a.head_size).transpose(1, 2)
+        if a.qk_norm:  # fixed per model (Gemma3): per-head RMSNorm before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
         if a.rotary_dim:  # fixed per model: rotary models rotate q and k, learned-position models do not
             q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
         v = v.view(b, t, a.local_kv_heads, a.head_size).transpose(1, 2)
         k_all, v_all = cache.update(input_pos, k, v, kv_len, self.kv_scale)
-        y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=a.local_heads != a.local_kv_heads)
+        if a.attn_softcap:  # fixed per model (Gemma2)
+            y = softcapped_attention(q, k_all, v_all, mask, self.scale, a.attn_softcap)
+        else:
+            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=self.scale,
+                                               enable_gqa=a.local_heads != a.local_kv_heads)
         y = self.linear(y.transpose(1, 2).reshape(b, t, a.local_heads * a.head_size), self.dense_weight)
         y = tp_all_reduce(y, self.d)
         # Row-parallel bias is added after the reduction: every rank holds the full bias.
@@ -307,6 +342,19 @@ class PostNormDecoderLayer(DecoderLayer):
         return self.mlp_norm(h + self.mlp(h))
 
 
+class SandwichDecoderLayer(DecoderLayer):
+    """Norms on both sides of attention and MLP, outputs normed before the residual adds (Gemma2/3)."""
+
+    def __init__(self, args: ModelArgs, d: Dist, linear: TorchKernel):
+        super().__init__(args, d, linear)
+        self.attn_post_norm = make_norm(args)
+        self.mlp_post_norm = make_norm(args)
+
+    def forward(self, x, cos, sin, mask, cache, input_pos, kv_len):
+        h = x + self.attn_post_norm(self.attn(self.attn_norm(x), cos, sin, mask, cache, input_pos, kv_len))
+        return h + self.mlp_post_norm(self.mlp(self.mlp_norm(h)))
+
+
 class ParallelDecoderLayer(nn.Module):
     """Attention and MLP read the same input (GPT-NeoX: two norms; Phi, GPT-J: one shared norm)."""
 
@@ -360,8 +408,10 @@ class EngineModel(nn.Module):
         self.args, self.d, self.linear = args, d, linear
         self.embed = Embedding(args, d, args.vocab_size) if d.is_first_stage else None
         self.pos_embed = Embedding(args, d, args.max_positions) if d.is_first_stage and args.max_positions else None
-        layer = {"sequential": DecoderLayer, "post_norm": PostNormDecoderLayer}.get(args.residual, ParallelDecoderLayer)
+        layer = {"sequential": DecoderLayer, "post_norm": PostNormDecoderLayer,
+                 "sandwich": SandwichDecoderLayer}.get(args.residual, ParallelDecoderLayer)
         self.layers = nn.ModuleList(layer(args, d, linear) for _ in args.layers)
+        self.sliding = [args.is_sliding(g) for g in args.layers]  # fixed per layer
         if d.is_last_stage:
             self.final_norm = make_norm(args) if args.final_norm else nn.Identity()
             self.lm_head = nn.Parameter(torch.empty(args.vocab_padded // args.tp_size, args.hidden_size))
@@ -372,6 +422,10 @@ class EngineModel(nn.Module):
         cos, sin = rope_tables(args, max_seq)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        if args.rotary_base_local:  # sliding layers rotate with their own base, unscaled (Gemma3)
+            cos, sin = rope_tables(replace(args, rotary_base=args.rotary_base_local, rotary_scaling=None), max_seq)
+            self.register_buffer("rope_cos_local", cos, persistent=False)
+            self.register_buffer("rope_sin_local", sin, persistent=False)
 
     def load_weights(self, tensors) -> list[str]:
         """Take (name, tensor) pairs one at a time, each linear weight handed to the kernel as it arrives (so a
@@ -423,18 +477,31 @@ class EngineModel(nn.Module):
             x = x + self.pos_embed(input_pos)
         cos = self.rope_cos[input_pos].unsqueeze(1).to(x.dtype)
         sin = self.rope_sin[input_pos].unsqueeze(1).to(x.dtype)
-        mask = causal_mask(input_pos, kv_len)
-        for layer, cache in zip(self.layers, self.caches):
-            x = layer(x, cos, sin, mask, cache, input_pos, kv_len)
+        full = (cos, sin, causal_mask(input_pos, kv_len))
+        local = full
+        if self.args.sliding_window:  # fixed per model: sliding layers get their own mask (and maybe RoPE)
+            if self.args.rotary_base_local:
+                cos = self.rope_cos_local[input_pos].unsqueeze(1).to(x.dtype)
+                sin = self.rope_sin_local[input_pos].unsqueeze(1).to(x.dtype)
+            local = (cos, sin, causal_mask(input_pos, kv_len, self.args.sliding_window))
+        for layer, cache, sliding in zip(self.layers, self.caches, self.sliding):
+            x = layer(x, *(local if sliding else full), cache, input_pos, kv_len)
         return x
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h: [..., H] -> float32 logits over the real vocabulary [..., V] (tp shards gathered, padding dropped)."""
         local = self.linear(self.final_norm(h), self.lm_head, self.lm_head_bias)
+        if self.args.final_softcap:  # fixed per model (Gemma2/3)
+            local = softcap(local, self.args.final_softcap)
         return tp_all_gather(local, self.d, dim=-1)[..., : self.args.vocab_size].float()
 
 
-def causal_mask(input_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
-    """[B, 1, T, kv_len]: a query at position p sees cache positions 0..p (each sequence has its own positions)."""
-    keys = torch.arange(kv_len, device=input_pos.device)
-    return (keys[None, None, :] <= input_pos[:, :, None]).unsqueeze(1)
+def causal_mask(input_pos: torch.Tensor, kv_len: int, window: int = 0) -> torch.Tensor:
+    """[B, 1, T, kv_len]: a query at position p sees cache positions 0..p (each sequence has its own positions), or
+    with a sliding window only the last `window` of them, p - window < key <= p."""
+    keys = torch.arange(kv_len, device=input_pos.device)[None, None, :]
+    pos = input_pos[:, :, None]
+    visible = keys <= pos
+    if window:  # fixed per call site (sliding layers)
+        visible = visible & (keys > pos - window)
+    return visible.unsqueeze(1)

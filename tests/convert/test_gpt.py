@@ -83,3 +83,23 @@ def test_alibi_falcon_converts_and_the_cpu_build_refuses_it(tmp_path):
     assert cfg["position_embedding_type"] == "alibi_with_scale" and validate_checkpoint(tmp_path / "ckpt") == []
     with pytest.raises(PipelineError, match="cannot run"):
         BACKEND.build(tmp_path / "ckpt", tmp_path / "engine", BUILD)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_opt_projections_are_folded_into_embedding_and_head(tiny_models, tmp_path, tp):
+    """word_embed_proj_dim (32) != hidden_size (64): TensorRT-LLM's OPT has no project_in/out; the embedding becomes
+    embed @ project_in.T and the tied head embed @ project_out, both (vocab, hidden); parallel embedding off."""
+    convert(open_source("hf", tiny_models["opt_proj"]), tmp_path, "float32",
+            MappingArgs(tp, 1, use_parallel_embedding=True), progress=False)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert schema_errors(cfg, "checkpoint_config") == [] and validate_checkpoint(tmp_path) == []
+    assert cfg["use_parallel_embedding"] is False and cfg["hidden_size"] == 64
+    src = load_file(tiny_models["opt_proj"] / "model.safetensors")
+    embed = src["model.decoder.embed_tokens.weight"]
+    ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in range(tp)]
+    for r in ranks:
+        assert torch.allclose(r["transformer.vocab_embedding.weight"], embed @ src["model.decoder.project_in.weight"].T)
+        assert not any("project" in name for name in r)
+    head = torch.cat([r["lm_head.weight"] for r in ranks])
+    assert head.shape == (-(-97 // tp) * tp, 64)
+    assert torch.allclose(head[:97], embed @ src["model.decoder.project_out.weight"])

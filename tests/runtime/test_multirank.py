@@ -99,8 +99,10 @@ def test_single_process_loading_a_multirank_engine_names_both_sizes(tiny_models,
 
 @pytest.mark.parametrize("model,mappings", [("gpt2", ((2, 1), (1, 2))), ("gpt_bigcode_mqa", ((2, 1), (1, 2))),
                                             ("gpt_neox", ((2, 1),)), ("phi", ((2, 1),)), ("gptj", ((2, 1),)),
-                                            ("gemma", ((2, 1), (1, 2), (2, 2))), ("opt_pre_norm", ((2, 1),)),
-                                            ("opt_post_norm", ((2, 1),)), ("falcon_mha_sequential", ((2, 1), (1, 2))),
+                                            ("gemma", ((2, 1), (1, 2), (2, 2))),
+                                            ("gemma2_softcap", ((2, 1), (1, 2))), ("gemma2_no_softcap", ((2, 2),)),
+                                            ("gemma3", ((2, 1), (1, 2))), ("opt_pre_norm", ((2, 1),)),
+                                            ("opt_post_norm", ((2, 1),)), ("opt_proj", ((2, 1),)), ("falcon_mha_sequential", ((2, 1), (1, 2))),
                                             ("falcon_mqa_parallel", ((2, 1), (2, 2))),
                                             ("falcon_new_arch", ((2, 1), (1, 2)))])
 def test_other_families_multirank_equal_single_rank(tiny_models, tmp_path, model, mappings):

@@ -1,5 +1,6 @@
 """GGUF files (llama.cpp): metadata becomes an HF-style config, tensors are dequantized to float32 one at a time
-and presented under HF names, with llama.cpp's Q/K row permutation undone where its converter applied one."""
+and presented under HF names, with llama.cpp's Q/K row permutation undone where its converter applied one, and
+(Gemma) the 1 its converter added to every RMSNorm weight taken off again, as transformers' GGUF loader does."""
 
 from __future__ import annotations
 
@@ -17,25 +18,7 @@ from pipeline.convert.sources.files import fingerprint_prefix
 from pipeline.errors import PipelineError
 
 
-@dataclass(frozen=True)
-class GGUFArch:
-    """How one `general.architecture` of GGUF maps onto an HF architecture."""
-
-    hf_architecture: str
-    hf_model_type: str
-    # llama.cpp permutes Q/K rows (rotate-half -> interleaved RoPE) for Llama-family models only.
-    permute_qk: bool
-    hf_defaults: dict[str, Any] = field(default_factory=dict)
-
-
-GGUF_ARCHS: dict[str, GGUFArch] = {
-    "llama": GGUFArch("LlamaForCausalLM", "llama", permute_qk=True, hf_defaults={"hidden_act": "silu"}),
-    "qwen2": GGUFArch(
-        "Qwen2ForCausalLM", "qwen2", permute_qk=False, hf_defaults={"hidden_act": "silu", "attention_bias": True}
-    ),
-}
-
-# GGUF tensor names -> HF names ({layer} = block index); shared by the Llama-shaped archs above.
+# GGUF tensor names -> HF names ({layer} = block index) of the Llama-shaped archs.
 GGUF_TO_HF_NAMES: dict[str, str] = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -54,6 +37,50 @@ GGUF_TO_HF_NAMES: dict[str, str] = {
     "blk.{layer}.ffn_down.weight": "model.layers.{layer}.mlp.down_proj.weight",
 }
 
+# Gemma3: four norms per block (llama.cpp's ffn_norm is the pre-feed-forward one) and per-head q/k norms.
+GEMMA3_GGUF_NAMES: dict[str, str] = {
+    **GGUF_TO_HF_NAMES,
+    "blk.{layer}.attn_q_norm.weight": "model.layers.{layer}.self_attn.q_norm.weight",
+    "blk.{layer}.attn_k_norm.weight": "model.layers.{layer}.self_attn.k_norm.weight",
+    "blk.{layer}.post_attention_norm.weight": "model.layers.{layer}.post_attention_layernorm.weight",
+    "blk.{layer}.ffn_norm.weight": "model.layers.{layer}.pre_feedforward_layernorm.weight",
+    "blk.{layer}.post_ffw_norm.weight": "model.layers.{layer}.post_feedforward_layernorm.weight",
+}
+
+
+@dataclass(frozen=True)
+class GGUFArch:
+    """How one `general.architecture` of GGUF maps onto an HF architecture."""
+
+    hf_architecture: str
+    hf_model_type: str
+    # llama.cpp permutes Q/K rows (rotate-half -> interleaved RoPE) for Llama-family models only.
+    permute_qk: bool
+    hf_defaults: dict[str, Any] = field(default_factory=dict)
+    names: dict[str, str] = field(default_factory=lambda: GGUF_TO_HF_NAMES)
+    # HF config key <- GGUF metadata key suffix, beyond GGUF_CONFIG_KEYS.
+    config_keys: dict[str, str] = field(default_factory=dict)
+    # Subtracted from every `*norm.weight` (llama.cpp stores Gemma's 1 + w).
+    norm_offset: float = 0.0
+
+
+GGUF_ARCHS: dict[str, GGUFArch] = {
+    "llama": GGUFArch("LlamaForCausalLM", "llama", permute_qk=True, hf_defaults={"hidden_act": "silu"}),
+    "qwen2": GGUFArch(
+        "Qwen2ForCausalLM", "qwen2", permute_qk=False, hf_defaults={"hidden_act": "silu", "attention_bias": True}
+    ),
+    # llama.cpp does not store what it hard-codes for gemma3: every 6th layer global, local RoPE base 10000, no
+    # logit soft-cap, queries scaled by head_dim**-0.5 (query_pre_attn_scalar = head_dim; all sizes but 27B).
+    "gemma3": GGUFArch(
+        "Gemma3ForCausalLM", "gemma3_text", permute_qk=False,
+        hf_defaults={"hidden_activation": "gelu_pytorch_tanh", "sliding_window_pattern": 6,
+                     "rope_local_base_freq": 10000.0, "final_logit_softcapping": None},
+        names=GEMMA3_GGUF_NAMES,
+        config_keys={"query_pre_attn_scalar": "attention.key_length", "sliding_window": "attention.sliding_window"},
+        norm_offset=1.0,
+    ),
+}
+
 # HF config key <- GGUF metadata key suffix (after "<arch>.").
 GGUF_CONFIG_KEYS: dict[str, str] = {
     "hidden_size": "embedding_length",
@@ -70,11 +97,11 @@ GGUF_CONFIG_KEYS: dict[str, str] = {
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
 
 
-def gguf_name_to_hf(name: str) -> str | None:
+def gguf_name_to_hf(name: str, names: dict[str, str] = GGUF_TO_HF_NAMES) -> str | None:
     m = _BLOCK.match(name)
     if m:
-        return GGUF_TO_HF_NAMES.get(f"blk.{{layer}}.{m.group(2)}", "").format(layer=m.group(1)) or None
-    return GGUF_TO_HF_NAMES.get(name)
+        return names.get(f"blk.{{layer}}.{m.group(2)}", "").format(layer=m.group(1)) or None
+    return names.get(name)
 
 
 def unpermute_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -104,7 +131,7 @@ class GGUFSource(SourceModel):
         self._prefix = arch_name
         self._tensors = {}
         for t in self._reader.tensors:
-            hf_name = gguf_name_to_hf(t.name)
+            hf_name = gguf_name_to_hf(t.name, self._arch.names)
             if hf_name is None:
                 raise PipelineError(f"{path}: GGUF tensor {t.name} has no HF equivalent this converter knows")
             self._tensors[hf_name] = t
@@ -124,7 +151,7 @@ class GGUFSource(SourceModel):
             "model_type": self._arch.hf_model_type,
             **self._arch.hf_defaults,
         }
-        for hf_key, suffix in GGUF_CONFIG_KEYS.items():
+        for hf_key, suffix in {**GGUF_CONFIG_KEYS, **self._arch.config_keys}.items():
             value = self._field(f"{self._prefix}.{suffix}")
             if value is not None:
                 cfg[hf_key] = value
@@ -171,6 +198,8 @@ class GGUFSource(SourceModel):
         if not data.flags.writeable:  # unquantized types come back as views of the read-only file mapping
             data = data.copy()
         w = torch.from_numpy(data).reshape(self.shape(name))
+        if self._arch.norm_offset and name.endswith("norm.weight"):
+            w = w - self._arch.norm_offset
         if self._arch.permute_qk:
             if name.endswith("self_attn.q_proj.weight"):
                 w = unpermute_rows(w, self.hf_config["num_attention_heads"])
