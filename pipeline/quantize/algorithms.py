@@ -37,7 +37,7 @@ def smoothquant_scales(weight: torch.Tensor, stats: InputStats, alpha: float) ->
 
 def output_error(delta: torch.Tensor, hessian: torch.Tensor) -> float:
     """Summed squared output error over the calibration tokens of a weight error delta (out, in)."""
-    return float(((delta.double() @ hessian.double()) * delta.double()).sum())
+    return float(((delta.float() @ hessian.float()) * delta.float()).sum(dtype=torch.float64))
 
 
 def awq_scales(weight: torch.Tensor, stats: InputStats, group_size: int, grid: int, scale_dtype: torch.dtype,
