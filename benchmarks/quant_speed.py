@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
+from decode_speed import timed  # this folder is on sys.path when a benchmark script runs
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "Write a short story about a robot who learns to paint."
@@ -35,16 +35,6 @@ def engine_for(quantization: str, cache: Path) -> Path:
         cfg = resolved_config(compose("pipeline", overrides=overrides))
     result = run_pipeline(cfg, cache, ["build"], progress=False)
     return next(o.artifact for o in result.stages if o.name == "build")
-
-
-def timed(fn, repeats: int = 2) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def measure(engine: Path, ids: list[int], n: int) -> dict[str, float]:

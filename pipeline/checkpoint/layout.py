@@ -381,7 +381,7 @@ def _kv_scale_targets(cfg: Mapping[str, Any]) -> list[Target]:
     return [Target(_layer("attention.kv_cache_scaling_factor"), (), Split.REPLICATE, quant=KV_SCALE)]
 
 
-def quantized_module(name: str, quant, parts: tuple[Canon, ...]) -> str | None:
+def quantized_module(name: str, quant) -> str | None:
     """The module name when the tensor `name` is the weight of a linear layer the scheme quantizes, else None."""
     if quant is None:
         return None
@@ -397,7 +397,7 @@ def _planned(target: Target, name: str, layer: int | None, dims: Dims, ctx: Shar
         return [PlannedTensor(name, (), layer, Split.REPLICATE, (1,), torch.float32, target.quant,
                               name.rsplit(".", 1)[0])]
     shapes = [canonical_shape(c, dims) for c in target.parts]
-    module = quantized_module(name, quant, target.parts)
+    module = quantized_module(name, quant)
     if module is None:
         meta = [torch.empty(s, device="meta") for s in shapes]
         shape = tuple(shard(meta, target.split, tp_rank, ctx, name).shape)

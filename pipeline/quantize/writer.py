@@ -102,7 +102,7 @@ class TargetQuantizer:
         found = []
         for t in self.targets:
             name = t.name.format(layer=prefix.split(".")[2] if prefix else 0)
-            module = quantized_module(name, self.quant, t.parts)
+            module = quantized_module(name, self.quant)
             if module is None:
                 continue
             where, local = _local_module(module)

@@ -1,0 +1,65 @@
+"""Layer-by-layer calibration on our engine sees the activations transformers computes on the same tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.errors import PipelineError
+from tests.quantize.conftest import CALIBRATION
+
+# TensorRT-LLM module -> the HF modules whose inputs (and outputs) it stands for
+INPUTS = {"attention.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+          "attention.dense": ("self_attn.o_proj",), "mlp.fc": ("mlp.gate_proj", "mlp.up_proj"),
+          "mlp.proj": ("mlp.down_proj",)}
+
+
+def hf_activations(model_dir, tokens):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    seen = {}
+
+    def hook(name):
+        def record(module, args, out):
+            seen.setdefault(name, []).append((args[0].reshape(-1, args[0].shape[-1]), out.reshape(-1, out.shape[-1])))
+        return record
+
+    for i, layer in enumerate(model.model.layers):
+        for mods in INPUTS.values():
+            for m in mods:
+                layer.get_submodule(m).register_forward_hook(hook(f"{i}.{m}"))
+    with torch.no_grad():
+        model(tokens)
+    return {k: (torch.cat([a for a, _ in v]), torch.cat([b for _, b in v])) for k, v in seen.items()}
+
+
+def test_statistics_match_transformers(quant_model, quant_stats):
+    from transformers import AutoTokenizer
+
+    from pipeline.quantize.calibrate import calibration_tokens
+
+    tokens = calibration_tokens(AutoTokenizer.from_pretrained(quant_model), CALIBRATION)
+    acts = hf_activations(quant_model, tokens)
+    for layer in range(2):
+        stats = load_file(str(quant_stats / f"layer_{layer}.safetensors"))
+        for key, mods in INPUTS.items():
+            x = acts[f"{layer}.{mods[0]}"][0]
+            prefix = f"transformer.layers.{layer}.{key}"
+            assert torch.allclose(stats[f"{prefix}.absmax"], x.abs().amax(0), rtol=1e-4, atol=1e-5), prefix
+            assert torch.allclose(stats[f"{prefix}.absmean"], x.abs().mean(0), rtol=1e-4, atol=1e-5), prefix
+            h = (x.double().t() @ x.double()).float()
+            assert torch.allclose(stats[f"{prefix}.hessian"], h, rtol=1e-3, atol=1e-3 * h.abs().max()), prefix
+            out = max(acts[f"{layer}.{m}"][1].abs().max().item() for m in mods)
+            assert abs(stats[f"{prefix}.output_absmax"].item() - out) < 1e-4 * out, prefix
+        assert stats[f"transformer.layers.{layer}.attention.k_absmax"] > 0
+
+
+def test_calibration_text_field_is_checked(quant_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    from pipeline.quantize.calibrate import calibration_tokens
+
+    with pytest.raises(PipelineError, match="no field 'body'"):
+        calibration_tokens(AutoTokenizer.from_pretrained(quant_model), {**CALIBRATION, "text_field": "body"})
