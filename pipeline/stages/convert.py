@@ -13,6 +13,7 @@ from pipeline.convert.sources import open_source
 from pipeline.convert.sources.locate import resolve_model_path
 from pipeline.errors import PipelineError
 from pipeline.executor import StageContext, stage
+from pipeline.quantize.schemes import quant_config
 from pipeline.quantize.writer import KEEPS_SOURCE_INTEGERS, needs_statistics
 
 log = logging.getLogger(__name__)
@@ -40,9 +41,19 @@ def save_tokenizer(source, out: Path) -> bool:
     return True
 
 
-# Quantization keys that only matter to algorithms computing from calibration statistics.
-_CALIBRATION_KEYS = ("calibration", "gptq_damp", "awq_grid", "gptq_sm")
-_ALGORITHM_KEYS = {"gptq_damp": "GPTQ", "awq_grid": "AWQ", "gptq_sm": "GPTQ"}
+# Converter-only keys, and the algorithms that read them.
+_ALGORITHM_KEYS = {"gptq_damp": "GPTQ", "gptq_sm": "GPTQ", "awq_grid": "AWQ"}
+
+
+def convert_view(config: dict[str, Any]) -> dict[str, Any]:
+    """Key the quantization group by what the checkpoint depends on: the `quantization` object the algorithm
+    writes plus the converter keys it reads. Other keys (smoothquant_val under AWQ, group_size under FP8, the
+    calibration settings, which reach the key through the calibrate stage's key) do not invalidate its checkpoints."""
+    q = config["quantization"]
+    keyed = quant_config(q)
+    algo = q.get("quant_algo") or ""
+    keyed.update({k: q[k] for k, family in _ALGORITHM_KEYS.items() if family in algo and k in q})
+    return {**config, "quantization": keyed}
 
 
 def needs_calibration(config: dict[str, Any]) -> bool:
@@ -60,17 +71,6 @@ def source_is_prequantized(model: dict[str, Any]) -> bool:
         return hasattr(source, "prequantized")
     finally:
         source.close()
-
-
-def convert_view(config: dict[str, Any]) -> dict[str, Any]:
-    """Leave out the quantization keys the recipe's algorithm does not use, so that changing them does not
-    invalidate its checkpoints (the calibration settings reach the key through the calibrate stage's key)."""
-    q = dict(config["quantization"])
-    algo = q.get("quant_algo") or ""
-    for key in _CALIBRATION_KEYS:
-        if key == "calibration" or _ALGORITHM_KEYS[key] not in algo:
-            q.pop(key, None)
-    return {**config, "quantization": q}
 
 
 @stage(
