@@ -21,16 +21,18 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
            "mlp.up_proj", "mlp.down_proj")
 
 
-def pack_words(values: np.ndarray, axis: int) -> np.ndarray:
-    """Unsigned 4-bit values -> int32 words, 8 per word along `axis`, lowest nibble first (AutoGPTQ)."""
+def pack_words(values: np.ndarray, axis: int, bits: int = 4) -> np.ndarray:
+    """Unsigned values -> int32 words, 32 / bits per word along `axis`, lowest bits first (AutoGPTQ)."""
+    per = 32 // bits
     v = np.moveaxis(values.astype(np.uint64), axis, 0)
-    v = v.reshape(v.shape[0] // 8, 8, *v.shape[1:])
-    words = sum(v[:, j] << np.uint64(4 * j) for j in range(8))
+    v = v.reshape(v.shape[0] // per, per, *v.shape[1:])
+    words = sum(v[:, j] << np.uint64(bits * j) for j in range(per))
     return np.ascontiguousarray(np.moveaxis(words.astype(np.uint32).view(np.int32), 0, axis))
 
 
-def gptq_checkpoint(src, dst, zero_offset=1, g_idx=None):
-    """Round-to-nearest asymmetric int4 in groups, stored as AutoGPTQ does (v1 format: zeros minus one)."""
+def gptq_checkpoint(src, dst, zero_offset=1, g_idx=None, bits=4):
+    """Round-to-nearest asymmetric integers in groups, stored as AutoGPTQ does (v1 format: zeros minus one)."""
+    umax = (1 << bits) - 1
     shutil.copytree(src, dst)
     weights = load_file(str(dst / "model.safetensors"))
     truth = {}
@@ -41,17 +43,18 @@ def gptq_checkpoint(src, dst, zero_offset=1, g_idx=None):
         w = weights.pop(name).float()  # (out, in)
         g = w.reshape(w.shape[0], -1, GROUP)
         lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
-        scale = ((hi - lo) / 15).half().float()
-        zero = torch.round(-lo / scale).clamp(0, 15)
-        q = torch.clamp(torch.round(g / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, 15).reshape(w.shape)
+        scale = ((hi - lo) / umax).half().float()
+        zero = torch.round(-lo / scale).clamp(0, umax)
+        q = torch.clamp(torch.round(g / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, umax).reshape(w.shape)
         truth[module] = (q, scale, zero)
-        weights[f"{module}.qweight"] = torch.from_numpy(pack_words(q.t().numpy().astype(np.int64), 0))
-        weights[f"{module}.qzeros"] = torch.from_numpy(pack_words((zero.t() - zero_offset).numpy().astype(np.int64), 1))
+        weights[f"{module}.qweight"] = torch.from_numpy(pack_words(q.t().numpy().astype(np.int64), 0, bits))
+        weights[f"{module}.qzeros"] = torch.from_numpy(
+            pack_words((zero.t() - zero_offset).numpy().astype(np.int64), 1, bits))
         weights[f"{module}.scales"] = scale.t().contiguous().half()
         weights[f"{module}.g_idx"] = (torch.arange(w.shape[1]) // GROUP).int() if g_idx is None else g_idx(w.shape[1])
     save_file(weights, str(dst / "model.safetensors"))
     cfg = json.loads((dst / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": GROUP, "desc_act": False,
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": bits, "group_size": GROUP, "desc_act": False,
                                   "sym": False, "checkpoint_format": "gptq" if zero_offset else "gptq_v2"}
     (dst / "config.json").write_text(json.dumps(cfg))
     return dst, truth
@@ -106,3 +109,17 @@ def test_act_order_is_refused(quant_model, tmp_path):
                                g_idx=lambda n: (torch.randperm(n, generator=torch.Generator().manual_seed(0)) // GROUP).int())
     with pytest.raises(PipelineError, match="act-order"):
         convert_quantized(model, None, tmp_path / "ckpt", "W4A16_GPTQ")
+
+
+def test_eight_bit_source_converts_to_w8a16_gptq(quant_model, tmp_path):
+    model, truth = gptq_checkpoint(quant_model, tmp_path / "gptq", bits=8)
+    convert_quantized(model, None, tmp_path / "q" / "ckpt", "W8A16_GPTQ")
+    with safe_open(str(tmp_path / "q" / "ckpt" / "rank0.safetensors"), framework="pt") as f:
+        weight = f.get_tensor("transformer.layers.1.mlp.proj.weight")
+    assert weight.dtype == torch.float16 and weight.shape == (256, 128 // 2)  # (in, out / 2) container
+    q = truth["model.layers.1.mlp.down_proj"][0]
+    assert torch.equal(unpreprocess_weights_for_mixed_gemm(weight, 8, 80).t().float(), q - 128)
+    convert_quantized(model, None, tmp_path / "f" / "ckpt", None)
+    got = generate(build(tmp_path / "q" / "ckpt", tmp_path / "q" / "engine"))
+    want = generate(build(tmp_path / "f" / "ckpt", tmp_path / "f" / "engine"))
+    assert (got["context_logits"] - want["context_logits"]).abs().max().item() < 1e-4
