@@ -15,7 +15,7 @@ from pipeline.convert.archs.gemma import sliding_window_pattern
 from pipeline.errors import PipelineError
 from pipeline.schemas import schema_errors
 from tests.convert.reassemble import stage_layers
-from tests.convert.test_llama_family import run_convert
+from tests.convert.test_llama_family import assert_bf16_ranks_match_spec, run_convert
 
 MAPPINGS = [(1, 1), (2, 1), (4, 1), (1, 2), (2, 2)]
 
@@ -54,15 +54,7 @@ def test_names_shapes_dtypes_per_rank_match_spec(tiny_models, tmp_path, model, t
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert schema_errors(cfg, "checkpoint_config") == [] and validate_checkpoint(tmp_path) == []
     assert cfg["use_parallel_embedding"] is (tp > 1)
-    for pp_rank in range(pp):
-        want = expected_rank_shapes(cfg, tp, pp, pp_rank)
-        for tp_rank in range(tp):
-            rank = pp_rank * tp + tp_rank
-            with safe_open(str(tmp_path / f"rank{rank}.safetensors"), "pt") as f:
-                got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-                assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
-            assert got == want, f"rank {rank}"
-            assert sorted(result.written[rank]) == sorted(want)
+    assert_bf16_ranks_match_spec(tmp_path, cfg, result, tp, pp, expected_rank_shapes)
 
 
 @pytest.mark.parametrize("model", ["gemma2_softcap", "gemma3"])

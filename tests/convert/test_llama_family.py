@@ -97,15 +97,7 @@ def test_names_shapes_dtypes_per_rank_match_spec(tiny_models, tmp_path, model, t
     assert cfg["mapping"] == {"world_size": tp * pp, "tp_size": tp, "pp_size": pp}
     assert sorted(p.name for p in tmp_path.glob("rank*.safetensors")) == sorted(
         f"rank{r}.safetensors" for r in range(tp * pp))
-    for pp_rank in range(pp):
-        want = expected_rank_shapes(cfg, tp, pp, pp_rank)
-        for tp_rank in range(tp):
-            rank = pp_rank * tp + tp_rank
-            with safe_open(str(tmp_path / f"rank{rank}.safetensors"), "pt") as f:
-                got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-                assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
-            assert got == want, f"rank {rank}"
-            assert sorted(result.written[rank]) == sorted(want)
+    assert_bf16_ranks_match_spec(tmp_path, cfg, result, tp, pp)
 
 
 def test_config_fields(tiny_models, tmp_path):
@@ -156,3 +148,17 @@ def test_pytorch_bin_checkpoint(tiny_models, tmp_path):
     run_convert(src, tmp_path / "out", 2, 1)
     got = reassemble_llama(tmp_path / "out")
     assert all(torch.equal(got[k], v) for k, v in weights.items())
+
+
+def assert_bf16_ranks_match_spec(out, cfg, result, tp: int, pp: int, expected=None) -> None:
+    """Every rank file holds exactly the spec's names and shapes (`expected(cfg, tp, pp, pp_rank)`), all bfloat16,
+    and the converter reports them."""
+    for pp_rank in range(pp):
+        want = (expected or expected_rank_shapes)(cfg, tp, pp, pp_rank)
+        for tp_rank in range(tp):
+            rank = pp_rank * tp + tp_rank
+            with safe_open(str(out / f"rank{rank}.safetensors"), "pt") as f:
+                got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+                assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+            assert got == want, f"rank {rank}"
+            assert sorted(result.written[rank]) == sorted(want)
