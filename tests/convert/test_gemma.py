@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from pipeline.checkpoint.validate import validate_checkpoint
