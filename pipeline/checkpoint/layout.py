@@ -381,15 +381,6 @@ def _kv_scale_targets(cfg: Mapping[str, Any]) -> list[Target]:
     return [Target(_layer("attention.kv_cache_scaling_factor"), (), Split.REPLICATE, quant=KV_SCALE)]
 
 
-def quantized_module(name: str, quant) -> str | None:
-    """The module name when the tensor `name` is the weight of a linear layer the scheme quantizes, else None."""
-    if quant is None:
-        return None
-    from pipeline.quantize.schemes import quantized_linear
-
-    return quantized_linear(name, quant[2])
-
-
 def _planned(target: Target, name: str, layer: int | None, dims: Dims, ctx: ShardContext, tp_rank: int,
              dtype: torch.dtype, quant) -> list[PlannedTensor]:
     """The planned tensor(s) of one target instance: itself, or the scheme's tensors replacing a linear weight."""
@@ -397,7 +388,7 @@ def _planned(target: Target, name: str, layer: int | None, dims: Dims, ctx: Shar
         return [PlannedTensor(name, (), layer, Split.REPLICATE, (1,), torch.float32, target.quant,
                               name.rsplit(".", 1)[0])]
     shapes = [canonical_shape(c, dims) for c in target.parts]
-    module = quantized_module(name, quant)
+    module = _quantized_module(name, quant)
     if module is None:
         meta = [torch.empty(s, device="meta") for s in shapes]
         shape = tuple(shard(meta, target.split, tp_rank, ctx, name).shape)
@@ -410,29 +401,32 @@ def _planned(target: Target, name: str, layer: int | None, dims: Dims, ctx: Shar
     _check_quantizable(name, scheme, settings, target.split, shapes, ctx)
     planned = []
     for qt in scheme.tensors:
-        piece = _derived_piece([torch.empty(s, device="meta") for s in shapes], qt, settings, target.split,
-                               tp_rank, ctx, f"{module}.{qt.suffix}")
-        planned.append(PlannedTensor(f"{module}.{qt.suffix}", target.parts, layer,
-                                     qt.split(target.split, len(qt.shape(1, 1, settings))), tuple(piece.shape),
+        whole = _derived_whole(qt, shapes, settings)
+        split = qt.split(target.split, whole[0].dim())
+        piece = shard(whole, split, tp_rank, ctx, f"{module}.{qt.suffix}")
+        piece = qt.finalize(piece, settings) if qt.finalize else piece
+        planned.append(PlannedTensor(f"{module}.{qt.suffix}", target.parts, layer, split, tuple(piece.shape),
                                      piece.dtype, qt, module))
     return planned
 
 
-def derived_whole(qt: "QTensor", parts: list[torch.Tensor], settings: "Settings") -> list[torch.Tensor]:
-    """Empty whole tensors of a scheme tensor (meta when the parts are meta), one per part for ROWS tensors."""
+def _quantized_module(name: str, quant) -> str | None:
+    if quant is None:
+        return None
+    from pipeline.quantize.schemes import quantized_linear
+
+    return quantized_linear(name, quant[2])
+
+
+def _derived_whole(qt: "QTensor", shapes: list[tuple[int, ...]], settings: "Settings") -> list[torch.Tensor]:
+    """Meta whole tensors of a scheme tensor, one per part (parts' (out, in) shapes) for ROWS tensors."""
     from pipeline.quantize.schemes import Kind
 
-    inp = parts[0].shape[1]
+    inp = shapes[0][1]
     dt = qt.torch_dtype(settings)
     if qt.kind is Kind.ROWS:
-        return [torch.empty(qt.shape(p.shape[0], inp, settings), dtype=dt, device=p.device) for p in parts]
-    return [torch.empty(qt.shape(0, inp, settings), dtype=dt, device=parts[0].device)]
-
-
-def _derived_piece(meta_parts, qt, settings, base_split: Split, tp_rank: int, ctx: ShardContext, name: str):
-    whole = derived_whole(qt, meta_parts, settings)
-    piece = shard(whole, qt.split(base_split, whole[0].dim()), tp_rank, ctx, name)
-    return qt.finalize(piece, settings) if qt.finalize else piece
+        return [torch.empty(qt.shape(out, inp, settings), dtype=dt, device="meta") for out, _ in shapes]
+    return [torch.empty(qt.shape(0, inp, settings), dtype=dt, device="meta")]
 
 
 def _check_quantizable(name: str, scheme, settings, split: Split, shapes, ctx: ShardContext) -> None:

@@ -30,7 +30,7 @@ from pipeline.convert.sources.base import SourceModel
 from pipeline.errors import PipelineError
 from pipeline.quantize.schemes import Settings, get_scheme, quant_config
 from pipeline.quantize.stats import StatsReader
-from pipeline.quantize.writer import KEEPS_SOURCE_INTEGERS, TargetQuantizer, needs_statistics
+from pipeline.quantize.writer import TargetQuantizer, needs_statistics
 from pipeline.schemas import validate
 
 
@@ -184,10 +184,7 @@ def _quantizer(spec, source, binding, cfg, quantization, stats_dir) -> TargetQua
     q = cfg["quantization"]
     if not (q.get("quant_algo") or q.get("kv_cache_quant_algo")):
         return None
-    need = needs_statistics(quantization)
-    keeps_integers = q.get("quant_algo") in KEEPS_SOURCE_INTEGERS and hasattr(source, "prequantized")
-    if need != "none" and stats_dir is None and keeps_integers and not q.get("kv_cache_quant_algo"):
-        need = "none"  # a GPTQ source's own integers: nothing to calibrate
+    need = needs_statistics(quantization, lambda: hasattr(source, "prequantized"))
     if need != "none" and stats_dir is None:
         raise PipelineError(f"quantization {q.get('quant_algo')} / kv {q.get('kv_cache_quant_algo')} needs "
                             "calibration statistics (run the calibrate stage)")

@@ -84,13 +84,14 @@ class MappingArgs:
 
     def moe_sizes(self) -> tuple[int, int]:
         """(moe_tp_size, moe_ep_size), derived where not given; their product must be tp_size."""
-        tp, moe_tp, moe_ep = self.tp_size, self.moe_tp_size, self.moe_ep_size
-        if moe_tp is None and moe_ep is None:
-            return tp, 1
-        if moe_tp is None:
-            moe_tp = tp // moe_ep if moe_ep and tp % moe_ep == 0 else 0
-        elif moe_ep is None:
-            moe_ep = tp // moe_tp if moe_tp and tp % moe_tp == 0 else 0
+        from pipeline.checkpoint.sharding import moe_parallel
+
+        tp = self.tp_size
+        if any(x is not None and x < 1 for x in (self.moe_tp_size, self.moe_ep_size)):
+            moe_tp, moe_ep = 0, 0
+        else:  # None is TensorRT-LLM's -1: derived from the other
+            moe_tp, moe_ep = moe_parallel({"tp_size": tp, "moe_tp_size": self.moe_tp_size or -1,
+                                           "moe_ep_size": self.moe_ep_size or -1})
         if moe_tp < 1 or moe_ep < 1 or moe_tp * moe_ep != tp:
             raise PipelineError(
                 f"mapping: moe_tp_size x moe_ep_size must equal tp_size={tp} (got moe_tp_size={self.moe_tp_size}, "

@@ -244,12 +244,10 @@ def model_args(ckpt: dict[str, Any], tp_rank: int, pp_rank: int, names: set[str]
 
 
 def _act_quant(ckpt: dict[str, Any]) -> str | None:
-    algo = (ckpt.get("quantization") or {}).get("quant_algo")
-    if not algo:
-        return None
-    from pipeline.quantize.engine_format import readers
+    from pipeline.quantize.engine_format import FORMATS
 
-    return readers(80)[algo][2] if algo in readers(80) else None
+    algo = (ckpt.get("quantization") or {}).get("quant_algo")
+    return FORMATS[algo].act_quant if algo in FORMATS else None
 
 
 def engine_config(ckpt: dict[str, Any], limits: dict[str, Any]) -> dict[str, Any]:
@@ -308,8 +306,9 @@ class CpuBackend:
                     plan.append((t.name.format(j=j), parts))
             declared = []
             for name, parts in plan:
-                if quant is not None and quant.covers(parts):  # shapes known once computed (cheap)
-                    declared += [(n, tuple(t.shape), t.dtype) for n, t in quant.engine_tensors(f, name, parts).items()]
+                if quant is not None and quant.covers(parts):
+                    declared += [(n, tuple(t.shape), t.dtype)
+                                 for n, t in quant.engine_tensors(f, name, parts, shapes_only=True).items()]
                     continue
                 shapes = [tuple(f.get_slice(p).get_shape()) for p in parts]
                 rows = sum(s[0] for s in shapes)
@@ -343,21 +342,21 @@ class QuantReader:
     pipeline.quantize.engine_format), one runtime parameter at a time."""
 
     def __init__(self, algo: str, exclude_modules, gptq_sm: int):
-        from pipeline.quantize.engine_format import readers
+        from pipeline.quantize.engine_format import FORMATS
 
-        self.algo, self.exclude = algo, exclude_modules
-        self.suffixes, self.read, self.act_quant = readers(gptq_sm)[algo]
+        self.algo, self.exclude, self.gptq_sm = algo, exclude_modules, gptq_sm
+        self.format = FORMATS[algo]
 
     @classmethod
     def for_checkpoint(cls, checkpoint_dir: Path, ckpt: dict[str, Any]) -> "QuantReader | None":
+        from pipeline.quantize.engine_format import FORMATS
+
         q = ckpt.get("quantization") or {}
         algo = q.get("quant_algo")
         if not algo:
             return None
-        from pipeline.quantize.engine_format import readers
-
-        if algo not in readers(80):
-            raise PipelineError(f"the cpu backend cannot run quant_algo={algo}; it runs {sorted(readers(80))}")
+        if algo not in FORMATS:
+            raise PipelineError(f"the cpu backend cannot run quant_algo={algo}; it runs {sorted(FORMATS)}")
         layout = checkpoint_dir / QUANT_LAYOUT_FILE
         gptq_sm = json.loads(layout.read_text()).get("gptq_sm", 80) if layout.is_file() else 80
         return cls(algo, q.get("exclude_modules"), gptq_sm)
@@ -367,17 +366,25 @@ class QuantReader:
 
         return all(quantized_linear(p, self.exclude) is not None for p in parts)
 
-    def engine_tensors(self, f, name: str, parts: list[str]) -> dict[str, torch.Tensor]:
+    def engine_tensors(self, f, name: str, parts: list[str], shapes_only: bool = False) -> dict[str, torch.Tensor]:
+        """The engine tensors of runtime parameter `name` (fused from `parts`); with `shapes_only`, meta tensors
+        computed from the checkpoint's shapes and dtypes (no data read)."""
         from pipeline.quantize.engine_format import fuse
 
-        modules = [p[: -len(".weight")] for p in parts]
         pieces = []
-        for m in modules:
-            missing = [s for s in self.suffixes if f"{m}.{s}" not in f.keys()]
+        for m in (p[: -len(".weight")] for p in parts):
+            missing = [s for s in self.format.suffixes if f"{m}.{s}" not in f.keys()]
             if missing:
                 raise PipelineError(f"quant_algo={self.algo}: tensor {m}.{missing[0]} is missing from the checkpoint")
-            pieces.append(self.read({s: f.get_tensor(f"{m}.{s}") for s in self.suffixes}))
+            tensors = {s: _meta(f, f"{m}.{s}") if shapes_only else f.get_tensor(f"{m}.{s}")
+                       for s in self.format.suffixes}
+            pieces.append(self.format.read(tensors, self.gptq_sm))
         return fuse(pieces, name).tensors(name)
+
+
+def _meta(f, name: str) -> torch.Tensor:
+    piece = f.get_slice(name)
+    return torch.empty(piece.get_shape(), dtype=TORCH_DTYPES[piece.get_dtype()], device="meta")
 
 
 # A file beside a quantized checkpoint (TensorRT-LLM ignores it) recording the GPU layout of GPTQ weights.

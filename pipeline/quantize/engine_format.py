@@ -46,11 +46,12 @@ def from_engine_tensors(q: torch.Tensor, extras: Mapping[str, torch.Tensor]) -> 
                        extras.get("zero"), extras.get("prequant"), extras.get("act_scale"))
 
 
-Reader = Callable[[Mapping[str, torch.Tensor]], EngineQuant]
+# (the module's checkpoint tensors by suffix, the GPU generation GPTQ weights are laid out for) -> engine form
+Reader = Callable[[Mapping[str, torch.Tensor], int], EngineQuant]
 
 
 def _weight_only(bits: int) -> Reader:
-    def read(t: Mapping[str, torch.Tensor]) -> EngineQuant:
+    def read(t: Mapping[str, torch.Tensor], gptq_sm: int) -> EngineQuant:
         # TensorRT-LLM's build-time rule: per output channel of this rank's slice, scale = amax / 2^(bits-1).
         q, scale = symmetric_per_channel(t["weight"].float(), bits, float(1 << (bits - 1)))
         return EngineQuant(q, scale.unsqueeze(1), bits)
@@ -58,31 +59,31 @@ def _weight_only(bits: int) -> Reader:
     return read
 
 
-def _awq(t: Mapping[str, torch.Tensor]) -> EngineQuant:
+def _awq(t: Mapping[str, torch.Tensor], gptq_sm: int) -> EngineQuant:
     return EngineQuant(unpack_int4_rows(t["weight"]), t["weights_scaling_factor"].float(), 4,
                        prequant=t["prequant_scaling_factor"].float().reshape(-1),
                        act_scale=t["activation_scaling_factor"].float().reshape(1)
                        if "activation_scaling_factor" in t else None)
 
 
-def _gptq(bits: int, sm: int) -> Reader:
-    def read(t: Mapping[str, torch.Tensor]) -> EngineQuant:
+def _gptq(bits: int) -> Reader:
+    def read(t: Mapping[str, torch.Tensor], gptq_sm: int) -> EngineQuant:
         from pipeline.quantize.mixed_gemm import unpreprocess_weights_for_mixed_gemm
 
-        q = unpreprocess_weights_for_mixed_gemm(t["weight"], bits, sm).t().contiguous()
+        q = unpreprocess_weights_for_mixed_gemm(t["weight"], bits, gptq_sm).t().contiguous()
         return EngineQuant(q, t["weights_scaling_factor"].float().t().contiguous(), bits,
                            zero=t["zero"].float().t().contiguous())
 
     return read
 
 
-def _smoothquant(t: Mapping[str, torch.Tensor]) -> EngineQuant:
+def _smoothquant(t: Mapping[str, torch.Tensor], gptq_sm: int) -> EngineQuant:
     return EngineQuant(t["weight"], t["weights_scaling_factor"].float().reshape(-1, 1), 8,
                        prequant=t["prequant_scaling_factor"].float().reshape(-1),
                        act_scale=t["activation_scaling_factor"].float().reshape(1))
 
 
-def _fp8(t: Mapping[str, torch.Tensor]) -> EngineQuant:
+def _fp8(t: Mapping[str, torch.Tensor], gptq_sm: int) -> EngineQuant:
     w = t["weight"]
     if w.dtype == torch.int8:  # int8 bytes of the same bits are accepted by TensorRT-LLM too
         w = w.view(torch.float8_e4m3fn)
@@ -90,30 +91,39 @@ def _fp8(t: Mapping[str, torch.Tensor]) -> EngineQuant:
                        act_scale=t["activation_scaling_factor"].float().reshape(1))
 
 
-# quant_algo -> (checkpoint suffixes read, reader, activation quantization)
-def readers(gptq_sm: int) -> dict[str, tuple[tuple[str, ...], Reader, str | None]]:
-    awq = ("weight", "weights_scaling_factor", "prequant_scaling_factor")
-    gptq = ("weight", "weights_scaling_factor", "zero")
-    return {
-        "W8A16": (("weight",), _weight_only(8), None),
-        "W4A16": (("weight",), _weight_only(4), None),
-        "W4A16_AWQ": (awq, _awq, None),
-        "W4A8_AWQ": (awq + ("weights_scaling_factor_2", "activation_scaling_factor"), _awq, "fp8"),
-        "W4A16_GPTQ": (gptq, _gptq(4, gptq_sm), None),
-        "W8A16_GPTQ": (gptq, _gptq(8, gptq_sm), None),
-        "W8A8_SQ_PER_CHANNEL": (("weight", "weights_scaling_factor", "activation_scaling_factor",
-                                 "prequant_scaling_factor"), _smoothquant, "int8"),
-        "FP8": (("weight", "weights_scaling_factor", "activation_scaling_factor"), _fp8, "fp8"),
-    }
+@dataclass(frozen=True)
+class CheckpointFormat:
+    """How the cpu build reads one algorithm's quantized modules."""
+
+    suffixes: tuple[str, ...]  # the checkpoint tensors of a module it reads
+    read: Reader
+    act_quant: str | None = None  # activation quantization the algorithm implies ("int8", "fp8")
+
+
+_AWQ = ("weight", "weights_scaling_factor", "prequant_scaling_factor")
+_GPTQ = ("weight", "weights_scaling_factor", "zero")
+FORMATS: dict[str, CheckpointFormat] = {
+    "W8A16": CheckpointFormat(("weight",), _weight_only(8)),
+    "W4A16": CheckpointFormat(("weight",), _weight_only(4)),
+    "W4A16_AWQ": CheckpointFormat(_AWQ, _awq),
+    "W4A8_AWQ": CheckpointFormat(_AWQ + ("weights_scaling_factor_2", "activation_scaling_factor"), _awq, "fp8"),
+    "W4A16_GPTQ": CheckpointFormat(_GPTQ, _gptq(4)),
+    "W8A16_GPTQ": CheckpointFormat(_GPTQ, _gptq(8)),
+    "W8A8_SQ_PER_CHANNEL": CheckpointFormat(("weight", "weights_scaling_factor", "activation_scaling_factor",
+                                             "prequant_scaling_factor"), _smoothquant, "int8"),
+    "FP8": CheckpointFormat(("weight", "weights_scaling_factor", "activation_scaling_factor"), _fp8, "fp8"),
+}
 
 
 def fuse(parts: list[EngineQuant], what: str) -> EngineQuant:
     """Several checkpoint linears concatenated along the output dim (fc and gate): they must share what applies to
-    their common input (prequant factor); activation scales are the largest (equal when calibrated together)."""
+    their common input (prequant factor); activation scales are the largest (equal when calibrated together).
+    Works on meta tensors too (the build declares engine shapes that way before computing anything)."""
     if len(parts) == 1:
         return parts[0]
     first = parts[0]
-    if first.prequant is not None and not all(torch.equal(p.prequant, first.prequant) for p in parts):
+    if first.prequant is not None and not first.prequant.is_meta \
+            and not all(torch.equal(p.prequant, first.prequant) for p in parts):
         raise PipelineError(f"{what}: the fused layers have different prequant_scaling_factor tensors; the CPU "
                             "engine fuses them into one GEMM and needs one (ModelOpt writes them shared)")
     if len({p.scale.shape[1] for p in parts}) > 1 or len({p.bits for p in parts}) > 1:

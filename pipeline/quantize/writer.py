@@ -12,10 +12,10 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from pipeline.checkpoint.layout import PlannedTensor, Target, quantized_module
+from pipeline.checkpoint.layout import PlannedTensor, Target
 from pipeline.convert.canonical import Canon
 from pipeline.errors import PipelineError
-from pipeline.quantize.schemes import KV_SCALE, Scheme, Settings, kv_cache_scale, stats_key
+from pipeline.quantize.schemes import KV_SCALE, Scheme, Settings, kv_cache_scale, quantized_linear, stats_key
 from pipeline.quantize.stats import StatsReader
 
 ReadParts = Callable[[tuple[Canon, ...], "int | None"], list[torch.Tensor]]
@@ -40,7 +40,7 @@ class TargetQuantizer:
         self.scheme, self.settings, self.stats = scheme, settings, stats
         self.read_parts, self.targets = read_parts, targets
         self.read_prequantized = read_prequantized
-        self.quant = (scheme, settings, exclude_modules)
+        self.exclude_modules = exclude_modules
         self.kv_algo = kv_algo
         self._key: tuple | None = None
         self._tensors: dict[str, Any] = {}
@@ -102,7 +102,7 @@ class TargetQuantizer:
         found = []
         for t in self.targets:
             name = t.name.format(layer=prefix.split(".")[2] if prefix else 0)
-            module = quantized_module(name, self.quant)
+            module = quantized_linear(name, self.exclude_modules)
             if module is None:
                 continue
             where, local = _local_module(module)
@@ -121,11 +121,15 @@ class TargetQuantizer:
                               self.stats.scalar(layer, f"{prefix}.v_absmax"))
 
 
-def needs_statistics(quantization: Mapping[str, Any] | None) -> str:
-    """'none', 'basic' or 'hessian': what the recipe's algorithms need from calibration."""
+def needs_statistics(quantization: Mapping[str, Any] | None, is_prequantized: Callable[[], bool] | None = None) -> str:
+    """'none', 'basic' or 'hessian': what the recipe's algorithms need from calibration. `is_prequantized` (asked
+    only when it matters) says whether the source holds GPTQ integers, which GPTQ algorithms take as they are."""
     from pipeline.quantize.schemes import get_scheme
 
     q = quantization or {}
+    if (q.get("quant_algo") in KEEPS_SOURCE_INTEGERS and not q.get("kv_cache_quant_algo")
+            and is_prequantized is not None and is_prequantized()):
+        return "none"
     need = get_scheme(q["quant_algo"]).stats if q.get("quant_algo") else "none"
     if q.get("kv_cache_quant_algo") and need == "none":
         need = "basic"

@@ -14,7 +14,7 @@ from pipeline.convert.sources.locate import resolve_model_path
 from pipeline.errors import PipelineError
 from pipeline.executor import StageContext, stage
 from pipeline.quantize.schemes import quant_config
-from pipeline.quantize.writer import KEEPS_SOURCE_INTEGERS, needs_statistics
+from pipeline.quantize.writer import needs_statistics
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +57,7 @@ def convert_view(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def needs_calibration(config: dict[str, Any]) -> bool:
-    q = config.get("quantization") or {}
-    if needs_statistics(q) == "none":
-        return False
-    # A GPTQ source converted to GPTQ keeps its own integers: nothing to calibrate (unless the KV cache is quantized).
-    return not (q.get("quant_algo") in KEEPS_SOURCE_INTEGERS and not q.get("kv_cache_quant_algo")
-                and source_is_prequantized(config["model"]))
+    return needs_statistics(config.get("quantization"), lambda: source_is_prequantized(config["model"])) != "none"
 
 
 def source_is_prequantized(model: dict[str, Any]) -> bool:
