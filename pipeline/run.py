@@ -90,13 +90,13 @@ def generate_from_args(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        from pipeline.runtime.launch import engine_world_size, mpirun_command
+        from pipeline.runtime.launch import engine_world_size, mpirun_command, rank_environment
         from pipeline.runtime.parallel import mpi_world
 
         world = engine_world_size(args.engine_dir)
         if world > 1 and mpi_world()[1] == 1:  # started by hand without mpirun: relaunch on all ranks
             cmd = mpirun_command(world, "pipeline.run", sys.argv[1:] if argv is None else argv)
-            os.execvp(cmd[0], cmd)
+            os.execve(cmd[0], cmd, rank_environment(cmd[0]))
         result = generate_from_args(args)
     except PipelineError as e:
         from pipeline.runtime.parallel import abort_job

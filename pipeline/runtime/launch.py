@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import PipelineError
 from pipeline.runtime.parallel import mpi_world
+
+log = logging.getLogger(__name__)
 
 
 def engine_world_size(engine_dir: Path) -> int:
@@ -21,19 +26,79 @@ def engine_world_size(engine_dir: Path) -> int:
     return json.loads(path.read_text())["pretrained_config"]["mapping"]["world_size"]
 
 
+MPI_LAUNCHERS = ("mpirun", "mpiexec")
+
+
+def mpirun_candidates() -> list[Path]:
+    """Where an MPI launcher may be, in the order tried: beside the interpreter running the pipeline (a virtual
+    environment or prefix with `mpich` installed, activated or not), on PATH, in the `mpich` package's own bin."""
+    places = [Path(sys.executable).parent / name for name in MPI_LAUNCHERS]  # not resolved: a venv's bin is a link
+    places += [Path(found) for name in MPI_LAUNCHERS if (found := shutil.which(name))]
+    places += [bin_dir / name for bin_dir in _mpich_package_bins() for name in MPI_LAUNCHERS]
+    return list(dict.fromkeys(places))
+
+
+def _mpich_package_bins() -> list[Path]:
+    try:
+        dist = metadata.distribution("mpich")
+    except metadata.PackageNotFoundError:
+        return []
+    return list(dict.fromkeys(Path(dist.locate_file(f)).resolve().parent for f in dist.files or []
+                              if Path(f).name in MPI_LAUNCHERS))
+
+
+@functools.lru_cache(maxsize=1)
+def mpi4py_library() -> Path | None:
+    """The MPI library mpi4py loads in this interpreter (asked in a child process: loading MPI here would initialize
+    it in the parent), or None when mpi4py cannot tell."""
+    try:
+        proc = subprocess.run([sys.executable, "-m", "mpi4py", "--mpi-library"], capture_output=True, text=True,
+                              timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = proc.stdout.strip().splitlines()
+    return Path(lines[-1]).resolve() if proc.returncode == 0 and lines and Path(lines[-1]).is_absolute() else None
+
+
+def _same_mpi(launcher: Path, library: Path | None) -> bool:
+    """A launcher belongs to the MPI of `library` when both lie under one installation prefix (bin/ and lib/)."""
+    return library is None or library.is_relative_to(launcher.resolve().parent.parent)
+
+
+def find_mpirun() -> Path:
+    """The MPI launcher for multi-rank runs: the first candidate that exists and is the MPI mpi4py uses."""
+    candidates = mpirun_candidates()
+    existing = [c for c in candidates if c.is_file() and os.access(c, os.X_OK)]
+    library = mpi4py_library() if existing else None
+    for launcher in existing:
+        if _same_mpi(launcher, library):
+            log.debug("MPI launcher: %s (mpi4py loads %s)", launcher, library or "an MPI it cannot name")
+            return launcher
+    if existing:
+        raise PipelineError(f"this engine needs several ranks but no MPI launcher matches the MPI library mpi4py loads "
+                            f"({library}); found only {', '.join(map(str, existing))}; install the matching one "
+                            f"with: {sys.executable} -m pip install mpi4py mpich")
+    raise PipelineError(f"this engine needs several ranks but no mpirun or mpiexec was found beside {sys.executable}, "
+                        f"on PATH or in the mpich package; install it with: {sys.executable} -m pip install mpi4py mpich")
+
+
 def mpirun_command(world_size: int, module: str, args: list[str]) -> list[str]:
-    mpirun = shutil.which("mpirun") or shutil.which("mpiexec")
-    if mpirun is None:
-        raise PipelineError("this engine needs several ranks but mpirun is not on PATH; install it with: "
-                            "pip install mpi4py mpich")
-    return [mpirun, "-n", str(world_size), sys.executable, "-m", module, *args]
+    """Every rank runs this very interpreter (no `python` looked up on PATH), under the launcher of mpi4py's MPI."""
+    return [str(find_mpirun()), "-n", str(world_size), sys.executable, "-m", module, *args]
+
+
+def rank_environment(launcher: str) -> dict[str, str]:
+    """The parent's environment for the ranks, with the launcher's own directory first on PATH: MPICH's Hydra starts
+    its helper (hydra_pmi_proxy) from PATH."""
+    path = os.environ.get("PATH", "")
+    return {**os.environ, "PYTHONUNBUFFERED": "1",
+            "PATH": os.pathsep.join([str(Path(launcher).parent), *([path] if path else [])])}
 
 
 def run_module_on_ranks(world_size: int, module: str, args: list[str], timeout: float | None = None) -> str:
     """Run `python -m module args` on `world_size` ranks under mpirun; return rank 0's standard output."""
     cmd = mpirun_command(world_size, module, args)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=rank_environment(cmd[0]), timeout=timeout)
     if proc.returncode != 0:
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         detail = errors[0][len("error: "):] if errors else proc.stderr.strip()[-2000:]
