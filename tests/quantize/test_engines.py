@@ -5,7 +5,6 @@ and tp2 reproduces tp1."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from pipeline.quantize.mixed_gemm import unpreprocess_weights_for_mixed_gemm
 from pipeline.runtime import ModelRunner
 from tests.quantize.conftest import GROUP, convert_quantized
 from tests.runtime.engines import BACKEND, BUILD
+from tests.conftest import needs_mpirun
 from tests.runtime.test_multirank import generate_on_ranks
 
 PROMPTS = [[5, 17, 3, 9, 22, 41, 7], [11, 2, 100, 200], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 12]]
@@ -158,9 +158,6 @@ def test_awq_and_gptq_recover_part_of_what_plain_int4_loses(engines):
     plain = _relative_error(engines, "W4A16")
     assert _relative_error(engines, "W4A16_AWQ") < 0.9 * plain
     assert _relative_error(engines, "W4A16_GPTQ") < 0.9 * plain
-
-
-needs_mpirun = pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not installed (pip install mpi4py mpich)")
 
 
 @needs_mpirun

@@ -112,6 +112,14 @@ def test_tp2_build_and_evaluate_from_an_unactivated_venv(unactivated_venv, tiny_
          f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"],
         cwd=tmp_path, env=user_environment(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = json.loads((tmp_path / "run" / "run.json").read_text())["metrics"]
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    metrics = record["metrics"]
     assert metrics["build"]["smoke_world_size"] == 2 and metrics["convert"]["world_size"] == 2
     assert metrics["evaluate"]["n"] == 2 and metrics["evaluate"]["engine_tokens_per_second"] > 0
+
+    # `python -m pipeline.run` with the venv's interpreter relaunches itself on both ranks the same way.
+    run = subprocess.run([str(unactivated_venv / "python"), "-m", "pipeline.run", "--engine_dir",
+                          record["stages"]["build"]["artifact"], "--input_ids", "1,2,3", "--max_new_tokens", "2",
+                          "--json"], cwd=tmp_path, env=user_environment(), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert len(json.loads(run.stdout.strip().splitlines()[-1])["output_ids"][0]) == 2  # a tp2 engine: ran on 2 ranks

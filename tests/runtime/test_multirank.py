@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,17 +11,18 @@ import pytest
 import torch
 
 from pipeline.errors import PipelineError
+from tests.conftest import mpi_launcher, needs_mpirun
 from tests.runtime.engines import build_engine
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPTS = [[5, 17, 3, 9, 22, 41, 7], [11, 2], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 12]]
 
-pytestmark = pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not installed (pip install mpi4py mpich)")
+pytestmark = needs_mpirun
 
 
 def mpirun(n: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(["mpirun", "-n", str(n), sys.executable, *args], env=env, capture_output=True, text=True,
+    return subprocess.run([mpi_launcher(), "-n", str(n), sys.executable, *args], env=env, capture_output=True, text=True,
                           timeout=timeout, cwd=REPO)
 
 

