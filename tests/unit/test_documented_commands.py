@@ -18,8 +18,8 @@ SOURCES = [REPO / "README.md", *sorted((REPO / "docs").glob("**/*.md")), *sorted
 # The command, up to the end of its code span, line or trailing `# comment`.
 COMMAND = re.compile(r"(?:\.venv/bin/)?trtllm-pipeline\b([^`\n]*?)(?=`|\n|\s#|\s\s\s|$)")
 CODE_SPAN = re.compile(r"`([^`\n]+)`")
-FLAGS_WITHOUT_VALUE = {"-m", "--multirun"}
-FLAGS_WITH_VALUE = {"--cfg": {"job", "hydra", "all"}}
+FLAGS_WITHOUT_VALUE = {"-m", "--multirun", "--help", "-h", "--hydra-help"}
+FLAGS_WITH_VALUE = {"--cfg": {"job", "hydra", "all"}, "-c": {"job", "hydra", "all"}}
 
 
 def shown_text(path: Path, line: str, in_fence: bool) -> list[str]:
@@ -105,7 +105,7 @@ def test_documented_commands_compose(tmp_path):
         try:
             if re.fullmatch(r"[a-z][a-z_-]*", first):  # a subcommand (validate, ...): cli.main must dispatch it
                 assert f'"{first}"' in (REPO / "pipeline" / "cli.py").read_text(), f"no subcommand {first!r}"
-            elif "--config-dir" in args or "--config-name" in args:
+            elif re.search(r"(^|\s)(--config-dir|--config-name|-cd|-cn)(\s|=|$)", args):
                 compose_user_recipe(where, args, tmp_path)
             else:
                 for point in sweep_points(overrides_of(args)):
@@ -136,7 +136,7 @@ def compose_user_recipe(where: str, args: str, tmp_path: Path) -> None:
 
     from pipeline.cli import resolved_config
 
-    tokens = shlex.split(args)
+    tokens = [{"-cd": "--config-dir", "-cn": "--config-name"}.get(t, t) for t in shlex.split(args)]
     config_dir, name = tokens[tokens.index("--config-dir") + 1], tokens[tokens.index("--config-name") + 1]
     path, lineno = where.rsplit(":", 1)
     lines = (REPO / path).read_text().splitlines()[int(lineno) - 1:]
