@@ -207,6 +207,7 @@ def model_args(ckpt: dict[str, Any], tp_rank: int, pp_rank: int, names: set[str]
                                          or head_size * float(ckpt.get("rotary_pct", 1.0))),
         rotary_base=float(ckpt.get("rotary_base", ckpt.get("rotary_emb_base", 10000.0))),
         rotary_scaling=ckpt.get("rotary_scaling"),
+        rope_max_positions=int(ckpt.get("max_position_embeddings") or 2048),
         qkv_bias="transformer.layers.0.attention.qkv.bias" in names,
         dense_bias="transformer.layers.0.attention.dense.bias" in names,
         mlp_bias="transformer.layers.0.mlp.fc.bias" in names,

@@ -16,7 +16,7 @@ from pipeline.errors import PipelineError
 # Rope scaling kinds the CPU runtime computes. TensorRT-LLM applies the factor to max_seq_len deduction for the
 # kinds that stretch a short model (longrope and llama3 carry their own original length: their
 # max_position_embeddings is already the long one).
-SUPPORTED_ROPE_SCALING = {"none", "default", "linear", "llama3"}
+SUPPORTED_ROPE_SCALING = {"none", "default", "linear", "dynamic", "llama3", "yarn", "longrope"}
 FACTOR_EXTENDS_CONTEXT = {"linear", "dynamic", "yarn"}
 TRTLLM_BUILD_MAX_INPUT_LEN = 1024  # trtllm-build's --max_input_len default
 

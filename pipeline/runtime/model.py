@@ -45,6 +45,7 @@ class ModelArgs:
     rotary_dim: int
     rotary_base: float
     rotary_scaling: dict[str, Any] | None = None
+    rope_max_positions: int = 0  # the model's max_position_embeddings (dynamic NTK, yarn/longrope factors)
     qkv_bias: bool = False
     dense_bias: bool = False
     mlp_bias: bool = False
@@ -98,17 +99,93 @@ class ModelArgs:
         return -(-self.num_kv_heads // self.tp_size)
 
 
-def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
-    """Rotary inverse frequencies, with linear or llama3 scaling applied (others are refused at build time)."""
-    dim = args.rotary_dim
-    inv_freq = 1.0 / (args.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    scaling = args.rotary_scaling or {}
-    kind = scaling.get("rope_type", scaling.get("type", "none"))
+def rope_kind(scaling: dict[str, Any] | None) -> str:
+    """TensorRT-LLM reads the scaling type from `type`, else `rope_type`."""
+    scaling = scaling or {}
+    return scaling.get("type", scaling.get("rope_type", "none"))
+
+
+# Scalings whose frequencies depend on the sequence length reached: their cos/sin are computed per step from the
+# positions instead of read from a table.
+LENGTH_DEPENDENT_ROPE = {"dynamic", "longrope"}
+
+
+def _rope_exponents(dim: int) -> torch.Tensor:
+    return torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+
+
+def rope_inv_freq(args: ModelArgs, seq_len: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotary inverse frequencies [rotary_dim / 2], with the model's scaling applied (formulas as transformers'
+    rope utilities compute them). For the length-dependent kinds, `seq_len` [B] (each sequence's length so far)
+    gives per-sequence frequencies [B, rotary_dim / 2]."""
+    dim, base = args.rotary_dim, args.rotary_base
+    s = args.rotary_scaling or {}
+    kind = rope_kind(s)
+    if kind == "dynamic" and seq_len is not None:  # NTK: the base grows once the sequence passes the model's length
+        mpe, factor = float(args.rope_max_positions), float(s["factor"])
+        seq = torch.clamp(seq_len.float(), min=mpe)
+        grown = base * ((factor * seq / mpe) - (factor - 1)) ** (dim / (dim - 2))
+        return 1.0 / (grown[:, None] ** _rope_exponents(dim)[None, :])
+    if kind == "longrope":  # short factors within the original length, long factors beyond it (per sequence)
+        power = base ** _rope_exponents(dim)
+        short = 1.0 / (torch.tensor(s["short_factor"], dtype=torch.float32) * power)
+        if seq_len is None:
+            return short
+        long = 1.0 / (torch.tensor(s["long_factor"], dtype=torch.float32) * power)
+        beyond = seq_len > int(s["original_max_position_embeddings"])
+        return torch.where(beyond[:, None], long[None, :], short[None, :])
+    inv_freq = 1.0 / (base ** _rope_exponents(dim))
     if kind == "linear":
-        inv_freq = inv_freq / float(scaling["factor"])
+        inv_freq = inv_freq / float(s["factor"])
     elif kind == "llama3":
-        inv_freq = _llama3_inv_freq(inv_freq, scaling)
+        inv_freq = _llama3_inv_freq(inv_freq, s)
+    elif kind == "yarn":
+        inv_freq = _yarn_inv_freq(args, s)
     return inv_freq
+
+
+def rope_attention_factor(args: ModelArgs) -> float:
+    """The factor yarn and longrope multiply cos and sin by (1 for the other kinds)."""
+    s = args.rotary_scaling or {}
+    kind = rope_kind(s)
+    if kind not in ("yarn", "longrope"):
+        return 1.0
+    if s.get("attention_factor") is not None:
+        return float(s["attention_factor"])
+    orig = float(s["original_max_position_embeddings"])
+    factor = float(s.get("factor") or args.rope_max_positions / orig)
+    if kind == "longrope":
+        return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if s.get("mscale") and s.get("mscale_all_dim"):
+        return mscale(factor, float(s["mscale"])) / mscale(factor, float(s["mscale_all_dim"]))
+    return mscale(factor)
+
+
+def _yarn_inv_freq(args: ModelArgs, s: dict[str, Any]) -> torch.Tensor:
+    """YaRN: interpolated (divided by the factor) low frequencies, extrapolated high ones, a linear ramp between
+    the dimensions that turn beta_fast and beta_slow times over the original length."""
+    dim, base = args.rotary_dim, args.rotary_base
+    orig = float(s["original_max_position_embeddings"])
+    factor = float(s.get("factor") or args.rope_max_positions / orig)
+    beta_fast, beta_slow = float(s.get("beta_fast") or 32), float(s.get("beta_slow") or 1)
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(orig / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # no division by zero
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    power = base ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolation = 1 - ramp
+    return (1.0 / (factor * power)) * (1 - extrapolation) + (1.0 / power) * extrapolation
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
@@ -123,11 +200,28 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
 
 
 def rope_tables(args: ModelArgs, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, [max_positions, rotary_dim], float32: the frequencies repeated as two halves (neox style) or
-    each twice in a row (gptj style), matching how each style pairs dimensions."""
+    """cos and sin, [max_positions, rotary_dim], float32 (see rope_cos_sin)."""
     freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), rope_inv_freq(args))
+    return rope_cos_sin(args, freqs)
+
+
+def rope_cos_sin(args: ModelArgs, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position x frequency angles [..., rotary_dim / 2] -> [..., rotary_dim]: the frequencies
+    repeated as two halves (neox style) or each twice in a row (gptj style), matching how each style pairs
+    dimensions; scaled by yarn's or longrope's attention factor."""
     emb = freqs.repeat_interleave(2, dim=-1) if args.rope_style == "gptj" else torch.cat([freqs, freqs], dim=-1)
-    return emb.cos(), emb.sin()
+    factor = rope_attention_factor(args)
+    return emb.cos() * factor, emb.sin() * factor
+
+
+def rope_for_positions(args: ModelArgs, input_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [B, T, rotary_dim] for the length-dependent scalings. The length is the batch's highest position
+    + 1 in this step, as transformers computes it for a batch (its padded prefill width, then the longest
+    sequence); one sequence alone gets its own length, as in TensorRT-LLM. Keys keep the rotation they were cached
+    with."""
+    seq_len = (input_pos.max() + 1).expand(input_pos.shape[0])
+    inv_freq = rope_inv_freq(args, seq_len)  # [B, rotary_dim / 2]
+    return rope_cos_sin(args, input_pos.float()[:, :, None] * inv_freq[:, None, :])
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -419,6 +513,7 @@ class EngineModel(nn.Module):
         dtype = DTYPES[args.dtype]
         self.caches = [KVCache(max_batch, args.local_kv_heads, max_seq, args.head_size, dtype, args.kv_cache_quant)
                        for _ in args.layers]
+        self.length_dependent_rope = bool(args.rotary_dim) and rope_kind(args.rotary_scaling) in LENGTH_DEPENDENT_ROPE
         cos, sin = rope_tables(args, max_seq)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -475,8 +570,12 @@ class EngineModel(nn.Module):
                 x = x * torch.tensor(self.args.embedding_scale, dtype=x.dtype)
         if self.pos_embed is not None:
             x = x + self.pos_embed(input_pos)
-        cos = self.rope_cos[input_pos].unsqueeze(1).to(x.dtype)
-        sin = self.rope_sin[input_pos].unsqueeze(1).to(x.dtype)
+        if self.length_dependent_rope:  # fixed per model (dynamic NTK, longrope)
+            cos, sin = rope_for_positions(self.args, input_pos)
+            cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+        else:
+            cos = self.rope_cos[input_pos].unsqueeze(1).to(x.dtype)
+            sin = self.rope_sin[input_pos].unsqueeze(1).to(x.dtype)
         full = (cos, sin, causal_mask(input_pos, kv_len))
         local = full
         if self.args.sliding_window:  # fixed per model: sliding layers get their own mask (and maybe RoPE)

@@ -50,6 +50,8 @@ def rope_fields(hf: Mapping[str, Any], default_base: float) -> dict[str, Any]:
         scaling = {k: v for k, v in scaling.items() if k != "rope_theta"}
         if scaling.get("rope_type", scaling.get("type")) in (None, "default"):
             scaling = None
+        elif "original_max_position_embeddings" not in scaling and hf.get("original_max_position_embeddings"):
+            scaling["original_max_position_embeddings"] = hf["original_max_position_embeddings"]  # Phi-3 keeps it outside
     return {"rotary_base": float(base), "rotary_scaling": scaling}
 
 
