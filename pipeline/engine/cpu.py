@@ -180,7 +180,7 @@ RUNTIME_LAYOUTS: dict[str, RuntimeFamily] = {
     "OPTForCausalLM": GPT,  # post-norm when do_layer_norm_before is false (see model_args)
     "FalconForCausalLM": FALCON,
 }
-SUPPORTED_POSITIONS = {"rope_gpt_neox", "rope_gptj", "learned_absolute"}
+SUPPORTED_POSITIONS = {"rope_gpt_neox", "rope_gptj", "learned_absolute", "alibi", "alibi_with_scale"}
 
 
 def model_args(ckpt: dict[str, Any], tp_rank: int, pp_rank: int, names: set[str], family: RuntimeFamily) -> ModelArgs:
@@ -190,7 +190,9 @@ def model_args(ckpt: dict[str, Any], tp_rank: int, pp_rank: int, names: set[str]
     moe_tp, moe_ep = moe_parallel(m)
     heads = ckpt["num_attention_heads"]
     head_size = ckpt.get("head_size") or ckpt["hidden_size"] // heads
-    learned = ckpt.get("position_embedding_type") == "learned_absolute"
+    positions = ckpt.get("position_embedding_type")
+    learned = positions == "learned_absolute"
+    alibi = positions in ("alibi", "alibi_with_scale")
     return ModelArgs(
         hidden_size=ckpt["hidden_size"],
         num_heads=heads,
@@ -203,7 +205,7 @@ def model_args(ckpt: dict[str, Any], tp_rank: int, pp_rank: int, names: set[str]
         norm_eps=float(ckpt.get("norm_epsilon", 1e-5)),
         hidden_act=ckpt.get("hidden_act", "silu"),
         dtype=ckpt["dtype"],
-        rotary_dim=0 if learned else int(ckpt.get("rotary_embedding_dim") or ckpt.get("rotary_dim")
+        rotary_dim=0 if learned or alibi else int(ckpt.get("rotary_embedding_dim") or ckpt.get("rotary_dim")
                                          or head_size * float(ckpt.get("rotary_pct", 1.0))),
         rotary_base=float(ckpt.get("rotary_base", ckpt.get("rotary_emb_base", 10000.0))),
         rotary_scaling=ckpt.get("rotary_scaling"),
@@ -241,6 +243,8 @@ def model_args(ckpt: dict[str, Any], tp_rank: int, pp_rank: int, names: set[str]
         sliding_window=int(ckpt.get("sliding_window") or 0) if ckpt.get("_sliding_window_pattern", 1) != 1 else 0,
         sliding_window_pattern=int(ckpt.get("_sliding_window_pattern") or 1),
         rotary_base_local=float(ckpt.get("rope_local_base_freq") or 0.0),
+        alibi=alibi,
+        alibi_scale=head_size ** -0.5 if positions == "alibi_with_scale" else 1.0,
     )
 
 

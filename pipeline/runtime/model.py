@@ -82,6 +82,10 @@ class ModelArgs:
     sliding_window: int = 0
     sliding_window_pattern: int = 1
     rotary_base_local: float = 0.0  # RoPE base of the sliding layers (0: rotary_base); Gemma3
+    # ALiBi (no rotary positions): each head adds slope x key position to its scores, times alibi_scale
+    # (TensorRT-LLM's alibi: 1; alibi_with_scale (Falcon): the query scaling 1/sqrt(head_size)).
+    alibi: bool = False
+    alibi_scale: float = 1.0
 
     def is_sliding(self, layer: int) -> bool:
         return self.sliding_window > 0 and (layer + 1) % self.sliding_window_pattern != 0
@@ -233,6 +237,27 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
 
 
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """BLOOM's ALiBi slopes [num_heads], float32: a geometric series for the largest power of two of heads, and for
+    the remaining heads every other term of the series of twice that many."""
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = 2.0 ** (-(2.0 ** -(math.log2(closest) - 3)))
+    slopes = torch.pow(torch.tensor(base, dtype=torch.float32), torch.arange(1, 1 + closest, dtype=torch.int32))
+    if closest != num_heads:
+        extra_base = 2.0 ** (-(2.0 ** -(math.log2(2 * closest) - 3)))
+        extra = torch.arange(1, 1 + 2 * min(closest, num_heads - closest), 2, dtype=torch.int32)
+        slopes = torch.cat([slopes, torch.pow(torch.tensor(extra_base, dtype=torch.float32), extra)])
+    return slopes
+
+
+def alibi_bias(slopes: torch.Tensor, visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention bias [B, heads, T, S]: slope x key position where visible (mask [B, 1, T, S]), -inf
+    elsewhere. Softmax is shift-invariant per query, so this equals slope x (key - query position)."""
+    keys = torch.arange(visible.shape[-1], dtype=torch.float32)
+    bias = (slopes[:, None, None] * keys).unsqueeze(0)  # [1, heads, 1, S]
+    return torch.where(visible, bias, torch.tensor(float("-inf"))).to(dtype)
+
+
 def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
     return torch.tanh(x / cap) * cap
 
@@ -306,7 +331,7 @@ class Attention(nn.Module):
         self.scale = args.attn_scale or dh ** -0.5
 
     def forward(self, x, cos, sin, mask, cache: KVCache, input_pos, kv_len: int) -> torch.Tensor:
-        # x: [B, T, H]; mask: [B, 1, T, kv_len]
+        # x: [B, T, H]; mask: [B, 1, T, kv_len] (True = visible), or with ALiBi an additive bias [B, heads, T, kv_len]
         a = self.args
         b, t, _ = x.shape
         qkv = self.linear(x, self.qkv_weight, self.qkv_bias)
@@ -506,6 +531,10 @@ class EngineModel(nn.Module):
                  "sandwich": SandwichDecoderLayer}.get(args.residual, ParallelDecoderLayer)
         self.layers = nn.ModuleList(layer(args, d, linear) for _ in args.layers)
         self.sliding = [args.is_sliding(g) for g in args.layers]  # fixed per layer
+        if args.alibi:  # this rank's heads' slopes (TP splits them by head), scaled once here
+            local = slice(d.tp_rank * args.local_heads, (d.tp_rank + 1) * args.local_heads)
+            self.register_buffer("alibi_slopes", alibi_slopes(args.num_heads)[local] * args.alibi_scale,
+                                 persistent=False)
         if d.is_last_stage:
             self.final_norm = make_norm(args) if args.final_norm else nn.Identity()
             self.lm_head = nn.Parameter(torch.empty(args.vocab_padded // args.tp_size, args.hidden_size))
@@ -577,6 +606,8 @@ class EngineModel(nn.Module):
             cos = self.rope_cos[input_pos].unsqueeze(1).to(x.dtype)
             sin = self.rope_sin[input_pos].unsqueeze(1).to(x.dtype)
         full = (cos, sin, causal_mask(input_pos, kv_len))
+        if self.args.alibi:  # fixed per model: the mask becomes an additive bias per head
+            full = (cos, sin, alibi_bias(self.alibi_slopes, full[2], x.dtype))
         local = full
         if self.args.sliding_window:  # fixed per model: sliding layers get their own mask (and maybe RoPE)
             if self.args.rotary_base_local:
