@@ -240,8 +240,11 @@ def model_args(ckpt: dict[str, Any], tp_rank: int, pp_rank: int, names: set[str]
         attn_softcap=float(ckpt.get("attn_logit_softcapping") or 0.0),
         final_softcap=float(ckpt.get("final_logit_softcapping") or 0.0),
         qk_norm="transformer.layers.0.attention.q_layernorm.weight" in names,
-        sliding_window=int(ckpt.get("sliding_window") or 0) if ckpt.get("_sliding_window_pattern", 1) != 1 else 0,
-        sliding_window_pattern=int(ckpt.get("_sliding_window_pattern") or 1),
+        # Gemma2/3 name their pattern; a sliding_window without one slides every layer (Mistral) or the layers from
+        # max_window_layers on (Qwen2 with use_sliding_window).
+        sliding_window=int(ckpt.get("sliding_window") or 0) if ckpt.get("_sliding_window_pattern", 0) != 1 else 0,
+        sliding_window_pattern=int(ckpt.get("_sliding_window_pattern") or 0),
+        first_sliding_layer=int(ckpt.get("max_window_layers") or 0),
         rotary_base_local=float(ckpt.get("rope_local_base_freq") or 0.0),
         alibi=alibi,
         alibi_scale=head_size ** -0.5 if positions == "alibi_with_scale" else 1.0,

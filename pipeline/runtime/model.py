@@ -77,10 +77,12 @@ class ModelArgs:
     attn_softcap: float = 0.0  # cap * tanh(scores / cap) on attention scores (0: none; Gemma2)
     final_softcap: float = 0.0  # the same on the logits (Gemma2/3)
     qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (Gemma3)
-    # Sliding-window attention: layer i is global when (i + 1) % sliding_window_pattern == 0, else it sees only the
-    # last sliding_window positions (0: every layer global). Gemma2/3.
+    # Sliding-window attention: layer i sees only the last sliding_window positions (0: every layer global) when
+    # i >= first_sliding_layer and, with a pattern p > 0, (i + 1) % p != 0 (Gemma2/3: every p-th layer global;
+    # Mistral: pattern 0, every layer slides; Qwen2: layers from max_window_layers on).
     sliding_window: int = 0
     sliding_window_pattern: int = 1
+    first_sliding_layer: int = 0
     rotary_base_local: float = 0.0  # RoPE base of the sliding layers (0: rotary_base); Gemma3
     # ALiBi (no rotary positions): each head adds slope x key position to its scores, times alibi_scale
     # (TensorRT-LLM's alibi: 1; alibi_with_scale (Falcon): the query scaling 1/sqrt(head_size)).
@@ -88,7 +90,9 @@ class ModelArgs:
     alibi_scale: float = 1.0
 
     def is_sliding(self, layer: int) -> bool:
-        return self.sliding_window > 0 and (layer + 1) % self.sliding_window_pattern != 0
+        if self.sliding_window <= 0 or layer < self.first_sliding_layer:
+            return False
+        return self.sliding_window_pattern == 0 or (layer + 1) % self.sliding_window_pattern != 0
 
     @property
     def vocab_padded(self) -> int:
@@ -521,7 +525,11 @@ class EngineModel(nn.Module):
 
     linear_weights = ("lm_head",)
 
-    def __init__(self, args: ModelArgs, d: Dist, max_batch: int, max_seq: int, linear: TorchKernel | None = None):
+    def __init__(self, args: ModelArgs, d: Dist, max_batch: int, max_seq: int, linear: TorchKernel | None = None,
+                 max_input: int = 0):
+        """`max_input` (the engine's max_input_len; 0: unknown) bounds sliding-window layers' caches to a ring of
+        sliding_window + max_input slots: enough for a whole right-padded prefill (padding included) beside the
+        window, and independent of max_seq."""
         super().__init__()
         linear = linear or TorchKernel()
         self.args, self.d, self.linear = args, d, linear
@@ -540,8 +548,11 @@ class EngineModel(nn.Module):
             self.lm_head = nn.Parameter(torch.empty(args.vocab_padded // args.tp_size, args.hidden_size))
             self.lm_head_bias = _bias(args.lm_head_bias, args.vocab_padded // args.tp_size)
         dtype = DTYPES[args.dtype]
-        self.caches = [KVCache(max_batch, args.local_kv_heads, max_seq, args.head_size, dtype, args.kv_cache_quant)
-                       for _ in args.layers]
+        ring = args.sliding_window + max_input if max_input and args.sliding_window else 0
+        self.ring_slots = ring if 0 < ring < max_seq and any(self.sliding) else 0  # fixed per engine
+        self.caches = [KVCache(max_batch, args.local_kv_heads, self.ring_slots if sliding and self.ring_slots else max_seq,
+                               args.head_size, dtype, args.kv_cache_quant, ring=sliding and bool(self.ring_slots))
+                       for sliding in self.sliding]
         self.length_dependent_rope = bool(args.rotary_dim) and rope_kind(args.rotary_scaling) in LENGTH_DEPENDENT_ROPE
         cos, sin = rope_tables(args, max_seq)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -613,7 +624,9 @@ class EngineModel(nn.Module):
             if self.args.rotary_base_local:
                 cos = self.rope_cos_local[input_pos].unsqueeze(1).to(x.dtype)
                 sin = self.rope_sin_local[input_pos].unsqueeze(1).to(x.dtype)
-            local = (cos, sin, causal_mask(input_pos, kv_len, self.args.sliding_window))
+            window = self.args.sliding_window
+            local = (cos, sin, ring_mask(input_pos, kv_len, self.ring_slots, window) if self.ring_slots
+                     else causal_mask(input_pos, kv_len, window))
         for layer, cache, sliding in zip(self.layers, self.caches, self.sliding):
             x = layer(x, *(local if sliding else full), cache, input_pos, kv_len)
         return x
@@ -635,3 +648,16 @@ def causal_mask(input_pos: torch.Tensor, kv_len: int, window: int = 0) -> torch.
     if window:  # fixed per call site (sliding layers)
         visible = visible & (keys > pos - window)
     return visible.unsqueeze(1)
+
+
+def ring_mask(input_pos: torch.Tensor, kv_len: int, slots: int, window: int) -> torch.Tensor:
+    """[B, 1, T, min(kv_len, slots)]: the sliding-window mask over a ring cache (position p in slot p % slots).
+    Each sequence has written every position up to its highest one in this step (`last`), so slot s holds
+    last - ((last - s) mod slots); a slot is visible when that position is >= 0 and within the query's window.
+    Padding written beyond a sequence's end holds positions above `last` and computes as an older, invisible one:
+    the ring is larger than the window by the longest padded prefill."""
+    last = input_pos.max(dim=1, keepdim=True).values  # [B, 1]
+    s = torch.arange(min(kv_len, slots), device=input_pos.device)[None, :]
+    held = (last - torch.remainder(last - s, slots))[:, None, :]  # [B, 1, S]
+    pos = input_pos[:, :, None]
+    return ((held >= 0) & (held <= pos) & (held > pos - window)).unsqueeze(1)

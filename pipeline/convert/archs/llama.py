@@ -84,4 +84,6 @@ class LlamaSpec(ArchSpec):
     def trtllm_config(self, hf: Mapping[str, Any], dtype: str, mapping: MappingArgs) -> dict[str, Any]:
         cfg = llama_like_config(self.architecture, hf, dtype, mapping, default_rope_base=10000.0)
         cfg["attn_bias"] = bool(hf.get("attention_bias", hf.get("bias", False)))
+        if hf.get("sliding_window"):  # Mistral: every layer attends to the last sliding_window positions
+            cfg["sliding_window"] = int(hf["sliding_window"])
         return cfg
