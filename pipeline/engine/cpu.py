@@ -169,6 +169,7 @@ RUNTIME_LAYOUTS: dict[str, RuntimeFamily] = {
     "LlamaForCausalLM": GATED_RMS,
     "MistralForCausalLM": GATED_RMS,
     "Qwen2ForCausalLM": GATED_RMS,
+    "Phi3ForCausalLM": GATED_RMS,
     "MixtralForCausalLM": MOE_RMS,
     "GPTForCausalLM": GPT,
     "GPTNeoXForCausalLM": NEOX,
