@@ -101,6 +101,17 @@ GPT_DECODER: tuple[EngineTensor, ...] = (
 )
 
 
+# BLOOM: GPT's tensors without a position table, with the LayerNorm after the embedding.
+BLOOM_DECODER: tuple[EngineTensor, ...] = (
+    GPT_DECODER[0],
+    EngineTensor("embed_norm.weight", ("transformer.ln_embed.weight",), stage="first"),
+    EngineTensor("embed_norm.bias", ("transformer.ln_embed.bias",), stage="first"),
+    *(t for t in GPT_DECODER[2:] if not t.name.startswith("final_norm")),
+    EngineTensor("final_norm.weight", ("transformer.ln_f.weight",), stage="last"),
+    EngineTensor("final_norm.bias", ("transformer.ln_f.bias",), stage="last"),
+)
+
+
 def _layernorm_decoder(norms: tuple[tuple[str, str], ...], lm_head_bias: bool) -> tuple[EngineTensor, ...]:
     """LayerNorm (with bias) decoders with rotary positions and a plain MLP: GPT-NeoX and Phi."""
     return (
@@ -152,6 +163,7 @@ class RuntimeFamily:
     rope_style: str = "neox"
     mlp_bias_before_reduce: bool = False
     scale_embedding: bool = False  # multiply embeddings by sqrt(hidden_size) (Gemma)
+    embedding_norm: bool = False  # a norm right after the embedding (BLOOM)
 
 
 GATED_RMS = RuntimeFamily(GATED_DECODER, norm_type="rms", gated_mlp=True)
@@ -159,6 +171,7 @@ MOE_RMS = RuntimeFamily(MOE_DECODER, norm_type="rms", gated_mlp=True)
 GEMMA = RuntimeFamily(GATED_DECODER, norm_type="rms", gated_mlp=True, scale_embedding=True)
 GEMMA2 = RuntimeFamily(SANDWICH_DECODER, norm_type="rms", gated_mlp=True, residual="sandwich", scale_embedding=True)
 GPT = RuntimeFamily(GPT_DECODER, norm_type="layer", gated_mlp=False)
+BLOOM = RuntimeFamily(BLOOM_DECODER, norm_type="layer", gated_mlp=False, embedding_norm=True)
 NEOX = RuntimeFamily(NEOX_DECODER, norm_type="layer", gated_mlp=False, residual="parallel")
 PHI = RuntimeFamily(PHI_DECODER, norm_type="layer", gated_mlp=False, residual="parallel_shared_norm")
 FALCON = RuntimeFamily(FALCON_DECODER, norm_type="layer", gated_mlp=False, residual=falcon_residual)
@@ -180,6 +193,7 @@ RUNTIME_LAYOUTS: dict[str, RuntimeFamily] = {
     "Gemma3ForCausalLM": GEMMA2,
     "OPTForCausalLM": GPT,  # post-norm when do_layer_norm_before is false (see model_args)
     "FalconForCausalLM": FALCON,
+    "BloomForCausalLM": BLOOM,
 }
 SUPPORTED_POSITIONS = {"rope_gpt_neox", "rope_gptj", "learned_absolute", "alibi", "alibi_with_scale"}
 
@@ -248,6 +262,7 @@ def model_args(ckpt: dict[str, Any], tp_rank: int, pp_rank: int, names: set[str]
         first_sliding_layer=int(ckpt.get("max_window_layers") or 0),
         rotary_base_local=float(ckpt.get("rope_local_base_freq") or 0.0),
         alibi=alibi,
+        embedding_norm=family.embedding_norm,
         alibi_scale=head_size ** -0.5 if positions == "alibi_with_scale" else 1.0,
     )
 

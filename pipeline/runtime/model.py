@@ -88,6 +88,7 @@ class ModelArgs:
     # (TensorRT-LLM's alibi: 1; alibi_with_scale (Falcon): the query scaling 1/sqrt(head_size)).
     alibi: bool = False
     alibi_scale: float = 1.0
+    embedding_norm: bool = False  # a norm right after the embedding (BLOOM's word_embeddings_layernorm)
 
     def is_sliding(self, layer: int) -> bool:
         if self.sliding_window <= 0 or layer < self.first_sliding_layer:
@@ -535,6 +536,7 @@ class EngineModel(nn.Module):
         self.args, self.d, self.linear = args, d, linear
         self.embed = Embedding(args, d, args.vocab_size) if d.is_first_stage else None
         self.pos_embed = Embedding(args, d, args.max_positions) if d.is_first_stage and args.max_positions else None
+        self.embed_norm = make_norm(args) if d.is_first_stage and args.embedding_norm else None
         layer = {"sequential": DecoderLayer, "post_norm": PostNormDecoderLayer,
                  "sandwich": SandwichDecoderLayer}.get(args.residual, ParallelDecoderLayer)
         self.layers = nn.ModuleList(layer(args, d, linear) for _ in args.layers)
@@ -610,6 +612,8 @@ class EngineModel(nn.Module):
                 x = x * torch.tensor(self.args.embedding_scale, dtype=x.dtype)
         if self.pos_embed is not None:
             x = x + self.pos_embed(input_pos)
+        if self.embed_norm is not None:  # fixed per model (BLOOM)
+            x = self.embed_norm(x)
         if self.length_dependent_rope:  # fixed per model (dynamic NTK, longrope)
             cos, sin = rope_for_positions(self.args, input_pos)
             cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)

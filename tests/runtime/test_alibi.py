@@ -1,5 +1,5 @@
-"""ALiBi: BLOOM's slopes (also for head counts that are not a power of two) and Falcon's alibi=true models against
-transformers; tensor parallelism splits the slopes by head."""
+"""ALiBi: BLOOM's slopes (also for head counts that are not a power of two), BLOOM and Falcon's alibi=true models
+against transformers; tensor parallelism splits the slopes by head."""
 
 from __future__ import annotations
 
@@ -30,14 +30,30 @@ def test_slopes_are_blooms(heads):
     assert torch.equal(alibi_slopes(heads), want)
 
 
+def tiny_bloom(root):
+    import transformers
+
+    config = transformers.BloomConfig(vocab_size=97, hidden_size=48, n_layer=3, n_head=6, bos_token_id=0,
+                                      eos_token_id=0, pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.BloomForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.copy_(torch.randn_like(p))
+    model.save_pretrained(root / "bloom")
+    return root / "bloom"
+
+
 @pytest.fixture(scope="module")
 def falcon_alibi(tmp_path_factory):
     root = tmp_path_factory.mktemp("alibi")
-    return {name: make_tiny_model(root, base, **over) for name, (base, over) in FALCON_ALIBI.items()}
+    models = {name: make_tiny_model(root, base, **over) for name, (base, over) in FALCON_ALIBI.items()}
+    return {**models, "bloom_6_heads": tiny_bloom(root)}
 
 
-@pytest.mark.parametrize("name", list(FALCON_ALIBI))
-def test_falcon_alibi_matches_transformers(falcon_alibi, tmp_path, name):
+@pytest.mark.parametrize("name", [*FALCON_ALIBI, "bloom_6_heads"])
+def test_alibi_models_match_transformers(falcon_alibi, tmp_path, name):
     runner = ModelRunner.from_dir(build_engine(falcon_alibi[name], tmp_path))
     assert runner.args.alibi and runner.args.rotary_dim == 0
     ref = hf_model(falcon_alibi[name])
@@ -51,11 +67,11 @@ def test_falcon_alibi_matches_transformers(falcon_alibi, tmp_path, name):
 
 
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not installed (pip install mpi4py mpich)")
-def test_alibi_tp2_equals_single_rank(falcon_alibi, tmp_path):
+def test_alibi_tp2_pp2_equals_single_rank(falcon_alibi, tmp_path):
     from tests.runtime.test_multirank import generate_on_ranks
 
-    model = falcon_alibi["falcon_alibi_6_heads"]  # 3 heads per rank: rank 1 holds slopes 4..6
+    model = falcon_alibi["bloom_6_heads"]  # 3 heads per tp rank: rank 1 holds slopes 4..6; layers 2 + 1
     single = generate_on_ranks(build_engine(model, tmp_path / "one"), tmp_path / "o1", 1)[0]
-    for got in generate_on_ranks(build_engine(model, tmp_path / "two", tp=2), tmp_path / "o2", 2):
+    for got in generate_on_ranks(build_engine(model, tmp_path / "four", tp=2, pp=2), tmp_path / "o4", 4):
         assert torch.equal(got["output_ids"], single["output_ids"])
         assert (got["context_logits"] - single["context_logits"]).abs().max().item() < 1e-5
