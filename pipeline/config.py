@@ -155,8 +155,10 @@ class BuildConfig:
 
     backend: Backend = Backend.cpu
     max_batch_size: int = 8
-    max_input_len: int = 924
-    max_seq_len: Optional[int] = 1024
+    # null: derived from the model as trtllm-build derives them (see pipeline.engine.limits); a value set here is a
+    # requirement, an error when the model cannot meet it.
+    max_input_len: Optional[int] = None
+    max_seq_len: Optional[int] = None
     max_num_tokens: Optional[int] = None
     max_beam_width: int = 1
     gather_context_logits: bool = False

@@ -161,6 +161,16 @@ GPT_LAYOUT: tuple[Target, ...] = (
 )
 
 
+# TensorRT-LLM's BloomForCausalLM: GPT's block without position embeddings (ALiBi), a LayerNorm after the embedding
+# (`transformer.ln_embed`), biases everywhere.
+BLOOM_LAYOUT: tuple[Target, ...] = (
+    GPT_LAYOUT[0],
+    Target("transformer.ln_embed.weight", (Canon.EMBED_NORM,), Split.REPLICATE, Place.FIRST_STAGE),
+    Target("transformer.ln_embed.bias", (Canon.EMBED_NORM_BIAS,), Split.REPLICATE, Place.FIRST_STAGE),
+    *(t for t in GPT_LAYOUT[2:]),
+)
+
+
 def _with_bias(weight: str, canon: Canon, split: Split) -> tuple[Target, Target]:
     bias_canon = Canon(canon.value.replace(".weight", ".bias"))
     return (Target(_layer(f"{weight}.weight"), (canon,), split),

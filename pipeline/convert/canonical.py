@@ -17,6 +17,8 @@ class Canon(str, Enum):
 
     VOCAB_EMBED = "vocab_embed.weight"  # all
     POSITION_EMBED = "position_embed.weight"  # learned absolute positions (GPT-2, OPT)
+    EMBED_NORM = "embed_norm.weight"  # LayerNorm right after the embedding (BLOOM)
+    EMBED_NORM_BIAS = "embed_norm.bias"
     ATTN_NORM = "layers.{layer}.attn_norm.weight"  # all
     ATTN_NORM_BIAS = "layers.{layer}.attn_norm.bias"  # LayerNorm models
     ATTN_Q = "layers.{layer}.attn.q.weight"  # all
@@ -104,6 +106,8 @@ def _kv_rows(d: Dims) -> int:
 CANONICAL_SHAPES: dict[Canon, Callable[[Dims], tuple[int, ...]]] = {
     Canon.VOCAB_EMBED: lambda d: (d.vocab, d.hidden),
     Canon.POSITION_EMBED: lambda d: (d.max_positions, d.hidden),
+    Canon.EMBED_NORM: lambda d: (d.hidden,),
+    Canon.EMBED_NORM_BIAS: lambda d: (d.hidden,),
     Canon.ATTN_NORM: lambda d: (d.hidden,),
     Canon.ATTN_NORM_BIAS: lambda d: (d.hidden,),
     Canon.ATTN_Q: lambda d: (_q_rows(d), d.hidden),

@@ -26,6 +26,8 @@ ARCH_MODULES: dict[str, str] = {
     "GPTBigCodeForCausalLM": "pipeline.convert.archs.gpt",
     "GPTNeoXForCausalLM": "pipeline.convert.archs.neox",
     "PhiForCausalLM": "pipeline.convert.archs.phi",
+    "BloomForCausalLM": "pipeline.convert.archs.bloom",
+    "Phi3ForCausalLM": "pipeline.convert.archs.phi3",
     "GPTJForCausalLM": "pipeline.convert.archs.gptj",
     "GemmaForCausalLM": "pipeline.convert.archs.gemma",
     "Gemma2ForCausalLM": "pipeline.convert.archs.gemma",

@@ -101,6 +101,17 @@ GPT_DECODER: tuple[EngineTensor, ...] = (
 )
 
 
+# BLOOM: GPT's tensors without a position table, with the LayerNorm after the embedding.
+BLOOM_DECODER: tuple[EngineTensor, ...] = (
+    GPT_DECODER[0],
+    EngineTensor("embed_norm.weight", ("transformer.ln_embed.weight",), stage="first"),
+    EngineTensor("embed_norm.bias", ("transformer.ln_embed.bias",), stage="first"),
+    *(t for t in GPT_DECODER[2:] if not t.name.startswith("final_norm")),
+    EngineTensor("final_norm.weight", ("transformer.ln_f.weight",), stage="last"),
+    EngineTensor("final_norm.bias", ("transformer.ln_f.bias",), stage="last"),
+)
+
+
 def _layernorm_decoder(norms: tuple[tuple[str, str], ...], lm_head_bias: bool) -> tuple[EngineTensor, ...]:
     """LayerNorm (with bias) decoders with rotary positions and a plain MLP: GPT-NeoX and Phi."""
     return (
@@ -152,6 +163,7 @@ class RuntimeFamily:
     rope_style: str = "neox"
     mlp_bias_before_reduce: bool = False
     scale_embedding: bool = False  # multiply embeddings by sqrt(hidden_size) (Gemma)
+    embedding_norm: bool = False  # a norm right after the embedding (BLOOM)
 
 
 GATED_RMS = RuntimeFamily(GATED_DECODER, norm_type="rms", gated_mlp=True)
@@ -159,6 +171,7 @@ MOE_RMS = RuntimeFamily(MOE_DECODER, norm_type="rms", gated_mlp=True)
 GEMMA = RuntimeFamily(GATED_DECODER, norm_type="rms", gated_mlp=True, scale_embedding=True)
 GEMMA2 = RuntimeFamily(SANDWICH_DECODER, norm_type="rms", gated_mlp=True, residual="sandwich", scale_embedding=True)
 GPT = RuntimeFamily(GPT_DECODER, norm_type="layer", gated_mlp=False)
+BLOOM = RuntimeFamily(BLOOM_DECODER, norm_type="layer", gated_mlp=False, embedding_norm=True)
 NEOX = RuntimeFamily(NEOX_DECODER, norm_type="layer", gated_mlp=False, residual="parallel")
 PHI = RuntimeFamily(PHI_DECODER, norm_type="layer", gated_mlp=False, residual="parallel_shared_norm")
 FALCON = RuntimeFamily(FALCON_DECODER, norm_type="layer", gated_mlp=False, residual=falcon_residual)
@@ -169,6 +182,7 @@ RUNTIME_LAYOUTS: dict[str, RuntimeFamily] = {
     "LlamaForCausalLM": GATED_RMS,
     "MistralForCausalLM": GATED_RMS,
     "Qwen2ForCausalLM": GATED_RMS,
+    "Phi3ForCausalLM": GATED_RMS,
     "MixtralForCausalLM": MOE_RMS,
     "GPTForCausalLM": GPT,
     "GPTNeoXForCausalLM": NEOX,
@@ -179,8 +193,9 @@ RUNTIME_LAYOUTS: dict[str, RuntimeFamily] = {
     "Gemma3ForCausalLM": GEMMA2,
     "OPTForCausalLM": GPT,  # post-norm when do_layer_norm_before is false (see model_args)
     "FalconForCausalLM": FALCON,
+    "BloomForCausalLM": BLOOM,
 }
-SUPPORTED_POSITIONS = {"rope_gpt_neox", "rope_gptj", "learned_absolute"}
+SUPPORTED_POSITIONS = {"rope_gpt_neox", "rope_gptj", "learned_absolute", "alibi", "alibi_with_scale"}
 
 
 def model_args(ckpt: dict[str, Any], tp_rank: int, pp_rank: int, names: set[str], family: RuntimeFamily) -> ModelArgs:
@@ -190,7 +205,9 @@ def model_args(ckpt: dict[str, Any], tp_rank: int, pp_rank: int, names: set[str]
     moe_tp, moe_ep = moe_parallel(m)
     heads = ckpt["num_attention_heads"]
     head_size = ckpt.get("head_size") or ckpt["hidden_size"] // heads
-    learned = ckpt.get("position_embedding_type") == "learned_absolute"
+    positions = ckpt.get("position_embedding_type")
+    learned = positions == "learned_absolute"
+    alibi = positions in ("alibi", "alibi_with_scale")
     return ModelArgs(
         hidden_size=ckpt["hidden_size"],
         num_heads=heads,
@@ -203,10 +220,11 @@ def model_args(ckpt: dict[str, Any], tp_rank: int, pp_rank: int, names: set[str]
         norm_eps=float(ckpt.get("norm_epsilon", 1e-5)),
         hidden_act=ckpt.get("hidden_act", "silu"),
         dtype=ckpt["dtype"],
-        rotary_dim=0 if learned else int(ckpt.get("rotary_embedding_dim") or ckpt.get("rotary_dim")
+        rotary_dim=0 if learned or alibi else int(ckpt.get("rotary_embedding_dim") or ckpt.get("rotary_dim")
                                          or head_size * float(ckpt.get("rotary_pct", 1.0))),
         rotary_base=float(ckpt.get("rotary_base", ckpt.get("rotary_emb_base", 10000.0))),
         rotary_scaling=ckpt.get("rotary_scaling"),
+        rope_max_positions=int(ckpt.get("max_position_embeddings") or 2048),
         qkv_bias="transformer.layers.0.attention.qkv.bias" in names,
         dense_bias="transformer.layers.0.attention.dense.bias" in names,
         mlp_bias="transformer.layers.0.mlp.fc.bias" in names,
@@ -237,9 +255,15 @@ def model_args(ckpt: dict[str, Any], tp_rank: int, pp_rank: int, names: set[str]
         attn_softcap=float(ckpt.get("attn_logit_softcapping") or 0.0),
         final_softcap=float(ckpt.get("final_logit_softcapping") or 0.0),
         qk_norm="transformer.layers.0.attention.q_layernorm.weight" in names,
-        sliding_window=int(ckpt.get("sliding_window") or 0) if ckpt.get("_sliding_window_pattern", 1) != 1 else 0,
-        sliding_window_pattern=int(ckpt.get("_sliding_window_pattern") or 1),
+        # Gemma2/3 name their pattern; a sliding_window without one slides every layer (Mistral) or the layers from
+        # max_window_layers on (Qwen2 with use_sliding_window).
+        sliding_window=int(ckpt.get("sliding_window") or 0) if ckpt.get("_sliding_window_pattern", 0) != 1 else 0,
+        sliding_window_pattern=int(ckpt.get("_sliding_window_pattern") or 0),
+        first_sliding_layer=int(ckpt.get("max_window_layers") or 0),
         rotary_base_local=float(ckpt.get("rope_local_base_freq") or 0.0),
+        alibi=alibi,
+        embedding_norm=family.embedding_norm,
+        alibi_scale=head_size ** -0.5 if positions == "alibi_with_scale" else 1.0,
     )
 
 

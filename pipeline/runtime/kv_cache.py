@@ -28,13 +28,14 @@ def _quantize(x: torch.Tensor, scale: torch.Tensor, quant: str) -> torch.Tensor:
 class KVCache(nn.Module):
     """Keys and values of one layer, [max_batch, kv_heads, max_seq, head_size]; KV heads are never repeated here.
     With `quant` ("int8" or "fp8") the cache stores quantized values (TensorRT-LLM's INT8/FP8 KV cache) and
-    `update` takes the layer's dequantization scale."""
+    `update` takes the layer's dequantization scale. A `ring` cache (sliding-window layers) holds position p in slot
+    p % max_seq and returns slots, not positions (see pipeline.runtime.model.ring_mask)."""
 
     def __init__(self, max_batch: int, kv_heads: int, max_seq: int, head_size: int, dtype: torch.dtype,
-                 quant: str | None = None):
+                 quant: str | None = None, ring: bool = False):
         super().__init__()
         shape = (max_batch, kv_heads, max_seq, head_size)
-        self.dtype, self.quant = dtype, quant
+        self.dtype, self.quant, self.ring = dtype, quant, ring
         storage = STORAGE[quant] if quant else dtype
         self.register_buffer("k", lazy_zeros(shape, storage), persistent=False)
         self.register_buffer("v", lazy_zeros(shape, storage), persistent=False)
@@ -42,9 +43,13 @@ class KVCache(nn.Module):
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int,
                scale: torch.Tensor | None = None):
         """Write k, v ([B, kv_heads, T, D]) at each sequence's positions input_pos ([B, T]); return this batch's
-        keys and values for cache positions [0, kv_len) (dequantized when the cache is quantized)."""
+        keys and values for cache positions [0, kv_len) (dequantized when the cache is quantized); a ring cache
+        writes slots input_pos % size and returns slots [0, min(kv_len, size))."""
         b = k.shape[0]
         rows = torch.arange(b, device=input_pos.device).unsqueeze(1).expand_as(input_pos)
+        if self.ring:  # fixed per layer
+            input_pos = torch.remainder(input_pos, self.k.shape[2])
+            kv_len = min(kv_len, self.k.shape[2])
         if self.quant:
             k, v = _quantize(k, scale, self.quant), _quantize(v, scale, self.quant)
         # Advanced indices on dims 0 and 2 put the indexed dims first: the values are laid out [B, T, heads, D].

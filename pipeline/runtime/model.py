@@ -45,6 +45,7 @@ class ModelArgs:
     rotary_dim: int
     rotary_base: float
     rotary_scaling: dict[str, Any] | None = None
+    rope_max_positions: int = 0  # the model's max_position_embeddings (dynamic NTK, yarn/longrope factors)
     qkv_bias: bool = False
     dense_bias: bool = False
     mlp_bias: bool = False
@@ -76,14 +77,23 @@ class ModelArgs:
     attn_softcap: float = 0.0  # cap * tanh(scores / cap) on attention scores (0: none; Gemma2)
     final_softcap: float = 0.0  # the same on the logits (Gemma2/3)
     qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (Gemma3)
-    # Sliding-window attention: layer i is global when (i + 1) % sliding_window_pattern == 0, else it sees only the
-    # last sliding_window positions (0: every layer global). Gemma2/3.
+    # Sliding-window attention: layer i sees only the last sliding_window positions (0: every layer global) when
+    # i >= first_sliding_layer and, with a pattern p > 0, (i + 1) % p != 0 (Gemma2/3: every p-th layer global;
+    # Mistral: pattern 0, every layer slides; Qwen2: layers from max_window_layers on).
     sliding_window: int = 0
     sliding_window_pattern: int = 1
+    first_sliding_layer: int = 0
     rotary_base_local: float = 0.0  # RoPE base of the sliding layers (0: rotary_base); Gemma3
+    # ALiBi (no rotary positions): each head adds slope x key position to its scores, times alibi_scale
+    # (TensorRT-LLM's alibi: 1; alibi_with_scale (Falcon): the query scaling 1/sqrt(head_size)).
+    alibi: bool = False
+    alibi_scale: float = 1.0
+    embedding_norm: bool = False  # a norm right after the embedding (BLOOM's word_embeddings_layernorm)
 
     def is_sliding(self, layer: int) -> bool:
-        return self.sliding_window > 0 and (layer + 1) % self.sliding_window_pattern != 0
+        if self.sliding_window <= 0 or layer < self.first_sliding_layer:
+            return False
+        return self.sliding_window_pattern == 0 or (layer + 1) % self.sliding_window_pattern != 0
 
     @property
     def vocab_padded(self) -> int:
@@ -98,17 +108,93 @@ class ModelArgs:
         return -(-self.num_kv_heads // self.tp_size)
 
 
-def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
-    """Rotary inverse frequencies, with linear or llama3 scaling applied (others are refused at build time)."""
-    dim = args.rotary_dim
-    inv_freq = 1.0 / (args.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    scaling = args.rotary_scaling or {}
-    kind = scaling.get("rope_type", scaling.get("type", "none"))
+def rope_kind(scaling: dict[str, Any] | None) -> str:
+    """TensorRT-LLM reads the scaling type from `type`, else `rope_type`."""
+    scaling = scaling or {}
+    return scaling.get("type", scaling.get("rope_type", "none"))
+
+
+# Scalings whose frequencies depend on the sequence length reached: their cos/sin are computed per step from the
+# positions instead of read from a table.
+LENGTH_DEPENDENT_ROPE = {"dynamic", "longrope"}
+
+
+def _rope_exponents(dim: int) -> torch.Tensor:
+    return torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+
+
+def rope_inv_freq(args: ModelArgs, seq_len: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotary inverse frequencies [rotary_dim / 2], with the model's scaling applied (formulas as transformers'
+    rope utilities compute them). For the length-dependent kinds, `seq_len` [B] (each sequence's length so far)
+    gives per-sequence frequencies [B, rotary_dim / 2]."""
+    dim, base = args.rotary_dim, args.rotary_base
+    s = args.rotary_scaling or {}
+    kind = rope_kind(s)
+    if kind == "dynamic" and seq_len is not None:  # NTK: the base grows once the sequence passes the model's length
+        mpe, factor = float(args.rope_max_positions), float(s["factor"])
+        seq = torch.clamp(seq_len.float(), min=mpe)
+        grown = base * ((factor * seq / mpe) - (factor - 1)) ** (dim / (dim - 2))
+        return 1.0 / (grown[:, None] ** _rope_exponents(dim)[None, :])
+    if kind == "longrope":  # short factors within the original length, long factors beyond it (per sequence)
+        power = base ** _rope_exponents(dim)
+        short = 1.0 / (torch.tensor(s["short_factor"], dtype=torch.float32) * power)
+        if seq_len is None:
+            return short
+        long = 1.0 / (torch.tensor(s["long_factor"], dtype=torch.float32) * power)
+        beyond = seq_len > int(s["original_max_position_embeddings"])
+        return torch.where(beyond[:, None], long[None, :], short[None, :])
+    inv_freq = 1.0 / (base ** _rope_exponents(dim))
     if kind == "linear":
-        inv_freq = inv_freq / float(scaling["factor"])
+        inv_freq = inv_freq / float(s["factor"])
     elif kind == "llama3":
-        inv_freq = _llama3_inv_freq(inv_freq, scaling)
+        inv_freq = _llama3_inv_freq(inv_freq, s)
+    elif kind == "yarn":
+        inv_freq = _yarn_inv_freq(args, s)
     return inv_freq
+
+
+def rope_attention_factor(args: ModelArgs) -> float:
+    """The factor yarn and longrope multiply cos and sin by (1 for the other kinds)."""
+    s = args.rotary_scaling or {}
+    kind = rope_kind(s)
+    if kind not in ("yarn", "longrope"):
+        return 1.0
+    if s.get("attention_factor") is not None:
+        return float(s["attention_factor"])
+    orig = float(s["original_max_position_embeddings"])
+    factor = float(s.get("factor") or args.rope_max_positions / orig)
+    if kind == "longrope":
+        return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if s.get("mscale") and s.get("mscale_all_dim"):
+        return mscale(factor, float(s["mscale"])) / mscale(factor, float(s["mscale_all_dim"]))
+    return mscale(factor)
+
+
+def _yarn_inv_freq(args: ModelArgs, s: dict[str, Any]) -> torch.Tensor:
+    """YaRN: interpolated (divided by the factor) low frequencies, extrapolated high ones, a linear ramp between
+    the dimensions that turn beta_fast and beta_slow times over the original length."""
+    dim, base = args.rotary_dim, args.rotary_base
+    orig = float(s["original_max_position_embeddings"])
+    factor = float(s.get("factor") or args.rope_max_positions / orig)
+    beta_fast, beta_slow = float(s.get("beta_fast") or 32), float(s.get("beta_slow") or 1)
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(orig / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # no division by zero
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    power = base ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolation = 1 - ramp
+    return (1.0 / (factor * power)) * (1 - extrapolation) + (1.0 / power) * extrapolation
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
@@ -123,11 +209,28 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
 
 
 def rope_tables(args: ModelArgs, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, [max_positions, rotary_dim], float32: the frequencies repeated as two halves (neox style) or
-    each twice in a row (gptj style), matching how each style pairs dimensions."""
+    """cos and sin, [max_positions, rotary_dim], float32 (see rope_cos_sin)."""
     freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), rope_inv_freq(args))
+    return rope_cos_sin(args, freqs)
+
+
+def rope_cos_sin(args: ModelArgs, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position x frequency angles [..., rotary_dim / 2] -> [..., rotary_dim]: the frequencies
+    repeated as two halves (neox style) or each twice in a row (gptj style), matching how each style pairs
+    dimensions; scaled by yarn's or longrope's attention factor."""
     emb = freqs.repeat_interleave(2, dim=-1) if args.rope_style == "gptj" else torch.cat([freqs, freqs], dim=-1)
-    return emb.cos(), emb.sin()
+    factor = rope_attention_factor(args)
+    return emb.cos() * factor, emb.sin() * factor
+
+
+def rope_for_positions(args: ModelArgs, input_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [B, T, rotary_dim] for the length-dependent scalings. The length is the batch's highest position
+    + 1 in this step, as transformers computes it for a batch (its padded prefill width, then the longest
+    sequence); one sequence alone gets its own length, as in TensorRT-LLM. Keys keep the rotation they were cached
+    with."""
+    seq_len = (input_pos.max() + 1).expand(input_pos.shape[0])
+    inv_freq = rope_inv_freq(args, seq_len)  # [B, rotary_dim / 2]
+    return rope_cos_sin(args, input_pos.float()[:, :, None] * inv_freq[:, None, :])
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -137,6 +240,27 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x1, x2 = x_rot.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """BLOOM's ALiBi slopes [num_heads], float32: a geometric series for the largest power of two of heads, and for
+    the remaining heads every other term of the series of twice that many."""
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = 2.0 ** (-(2.0 ** -(math.log2(closest) - 3)))
+    slopes = torch.pow(torch.tensor(base, dtype=torch.float32), torch.arange(1, 1 + closest, dtype=torch.int32))
+    if closest != num_heads:
+        extra_base = 2.0 ** (-(2.0 ** -(math.log2(2 * closest) - 3)))
+        extra = torch.arange(1, 1 + 2 * min(closest, num_heads - closest), 2, dtype=torch.int32)
+        slopes = torch.cat([slopes, torch.pow(torch.tensor(extra_base, dtype=torch.float32), extra)])
+    return slopes
+
+
+def alibi_bias(slopes: torch.Tensor, visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention bias [B, heads, T, S]: slope x key position where visible (mask [B, 1, T, S]), -inf
+    elsewhere. Softmax is shift-invariant per query, so this equals slope x (key - query position)."""
+    keys = torch.arange(visible.shape[-1], dtype=torch.float32)
+    bias = (slopes[:, None, None] * keys).unsqueeze(0)  # [1, heads, 1, S]
+    return torch.where(visible, bias, torch.tensor(float("-inf"))).to(dtype)
 
 
 def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
@@ -212,7 +336,7 @@ class Attention(nn.Module):
         self.scale = args.attn_scale or dh ** -0.5
 
     def forward(self, x, cos, sin, mask, cache: KVCache, input_pos, kv_len: int) -> torch.Tensor:
-        # x: [B, T, H]; mask: [B, 1, T, kv_len]
+        # x: [B, T, H]; mask: [B, 1, T, kv_len] (True = visible), or with ALiBi an additive bias [B, heads, T, kv_len]
         a = self.args
         b, t, _ = x.shape
         qkv = self.linear(x, self.qkv_weight, self.qkv_bias)
@@ -402,23 +526,36 @@ class EngineModel(nn.Module):
 
     linear_weights = ("lm_head",)
 
-    def __init__(self, args: ModelArgs, d: Dist, max_batch: int, max_seq: int, linear: TorchKernel | None = None):
+    def __init__(self, args: ModelArgs, d: Dist, max_batch: int, max_seq: int, linear: TorchKernel | None = None,
+                 max_input: int = 0):
+        """`max_input` (the engine's max_input_len; 0: unknown) bounds sliding-window layers' caches to a ring of
+        sliding_window + max_input slots: enough for a whole right-padded prefill (padding included) beside the
+        window, and independent of max_seq."""
         super().__init__()
         linear = linear or TorchKernel()
         self.args, self.d, self.linear = args, d, linear
         self.embed = Embedding(args, d, args.vocab_size) if d.is_first_stage else None
         self.pos_embed = Embedding(args, d, args.max_positions) if d.is_first_stage and args.max_positions else None
+        self.embed_norm = make_norm(args) if d.is_first_stage and args.embedding_norm else None
         layer = {"sequential": DecoderLayer, "post_norm": PostNormDecoderLayer,
                  "sandwich": SandwichDecoderLayer}.get(args.residual, ParallelDecoderLayer)
         self.layers = nn.ModuleList(layer(args, d, linear) for _ in args.layers)
         self.sliding = [args.is_sliding(g) for g in args.layers]  # fixed per layer
+        if args.alibi:  # this rank's heads' slopes (TP splits them by head), scaled once here
+            local = slice(d.tp_rank * args.local_heads, (d.tp_rank + 1) * args.local_heads)
+            self.register_buffer("alibi_slopes", alibi_slopes(args.num_heads)[local] * args.alibi_scale,
+                                 persistent=False)
         if d.is_last_stage:
             self.final_norm = make_norm(args) if args.final_norm else nn.Identity()
             self.lm_head = nn.Parameter(torch.empty(args.vocab_padded // args.tp_size, args.hidden_size))
             self.lm_head_bias = _bias(args.lm_head_bias, args.vocab_padded // args.tp_size)
         dtype = DTYPES[args.dtype]
-        self.caches = [KVCache(max_batch, args.local_kv_heads, max_seq, args.head_size, dtype, args.kv_cache_quant)
-                       for _ in args.layers]
+        ring = args.sliding_window + max_input if max_input and args.sliding_window else 0
+        self.ring_slots = ring if 0 < ring < max_seq and any(self.sliding) else 0  # fixed per engine
+        self.caches = [KVCache(max_batch, args.local_kv_heads, self.ring_slots if sliding and self.ring_slots else max_seq,
+                               args.head_size, dtype, args.kv_cache_quant, ring=sliding and bool(self.ring_slots))
+                       for sliding in self.sliding]
+        self.length_dependent_rope = bool(args.rotary_dim) and rope_kind(args.rotary_scaling) in LENGTH_DEPENDENT_ROPE
         cos, sin = rope_tables(args, max_seq)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -475,15 +612,25 @@ class EngineModel(nn.Module):
                 x = x * torch.tensor(self.args.embedding_scale, dtype=x.dtype)
         if self.pos_embed is not None:
             x = x + self.pos_embed(input_pos)
-        cos = self.rope_cos[input_pos].unsqueeze(1).to(x.dtype)
-        sin = self.rope_sin[input_pos].unsqueeze(1).to(x.dtype)
+        if self.embed_norm is not None:  # fixed per model (BLOOM)
+            x = self.embed_norm(x)
+        if self.length_dependent_rope:  # fixed per model (dynamic NTK, longrope)
+            cos, sin = rope_for_positions(self.args, input_pos)
+            cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+        else:
+            cos = self.rope_cos[input_pos].unsqueeze(1).to(x.dtype)
+            sin = self.rope_sin[input_pos].unsqueeze(1).to(x.dtype)
         full = (cos, sin, causal_mask(input_pos, kv_len))
+        if self.args.alibi:  # fixed per model: the mask becomes an additive bias per head
+            full = (cos, sin, alibi_bias(self.alibi_slopes, full[2], x.dtype))
         local = full
         if self.args.sliding_window:  # fixed per model: sliding layers get their own mask (and maybe RoPE)
             if self.args.rotary_base_local:
                 cos = self.rope_cos_local[input_pos].unsqueeze(1).to(x.dtype)
                 sin = self.rope_sin_local[input_pos].unsqueeze(1).to(x.dtype)
-            local = (cos, sin, causal_mask(input_pos, kv_len, self.args.sliding_window))
+            window = self.args.sliding_window
+            local = (cos, sin, ring_mask(input_pos, kv_len, self.ring_slots, window) if self.ring_slots
+                     else causal_mask(input_pos, kv_len, window))
         for layer, cache, sliding in zip(self.layers, self.caches, self.sliding):
             x = layer(x, *(local if sliding else full), cache, input_pos, kv_len)
         return x
@@ -505,3 +652,16 @@ def causal_mask(input_pos: torch.Tensor, kv_len: int, window: int = 0) -> torch.
     if window:  # fixed per call site (sliding layers)
         visible = visible & (keys > pos - window)
     return visible.unsqueeze(1)
+
+
+def ring_mask(input_pos: torch.Tensor, kv_len: int, slots: int, window: int) -> torch.Tensor:
+    """[B, 1, T, min(kv_len, slots)]: the sliding-window mask over a ring cache (position p in slot p % slots).
+    Each sequence has written every position up to its highest one in this step (`last`), so slot s holds
+    last - ((last - s) mod slots); a slot is visible when that position is >= 0 and within the query's window.
+    Padding written beyond a sequence's end holds positions above `last` and computes as an older, invisible one:
+    the ring is larger than the window by the longest padded prefill."""
+    last = input_pos.max(dim=1, keepdim=True).values  # [B, 1]
+    s = torch.arange(min(kv_len, slots), device=input_pos.device)[None, :]
+    held = (last - torch.remainder(last - s, slots))[:, None, :]  # [B, 1, S]
+    pos = input_pos[:, :, None]
+    return ((held >= 0) & (held <= pos) & (held > pos - window)).unsqueeze(1)

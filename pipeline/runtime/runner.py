@@ -69,7 +69,7 @@ class ModelRunner:
         limits = meta["limits"]
         # Parameters are placeholders (torch.empty touches no memory) replaced by the loaded tensors (assign=True).
         linear = choose_kernel(kernel, DTYPES[args.dtype])
-        model = EngineModel(args, d, limits["max_batch_size"], limits["max_seq_len"], linear)
+        model = EngineModel(args, d, limits["max_batch_size"], limits["max_seq_len"], linear, limits["max_input_len"])
         try:
             missing = model.load_weights(iter_tensors(path))
         except KeyError as e:

@@ -71,18 +71,18 @@ def test_neox_and_phi_checkpoints_validate(tiny_models, tmp_path, model):
         assert "transformer.layers.0.post_attention_layernorm.weight" in rank1
 
 
-def test_alibi_falcon_converts_and_the_cpu_build_refuses_it(tmp_path):
+def test_alibi_falcon_converts_with_scaled_alibi_and_builds(tmp_path):
     from tests.conftest import make_tiny_model
     from pipeline.engine.cpu import BACKEND
-    from pipeline.errors import PipelineError
     from tests.runtime.engines import BUILD
 
     model = make_tiny_model(tmp_path, "falcon_mqa_parallel", alibi=True)
     convert(open_source("hf", model), tmp_path / "ckpt", "float32", MappingArgs(1, 1), progress=False)
     cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert cfg["position_embedding_type"] == "alibi_with_scale" and validate_checkpoint(tmp_path / "ckpt") == []
-    with pytest.raises(PipelineError, match="cannot run"):
-        BACKEND.build(tmp_path / "ckpt", tmp_path / "engine", BUILD)
+    BACKEND.build(tmp_path / "ckpt", tmp_path / "engine", BUILD)  # parity: tests/runtime/test_alibi.py
+    engine = json.loads((tmp_path / "engine" / "config.json").read_text())
+    assert engine["pretrained_config"]["position_embedding_type"] == "alibi_with_scale"
 
 
 @pytest.mark.parametrize("tp", [1, 2])

@@ -1,7 +1,7 @@
 """FalconForCausalLM in its three layouts: multi-head with per-head interleaved qkv (falcon-rw), multi-query
 (falcon-7b) and the new decoder architecture with KV groups (40B/180B); parallel attention with one or two
-LayerNorms, or sequential blocks; biases or not; rotary or ALiBi positions (ALiBi checkpoints convert, the cpu
-engine runs rotary ones only)."""
+LayerNorms, or sequential blocks; biases or not; rotary or ALiBi positions (`alibi_with_scale`: the bias is scaled
+by 1/sqrt(head_size) as the queries are)."""
 
 from __future__ import annotations
 

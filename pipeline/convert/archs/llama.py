@@ -50,6 +50,8 @@ def rope_fields(hf: Mapping[str, Any], default_base: float) -> dict[str, Any]:
         scaling = {k: v for k, v in scaling.items() if k != "rope_theta"}
         if scaling.get("rope_type", scaling.get("type")) in (None, "default"):
             scaling = None
+        elif "original_max_position_embeddings" not in scaling and hf.get("original_max_position_embeddings"):
+            scaling["original_max_position_embeddings"] = hf["original_max_position_embeddings"]  # Phi-3 keeps it outside
     return {"rotary_base": float(base), "rotary_scaling": scaling}
 
 
@@ -82,4 +84,6 @@ class LlamaSpec(ArchSpec):
     def trtllm_config(self, hf: Mapping[str, Any], dtype: str, mapping: MappingArgs) -> dict[str, Any]:
         cfg = llama_like_config(self.architecture, hf, dtype, mapping, default_rope_base=10000.0)
         cfg["attn_bias"] = bool(hf.get("attention_bias", hf.get("bias", False)))
+        if hf.get("sliding_window"):  # Mistral: every layer attends to the last sliding_window positions
+            cfg["sliding_window"] = int(hf["sliding_window"])
         return cfg

@@ -21,4 +21,6 @@ class Qwen2Spec(ArchSpec):
         cfg = llama_like_config(self.architecture, hf, dtype, mapping, default_rope_base=10000.0)
         cfg["qwen_type"] = "qwen2"
         cfg["attn_bias"] = True
+        if hf.get("use_sliding_window") and hf.get("sliding_window"):  # layers from max_window_layers on slide
+            cfg.update(sliding_window=int(hf["sliding_window"]), max_window_layers=int(hf.get("max_window_layers") or 0))
         return cfg

@@ -7,7 +7,7 @@ import json
 import pytest
 from safetensors import safe_open
 
-from pipeline.engine.limits import resolve_limits
+from pipeline.engine.limits import model_max_seq_len, resolve_limits
 from pipeline.errors import PipelineError
 from pipeline.schemas import schema_errors
 from tests.runtime.engines import BUILD, build_engine
@@ -20,7 +20,7 @@ CKPT = {"max_position_embeddings": 128, "rotary_scaling": None}
     ({"max_seq_len": 256}, CKPT, "max_seq_len=256 exceeds what the model supports"),
     ({"max_beam_width": 4}, CKPT, "beam width 1"),
     ({"max_batch_size": 0}, CKPT, "max_batch_size=0"),
-    ({}, {"max_position_embeddings": 128, "rotary_scaling": {"type": "yarn", "factor": 2.0}}, "'yarn' is not supported"),
+    ({}, {"max_position_embeddings": 128, "rotary_scaling": {"type": "mrope", "factor": 2.0}}, "'mrope' is not supported"),
 ])
 def test_impossible_limits_are_rejected(override, ckpt, message):
     with pytest.raises(PipelineError, match=message):
@@ -32,6 +32,32 @@ def test_rope_scaling_extends_the_allowed_sequence_length():
     assert resolve_limits({**BUILD, "max_seq_len": 256}, ckpt)["max_seq_len"] == 256
     assert resolve_limits({**BUILD, "max_seq_len": None}, ckpt)["max_seq_len"] == 256
     assert resolve_limits({**BUILD, "max_num_tokens": None}, CKPT)["max_num_tokens"] == 4 * 32
+
+
+def test_unset_limits_follow_the_model_as_trtllm_build_derives_them():
+    unset = {**BUILD, "max_input_len": None, "max_seq_len": None, "max_num_tokens": None}
+    limits = resolve_limits(unset, {"max_position_embeddings": 256})
+    assert (limits["max_seq_len"], limits["max_input_len"], limits["max_num_tokens"]) == (256, 256, 4 * 256)
+    limits = resolve_limits(unset, {"max_position_embeddings": 8192})
+    assert (limits["max_seq_len"], limits["max_input_len"]) == (8192, 1024)  # trtllm-build's default input length
+    assert resolve_limits(unset, {})["max_seq_len"] == 2048
+    # longrope and llama3 configs already state the long length: their factor does not multiply it
+    for kind in ("longrope", "llama3"):
+        assert model_max_seq_len({"max_position_embeddings": 512, "rotary_scaling": {"type": kind, "factor": 4.0}})[0] == 512
+
+
+def test_explicit_limit_errors_say_once_where_the_bound_comes_from():
+    with pytest.raises(PipelineError) as e:
+        resolve_limits({**BUILD, "max_input_len": 924, "max_seq_len": 1024}, {"max_position_embeddings": 256})
+    message = str(e.value)
+    assert "build.max_seq_len=1024 exceeds what the model supports (max_position_embeddings=256)" in message
+    assert message.count("256") == 1
+    scaled = {"max_position_embeddings": 128, "rotary_scaling": {"type": "linear", "factor": 2.0}}
+    with pytest.raises(PipelineError, match=r"\(max_position_embeddings=128 x linear rope scaling factor 2 = 256\)"):
+        resolve_limits({**BUILD, "max_seq_len": 300}, scaled)
+    with pytest.raises(PipelineError, match=r"max_input_len=300 exceeds the max_seq_len the model supports "
+                                            r"\(max_position_embeddings=128\)"):
+        resolve_limits({**BUILD, "max_input_len": 300, "max_seq_len": None}, {"max_position_embeddings": 128})
 
 
 def test_engine_directory(tiny_models, tmp_path):
