@@ -198,7 +198,11 @@ class EvaluateConfig:
     max_ite: int = 8  # max_ite x batch_size samples are evaluated
     max_input_length: int = 923
     output_len: int = 100
+    # Beam search when > 1 (the engine needs build.max_beam_width >= num_beams); the best beam is scored. summarize.py's
+    # length_penalty and early_stopping (1: stop at num_beams complete hypotheses, 0: heuristic, other: never).
     num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: int = 1
     temperature: float = 1.0
     top_k: int = 1
     top_p: float = 0.0

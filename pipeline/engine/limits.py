@@ -64,8 +64,6 @@ def resolve_limits(build: Mapping[str, Any], ckpt: Mapping[str, Any]) -> dict[st
     if limits["max_seq_len"] > allowed:
         problems.append(f"build.max_seq_len={limits['max_seq_len']} exceeds what the model supports ({source}); "
                         "leave it unset to derive it from the model")
-    if limits["max_beam_width"] != 1:
-        problems.append(f"build.max_beam_width={limits['max_beam_width']}: the cpu backend implements greedy and sampling only (beam width 1)")
     kind = rope_kind(ckpt)
     if kind not in SUPPORTED_ROPE_SCALING:
         problems.append(f"rotary_scaling type {kind!r} is not supported by the cpu backend (supported: {sorted(SUPPORTED_ROPE_SCALING)})")

@@ -16,7 +16,8 @@ from pipeline.evaluate.ppl import nll_sum
 
 
 def run_engine_eval(runner, request: dict[str, Any]) -> dict[str, Any]:
-    """Generate for every prompt in batches; time to first token per batch; NLL over perplexity windows."""
+    """Generate for every prompt in batches (with beam search, the best beam: beam 0, as summarize.py scores);
+    time to first token per batch; NLL over perplexity windows."""
     prompts, bs = request["prompts"], request["batch_size"]
     outputs, ttfts, generated, seconds = [], [], 0, 0.0
     for start in range(0, len(prompts), bs):
@@ -27,7 +28,9 @@ def run_engine_eval(runner, request: dict[str, Any]) -> dict[str, Any]:
         for result in runner.generate(batch, max_new_tokens=request["max_new_tokens"], end_id=request["end_id"],
                                       pad_id=request["pad_id"], temperature=request["temperature"],
                                       top_k=request["top_k"], top_p=request["top_p"], num_beams=request["num_beams"],
-                                      random_seed=request["random_seed"], return_dict=True, streaming=True):
+                                      random_seed=request["random_seed"], return_dict=True, streaming=True,
+                                      length_penalty=request.get("length_penalty", 1.0),
+                                      early_stopping=request.get("early_stopping", 1)):
             if first is None:
                 first = time.perf_counter() - t0
         seconds += time.perf_counter() - t0

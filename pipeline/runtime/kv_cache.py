@@ -60,3 +60,12 @@ class KVCache(nn.Module):
             k_all = (k_all.float() * scale).to(self.dtype)
             v_all = (v_all.float() * scale).to(self.dtype)
         return k_all, v_all
+
+    def reorder_rows(self, src: torch.Tensor, dst: torch.Tensor, start: int, end: int) -> None:
+        """Beam search: rows `dst` take the keys and values of rows `src` at cache positions [start, end). A gather
+        of just those rows and positions (the prompt part, shared by a request's beams, is never copied)."""
+        if self.ring and end > self.k.shape[2]:  # the positions wrapped: slots no longer follow positions
+            start, end = 0, self.k.shape[2]
+        if end > start and len(dst):
+            self.k[dst, :, start:end] = self.k[src, :, start:end]
+            self.v[dst, :, start:end] = self.v[src, :, start:end]

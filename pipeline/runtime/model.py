@@ -406,15 +406,19 @@ class PlainMLP(nn.Module):
 
 
 class MoeMLP(nn.Module):
-    """Mixtral's sparse MoE MLP, computed densely: float32 router logits, softmax, top-k renormalized to sum to 1,
-    scattered into a [tokens, E] routing matrix that is zero for unselected experts; every local expert runs on every
-    token and its output is weighted by that matrix (no data-dependent control flow; fine for small expert counts).
-    Expert weights are stacked: fc [E_local, 2 * I_local, H] = [linear (w3); activated (w1)] per expert, proj
-    [E_local, H, I_local]. Each rank's output is a partial sum (its slice of I, its experts): one all-reduce."""
+    """Mixtral's sparse MoE MLP: float32 router logits, softmax, top-k renormalized to sum to 1. Expert weights are
+    stacked: fc [E_local, 2 * I_local, H] = [linear (w3); activated (w1)] per expert, proj [E_local, H, I_local].
+    Each rank's output is a partial sum (its slice of I, its experts): one all-reduce.
 
-    def __init__(self, args: ModelArgs, d: Dist, linear: TorchKernel):
+    Two formulations of the same function, fixed at construction (`sparse`):
+    - sparse (the runtime's): the (token, expert) pairs are grouped by expert and each local expert runs only on its
+      tokens, so compute follows top_k, not the number of experts;
+    - dense (for export: no data-dependent shapes or control flow): every local expert runs on every token and is
+      weighted by a [tokens, E] routing matrix that is zero for unselected experts."""
+
+    def __init__(self, args: ModelArgs, d: Dist, linear: TorchKernel, sparse: bool = True):
         super().__init__()
-        self.d, self.top_k = d, args.top_k
+        self.d, self.top_k, self.sparse = d, args.top_k, sparse
         experts, inner = args.num_experts // args.moe_ep_size, args.intermediate_size // args.moe_tp_size
         self.first, self.last = args.expert_offset, args.expert_offset + experts
         self.act = ACTIVATIONS[args.hidden_act]
@@ -422,20 +426,50 @@ class MoeMLP(nn.Module):
         self.fc_weight = nn.Parameter(torch.empty(experts, 2 * inner, args.hidden_size))
         self.proj_weight = nn.Parameter(torch.empty(experts, args.hidden_size, inner))
 
-    def routing(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [N, H] -> [N, E] float32 weights: the renormalized top-k probabilities, zero elsewhere."""
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [N, H] -> (weights [N, top_k] float32, the renormalized top-k probabilities; experts [N, top_k])."""
         probs = F.linear(x.float(), self.router_weight).softmax(dim=-1)
         top, idx = probs.topk(self.top_k, dim=-1)
-        return torch.zeros_like(probs).scatter(-1, idx, top / top.sum(dim=-1, keepdim=True))
+        return top / top.sum(dim=-1, keepdim=True), idx
+
+    def routing(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [N, H] -> [N, E] float32 weights: the renormalized top-k probabilities, zero elsewhere."""
+        weights, idx = self.route(x)
+        return torch.zeros(x.shape[0], self.router_weight.shape[0]).scatter(-1, idx, weights)
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Local expert e on tokens x [n, H] -> [n, H]."""
+        up, gate = F.linear(x, self.fc_weight[e]).chunk(2, dim=-1)
+        return F.linear(self.act(gate) * up, self.proj_weight[e])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, T, H]
         flat = x.reshape(-1, x.shape[-1])  # [N, H]
+        y = self._sparse(flat) if self.sparse else self._dense(flat)
+        return tp_all_reduce(y.to(x.dtype), self.d).view_as(x)
+
+    def _dense(self, flat: torch.Tensor) -> torch.Tensor:
         weights = self.routing(flat)[:, self.first:self.last]  # [N, E_local]
         up, gate = torch.einsum("nh,eoh->eno", flat, self.fc_weight).chunk(2, dim=-1)  # [E_local, N, I_local] each
         out = torch.einsum("eni,ehi->enh", self.act(gate) * up, self.proj_weight)  # [E_local, N, H]
-        y = torch.einsum("ne,enh->nh", weights, out.float()).to(x.dtype)
-        return tp_all_reduce(y, self.d).view_as(x)
+        return torch.einsum("ne,enh->nh", weights, out.float())
+
+    def _sparse(self, flat: torch.Tensor) -> torch.Tensor:
+        weights, experts = self.route(flat)  # [N, top_k] each
+        pair_token = torch.arange(flat.shape[0]).repeat_interleave(self.top_k)  # the (token, choice) pairs
+        pair_expert, pair_weight = experts.flatten(), weights.flatten()
+        local = (pair_expert >= self.first) & (pair_expert < self.last)  # this rank's experts only (moe_ep)
+        order = torch.argsort(pair_expert[local], stable=True)  # pairs grouped by expert
+        tokens, expert_ids, w = pair_token[local][order], pair_expert[local][order], pair_weight[local][order]
+        counts = torch.bincount(expert_ids - self.first, minlength=self.last - self.first).tolist()
+        y = torch.zeros(flat.shape, dtype=torch.float32)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                rows = tokens[start: start + n]
+                y.index_add_(0, rows, self.expert(e, flat[rows]).float() * w[start: start + n, None])
+            start += n
+        return y
 
 
 def make_mlp(args: ModelArgs, d: Dist, linear: TorchKernel) -> nn.Module:
@@ -563,6 +597,13 @@ class EngineModel(nn.Module):
             cos, sin = rope_tables(replace(args, rotary_base=args.rotary_base_local, rotary_scaling=None), max_seq)
             self.register_buffer("rope_cos_local", cos, persistent=False)
             self.register_buffer("rope_sin_local", sin, persistent=False)
+
+    def set_moe_formulation(self, sparse: bool) -> None:
+        """Sparse MoE (only the selected experts run; the runtime's default) or dense (every expert on every token,
+        no data-dependent shapes: what an exporter traces). Same function either way."""
+        for module in self.modules():
+            if isinstance(module, MoeMLP):
+                module.sparse = sparse
 
     def load_weights(self, tensors) -> list[str]:
         """Take (name, tensor) pairs one at a time, each linear weight handed to the kernel as it arrives (so a

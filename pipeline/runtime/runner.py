@@ -18,11 +18,12 @@ import torch
 
 from pipeline.checkpoint.safetensors_stream import iter_tensors, read_header
 from pipeline.errors import PipelineError
+from pipeline.runtime.beam_search import BeamSearch, early_stopping_mode
 from pipeline.runtime.kernels import choose_kernel
 from pipeline.runtime.model import DTYPES, EngineModel, ModelArgs
 from pipeline.runtime.parallel import (Dist, broadcast_from_last_stage, init_dist, recv_from_prev_stage,
                                        send_to_next_stage)
-from pipeline.runtime.sampling import sample
+from pipeline.runtime.sampling import is_greedy, sample
 
 
 @dataclass
@@ -37,6 +38,11 @@ class _Request:
     stop_words: list[list[list[int]]]
     output_generation_logits: bool
     generator: torch.Generator | None
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: Any = 1
+    output_log_probs: bool = False
+    output_cum_log_probs: bool = False
 
 
 class ModelRunner:
@@ -68,8 +74,10 @@ class ModelRunner:
         args = ModelArgs(**meta["model"])
         limits = meta["limits"]
         # Parameters are placeholders (torch.empty touches no memory) replaced by the loaded tensors (assign=True).
+        # The KV cache holds a row per beam of every request (lazily resident: rows cost memory once written).
         linear = choose_kernel(kernel, DTYPES[args.dtype])
-        model = EngineModel(args, d, limits["max_batch_size"], limits["max_seq_len"], linear, limits["max_input_len"])
+        rows = limits["max_batch_size"] * limits.get("max_beam_width", 1)
+        model = EngineModel(args, d, rows, limits["max_seq_len"], linear, limits["max_input_len"])
         try:
             missing = model.load_weights(iter_tensors(path))
         except KeyError as e:
@@ -86,7 +94,8 @@ class ModelRunner:
     def generate(self, batch_input_ids: Sequence[torch.Tensor], max_new_tokens: int, end_id: int, pad_id: int,
                  temperature: float = 1.0, top_k: int = 1, top_p: float = 0.0, num_beams: int = 1,
                  stop_words_list: Any = None, return_dict: bool = False, output_generation_logits: bool = False,
-                 random_seed: int | None = None, streaming: bool = False):
+                 random_seed: int | None = None, streaming: bool = False, length_penalty: float = 1.0,
+                 early_stopping: Any = 1, output_cum_log_probs: bool = False, output_log_probs: bool = False):
         """Generate for a batch of 1-D token tensors of different lengths.
 
         Returns `output_ids` [batch, beams, max_len]: each row is that sequence's prompt, then its generated tokens,
@@ -95,10 +104,22 @@ class ModelRunner:
         vocab], engines built with gather_context_logits) and `generation_logits` ([batch, beams, max_new_tokens,
         vocab], when asked for). `stop_words_list`: one list of token-id sequences for every sequence, or one such
         list per sequence. With `streaming=True` an iterator yields the same structure after every step.
+
+        `num_beams > 1` (up to the engine's max_beam_width) runs beam search: the beams of each request, best first
+        (`length_penalty`, `early_stopping`: 1 stops at num_beams complete hypotheses, 0 when none can improve, other
+        values never before that is certain; see pipeline.runtime.beam_search). `output_cum_log_probs` adds
+        `cum_log_probs` [batch, beams] (sum of the generated tokens' log probabilities, the end token included),
+        `output_log_probs` adds `log_probs` [batch, beams, max_new_tokens] (each counted token's, 0 after).
         """
         request = self._check(batch_input_ids, max_new_tokens, end_id, pad_id, temperature, top_k, top_p, num_beams,
                               stop_words_list, output_generation_logits, random_seed)
-        steps = self._steps(request, return_dict)
+        request.length_penalty, request.output_log_probs = float(length_penalty), output_log_probs
+        request.output_cum_log_probs = output_cum_log_probs
+        try:
+            request.early_stopping = early_stopping_mode(early_stopping)
+        except ValueError as e:
+            raise PipelineError(f"generate: {e}") from None
+        steps = self._beam_steps(request, return_dict) if num_beams > 1 else self._steps(request, return_dict)
         if streaming:
             return steps
         result = None
@@ -116,8 +137,18 @@ class ModelRunner:
             problems.append("batch_input_ids is empty")
         if len(ids) > lim["max_batch_size"]:
             problems.append(f"batch of {len(ids)} exceeds max_batch_size={lim['max_batch_size']}")
-        if num_beams != 1 or num_beams > lim["max_beam_width"]:
-            problems.append(f"num_beams={num_beams}: this engine does beam width 1 only (max_beam_width={lim['max_beam_width']})")
+        if not 1 <= num_beams <= lim["max_beam_width"]:
+            problems.append(f"num_beams={num_beams} must be in [1, max_beam_width={lim['max_beam_width']}] (the "
+                            f"engine's build.max_beam_width)")
+        elif num_beams > 1:
+            if stop_words:
+                problems.append("stop_words_list with num_beams > 1 is not supported")
+            if output_generation_logits:
+                problems.append("output_generation_logits with num_beams > 1 is not supported")
+            if temperature not in (0.0, 1.0):
+                problems.append(f"temperature={temperature} with num_beams > 1 (beam sampling) is not supported")
+            if num_beams > self.vocab_size // 2:
+                problems.append(f"num_beams={num_beams} needs a vocabulary of at least 2 x num_beams tokens")
         if max_new_tokens < 1:
             problems.append(f"max_new_tokens={max_new_tokens} must be >= 1")
         for i, x in enumerate(ids):
@@ -137,7 +168,7 @@ class ModelRunner:
             raise PipelineError("generate: " + "; ".join(problems))
         generator = torch.Generator().manual_seed(random_seed) if random_seed is not None else None
         return _Request(ids, max_new_tokens, end_id, pad_id, temperature, top_k, top_p,
-                        _normalise_stop_words(stop_words, len(ids)), output_generation_logits, generator)
+                        _normalise_stop_words(stop_words, len(ids)), output_generation_logits, generator, num_beams)
 
     # -- the loop --------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -154,6 +185,7 @@ class ModelRunner:
         seq_lengths = lengths.clone()
         finished = torch.zeros(b, dtype=torch.bool)
         gen_logits = [] if r.output_generation_logits else None
+        log_probs = torch.zeros(b, 1, r.max_new_tokens)
 
         context_logits, last_logits = self._prefill(tokens, lengths)
         # Finished sequences are fed a harmless in-vocabulary token (the end id may be -1 or out of range).
@@ -167,10 +199,13 @@ class ModelRunner:
             append = active & ~hit_end
             for i in torch.nonzero(append).flatten().tolist():
                 out[i, 0, seq_lengths[i]] = next_tokens[i]
+            if r.output_log_probs or r.output_cum_log_probs:
+                log_probs[:, 0, step] = torch.where(active, self._token_log_probs(last_logits, next_tokens, r), 0.0)
             seq_lengths += append.long()
             finished |= hit_end | self._stopped(out, seq_lengths, lengths, r.stop_words)
             done = bool(finished.all()) or step == r.max_new_tokens - 1
-            yield self._result(out, seq_lengths, context_logits, gen_logits, return_dict, r, final=done)
+            yield self._result(out, seq_lengths, context_logits, gen_logits, return_dict, r, final=done,
+                               log_probs=log_probs, counted=seq_lengths - lengths)
             if done:
                 return
             # The token just appended sits at position length-1; finished sequences stay at a frozen position (their
@@ -178,6 +213,66 @@ class ModelRunner:
             positions = (seq_lengths - 1).unsqueeze(1)
             feed = torch.where(finished, torch.full_like(next_tokens, filler), next_tokens)
             last_logits = self._forward(feed.unsqueeze(1), positions, int(positions.max()) + 1)[:, 0]
+
+    @torch.inference_mode()
+    def _beam_steps(self, r: _Request, return_dict: bool) -> Iterator[Any]:
+        """Beam search: one prefill per prompt, its KV cache rows copied to the request's beams (row b * K + k), then
+        one decode step for all B * K beams per token. After each step the beams that run on take their parents'
+        cache rows (a gather of the rows that changed, over the generated positions only)."""
+        b, k = len(r.input_ids), r.num_beams
+        lengths = torch.tensor([x.numel() for x in r.input_ids])
+        width = int(lengths.max())
+        tokens = torch.full((b, width), r.pad_id, dtype=torch.int64)
+        for i, x in enumerate(r.input_ids):
+            tokens[i, : x.numel()] = x
+        context_logits, last_logits = self._prefill(tokens, lengths)
+        self._expand_cache_rows(b, k, width)
+        search = BeamSearch(b, k, self.vocab_size, r.max_new_tokens, r.end_id, r.length_penalty, r.early_stopping)
+        logits = last_logits.repeat_interleave(k, dim=0)  # every beam of a request starts from its prompt
+        beam_lengths = lengths.repeat_interleave(k)  # [B * K]: the prompt's length, then one more per step
+        first_row = torch.arange(b).unsqueeze(1) * k
+        for step in range(r.max_new_tokens):
+            parents, next_tokens = search.step(logits)
+            done = bool(search.done.all()) or step == r.max_new_tokens - 1
+            if done:
+                yield self._beam_result(search.result(), lengths, r, context_logits, return_dict, final=True)
+                return
+            yield self._beam_result(search, lengths, r, context_logits, return_dict, final=False)
+            # Rows b*K + parent -> b*K + k; positions already generated (the prompt is the same for all beams).
+            if step:  # before the first step every beam of a request holds the same rows
+                self._reorder_cache_rows((first_row + parents).flatten(), int(lengths.min()), width + step)
+            positions = (beam_lengths + step).unsqueeze(1)
+            logits = self._forward(next_tokens.reshape(-1, 1), positions, int(positions.max()) + 1)[:, 0]
+
+    def _expand_cache_rows(self, batch: int, beams: int, width: int) -> None:
+        """Copy each prompt's cache row (rows [0, batch) after prefill) to its beams' rows [b * beams + k]."""
+        rows = torch.arange(batch).repeat_interleave(beams)
+        for c in self.model.caches:
+            c.reorder_rows(rows, torch.arange(batch * beams), 0, width)
+
+    def _reorder_cache_rows(self, src: torch.Tensor, start: int, end: int) -> None:
+        changed = torch.nonzero(src != torch.arange(len(src))).flatten()
+        for c in self.model.caches:
+            c.reorder_rows(src[changed], changed, start, end)
+
+    def _beam_result(self, state, lengths: torch.Tensor, r: _Request, context_logits, return_dict: bool,
+                     final: bool):
+        """Outputs of beam search: the complete hypotheses best first (final), else the running beams as they stand."""
+        if final:
+            gen, counted, log_probs, cum = state.tokens, state.lengths, state.log_probs, state.cum_log_probs
+        else:
+            (gen, counted), log_probs, cum = state.running(), state.run_logp, state.run_scores
+        b, k = counted.shape
+        width = int(lengths.max())
+        out = torch.full((b, k, width + r.max_new_tokens), r.end_id, dtype=torch.int64)
+        for i, x in enumerate(r.input_ids):
+            n = x.numel()
+            out[i, :, :n] = x
+            out[i, :, n: n + r.max_new_tokens] = gen[i]
+        # Tokens beyond each beam's length are end ids already (gen is end_id-padded).
+        seq_lengths = lengths[:, None] + counted
+        return self._result(out, seq_lengths, context_logits, None, return_dict, r, final, log_probs=log_probs,
+                            counted=counted, cum_log_probs=cum)
 
     def _prefill(self, tokens: torch.Tensor, lengths: torch.Tensor):
         b, width = tokens.shape
@@ -240,17 +335,36 @@ class ModelRunner:
             stopped[i] = any(len(w) <= len(generated) and generated[len(generated) - len(w):] == w for w in words)
         return stopped
 
-    def _result(self, out, seq_lengths, context_logits, gen_logits, return_dict, r: _Request, final: bool):
+    def _result(self, out, seq_lengths, context_logits, gen_logits, return_dict, r: _Request, final: bool,
+                log_probs: torch.Tensor | None = None, counted: torch.Tensor | None = None,
+                cum_log_probs: torch.Tensor | None = None):
+        """out [B, beams, W]; seq_lengths [B] or [B, beams]; log_probs [B, beams, max_new]: each generated token's,
+        of which the first `counted` ([B] or [B, beams]) are reported; cum_log_probs [B, beams] (else their sum)."""
         width = int(seq_lengths.max()) if not final else out.shape[-1]
         output_ids = out[:, :, :width].clone()
         if not return_dict:
             return output_ids
-        result = {"output_ids": output_ids, "sequence_lengths": seq_lengths.clone().unsqueeze(1)}
+        seq_lengths = seq_lengths if seq_lengths.dim() == 2 else seq_lengths.unsqueeze(1)
+        result = {"output_ids": output_ids, "sequence_lengths": seq_lengths.clone()}
         if context_logits is not None:
             result["context_logits"] = context_logits
         if gen_logits is not None:
             result["generation_logits"] = torch.stack(gen_logits, dim=1).unsqueeze(1)
+        if r.output_log_probs or r.output_cum_log_probs:
+            counted = counted if counted.dim() == 2 else counted.unsqueeze(1)
+            shown = torch.where(torch.arange(log_probs.shape[-1]) < counted[:, :, None], log_probs, 0.0)
+            if r.output_log_probs:
+                result["log_probs"] = shown
+            if r.output_cum_log_probs:
+                result["cum_log_probs"] = cum_log_probs if cum_log_probs is not None else log_probs.sum(-1)
         return result
+
+    @staticmethod
+    def _token_log_probs(logits: torch.Tensor, tokens: torch.Tensor, r: _Request) -> torch.Tensor:
+        """Log probability of each chosen token under the distribution it was chosen from (temperature applied
+        when sampling)."""
+        scaled = logits if is_greedy(r.temperature, r.top_k, r.top_p) else logits / r.temperature
+        return torch.log_softmax(scaled, dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1)
 
 
 def _normalise_stop_words(stop_words: Any, batch: int) -> list[list[list[int]]]:

@@ -84,7 +84,8 @@ def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
         "prompt": {"template": ev["prompt_template"], "system_prompt": ev["system_prompt"],
                    "max_input_length": ev["max_input_length"], "truncation": "left"},
         "generation": {k: request[k] for k in ("max_new_tokens", "end_id", "pad_id", "temperature", "top_k", "top_p",
-                                                "num_beams", "random_seed", "batch_size")},
+                                                "num_beams", "length_penalty", "early_stopping", "random_seed",
+                                                "batch_size")},
         "engine_key": engine_dir.name,
         "versions": library_versions(),
     }
@@ -119,6 +120,9 @@ def _request(ev: dict[str, Any], tokenizer, engine_dir: Path, limits: dict[str, 
     if max_input < 1:
         raise PipelineError(f"evaluate.output_len={ev['output_len']} leaves no room for a prompt in the engine's "
                             f"max_seq_len={limits['max_seq_len']}")
+    if ev["num_beams"] > limits["max_beam_width"]:
+        raise PipelineError(f"evaluate.num_beams={ev['num_beams']} exceeds the engine's max_beam_width="
+                            f"{limits['max_beam_width']}: build it with build.max_beam_width={ev['num_beams']}")
     if ev["batch_size"] > limits["max_batch_size"]:
         raise PipelineError(f"evaluate.batch_size={ev['batch_size']} exceeds the engine's max_batch_size={limits['max_batch_size']}")
     samples = []
@@ -141,6 +145,7 @@ def _request(ev: dict[str, Any], tokenizer, engine_dir: Path, limits: dict[str, 
         "batch_size": ev["batch_size"], "max_new_tokens": ev["output_len"], "end_id": end_id,
         "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_id,
         "temperature": ev["temperature"], "top_k": ev["top_k"], "top_p": ev["top_p"], "num_beams": ev["num_beams"],
+        "length_penalty": ev["length_penalty"], "early_stopping": ev["early_stopping"],
         "random_seed": ev["random_seed"],
     }
     return samples, request

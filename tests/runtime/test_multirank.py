@@ -26,9 +26,9 @@ def mpirun(n: int, *args: str, timeout: int = 300) -> subprocess.CompletedProces
                           timeout=timeout, cwd=REPO)
 
 
-def generate_on_ranks(engine: Path, out: Path, world: int, kernel: str = "auto") -> list[dict]:
+def generate_on_ranks(engine: Path, out: Path, world: int, kernel: str = "auto", *beam_args: str) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
-    proc = mpirun(world, "-m", "tests.runtime.mpi_generate", str(engine), str(out), kernel)
+    proc = mpirun(world, "-m", "tests.runtime.mpi_generate", str(engine), str(out), kernel, *beam_args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
@@ -133,3 +133,19 @@ def test_moe_multirank_equal_single_rank(tiny_models, tmp_path, model, mappings)
             assert torch.equal(rank_result["output_ids"], single["output_ids"]), (model, tp, pp, ep)
             for key in ("context_logits", "generation_logits"):
                 assert (rank_result[key] - single[key]).abs().max().item() < 1e-5, (model, tp, pp, ep, key)
+
+
+@pytest.mark.parametrize("model,tp,pp,ep", [("llama_gqa_untied", 2, 1, None), ("llama_gqa_untied", 1, 2, None),
+                                            ("mixtral_4e_top2", 2, 1, 2)])
+def test_beam_search_multirank_equals_single_rank(tiny_models, tmp_path, model, tp, pp, ep):
+    """Beam search on every rank (logits are shared, so every rank selects the same beams and reorders its own KV
+    cache rows the same way): beams, lengths and log probabilities equal the single-rank engine's."""
+    beam_args = ("auto", "4", "4")  # 4 beams, end id 4 (ends some beams of these prompts)
+    single = generate_on_ranks(build_engine(tiny_models[model], tmp_path / "tp1", max_beam_width=4), tmp_path / "o1", 1,
+                               *beam_args)[0]
+    engine = build_engine(tiny_models[model], tmp_path / "multi", tp=tp, pp=pp, moe_ep_size=ep, max_beam_width=4)
+    for rank_result in generate_on_ranks(engine, tmp_path / "om", tp * pp, *beam_args):
+        assert torch.equal(rank_result["output_ids"], single["output_ids"]), (model, tp, pp)
+        assert torch.equal(rank_result["sequence_lengths"], single["sequence_lengths"])
+        for key in ("cum_log_probs", "log_probs"):
+            assert (rank_result[key] - single[key]).abs().max().item() < 1e-4, key

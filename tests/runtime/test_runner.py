@@ -26,7 +26,7 @@ def batch(prompts=PROMPTS):
     (dict(batch_input_ids=[torch.tensor([1])] * 5), "exceeds max_batch_size=4"),
     (dict(batch_input_ids=[torch.arange(33)]), "more than max_input_len=32"),
     (dict(batch_input_ids=[torch.arange(30)], max_new_tokens=40), "exceed max_seq_len=64"),
-    (dict(num_beams=2), "beam width 1 only"),
+    (dict(num_beams=2), r"num_beams=2 must be in \[1, max_beam_width=1\]"),
     (dict(batch_input_ids=[torch.tensor([1, 500])]), "outside"),
     (dict(batch_input_ids=[torch.tensor([], dtype=torch.long)]), "empty"),
 ])

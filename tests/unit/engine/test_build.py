@@ -18,7 +18,7 @@ CKPT = {"max_position_embeddings": 128, "rotary_scaling": None}
 @pytest.mark.parametrize("override,ckpt,message", [
     ({"max_input_len": 100, "max_seq_len": 64}, CKPT, "max_input_len=100 exceeds build.max_seq_len=64"),
     ({"max_seq_len": 256}, CKPT, "max_seq_len=256 exceeds what the model supports"),
-    ({"max_beam_width": 4}, CKPT, "beam width 1"),
+    ({"max_beam_width": 0}, CKPT, "max_beam_width=0 must be >= 1"),
     ({"max_batch_size": 0}, CKPT, "max_batch_size=0"),
     ({}, {"max_position_embeddings": 128, "rotary_scaling": {"type": "mrope", "factor": 2.0}}, "'mrope' is not supported"),
 ])
