@@ -143,12 +143,12 @@ def export_rank(model: EngineModel, limits: dict[str, Any], out_dir: Path, rank:
     files = {"step": f"rank{rank}.step.onnx"}
     census = Counter()
     with torch.inference_mode(False), torch.no_grad():
-        _export(StepGraph(model, max_seq), (x, positions, *past), out_dir / files["step"], inputs, outputs,
+        _export(StepGraph(model, max_seq).eval(), (x, positions, *past), out_dir / files["step"], inputs, outputs,
                 {"x": dynamic["x"], "positions": dynamic["positions"], "past": dynamic["past"]}, census)
         if d.is_last_stage:
             files["logits"] = f"rank{rank}.logits.onnx"
             h = torch.zeros(b, t, a.hidden_size, dtype=dtype)
-            _export(LogitsGraph(model), (h,), out_dir / files["logits"], ["hidden"], ["logits"],
+            _export(LogitsGraph(model).eval(), (h,), out_dir / files["logits"], ["hidden"], ["logits"],
                     {"h": {0: batch, 1: seq}}, census)
     return {"rank": rank, "files": files, "inputs": inputs, "outputs": outputs, "op_census": dict(sorted(census.items())),
             "model": asdict(a)}
@@ -159,7 +159,7 @@ def _export(module: nn.Module, example: tuple, path: Path, inputs: list[str], ou
     import onnx
 
     program = torch.onnx.export(module, example, dynamo=True, opset_version=OPSET, input_names=inputs,
-                                output_names=outputs, dynamic_shapes=dynamic, optimize=False, verbose=False)
+                                output_names=outputs, dynamic_shapes=dynamic, optimize=True, verbose=False)
     ir = program.model
     ops = Counter(node.op_type for node in ir.graph)
     for function in ir.functions.values():
