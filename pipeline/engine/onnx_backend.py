@@ -38,7 +38,7 @@ def package_versions(names: tuple[str, ...]) -> dict[str, str]:
     return versions
 
 
-def checkpoint_refusals(ckpt: dict[str, Any]) -> list[str]:
+def checkpoint_refusals(ckpt: dict[str, Any], backend: str = "onnx") -> list[str]:
     """What the ONNX export does not cover in this checkpoint, by name (checked before any work)."""
     q = ckpt.get("quantization") or {}
     problems = []
@@ -46,8 +46,9 @@ def checkpoint_refusals(ckpt: dict[str, Any]) -> list[str]:
         problems.append(f"quant_algo={q['quant_algo']} (quantized checkpoints are not exported yet; "
                         "build the float checkpoint or use build.backend=cpu)")
     if q.get("kv_cache_quant_algo"):
-        problems.append(f"kv_cache_quant_algo={q['kv_cache_quant_algo']} (a quantized KV cache)")
-    if ckpt.get("dtype") == "bfloat16":
+        problems.append(f"kv_cache_quant_algo={q['kv_cache_quant_algo']} (a quantized KV cache; TensorRT's KV-cache "
+                        "update layer stores float32/float16/bfloat16 only)")
+    if ckpt.get("dtype") == "bfloat16" and backend == "onnx":
         problems.append("dtype=bfloat16 (onnxruntime's Python buffers have no bfloat16; use float32 or float16, "
                         "or build.backend=tensorrt)")
     tp = ckpt.get("mapping", {}).get("tp_size", 1)
@@ -64,7 +65,7 @@ def export_engine(checkpoint_dir: Path, engine_dir: Path, build_config: dict[str
 
     versions = {"torch": md.version("torch"), **package_versions(ONNX_PACKAGES)}
     ckpt = json.loads((Path(checkpoint_dir) / "config.json").read_text())
-    refused = checkpoint_refusals(ckpt)
+    refused = checkpoint_refusals(ckpt, backend)
     if refused:
         raise PipelineError(f"build.backend={backend} cannot export this checkpoint: " + "; ".join(refused))
     started = time.perf_counter()

@@ -117,11 +117,12 @@ def io_names(num_layers: int) -> tuple[list[str], list[str]]:
 
 def profiles(limits: dict[str, Any]) -> dict[str, dict[str, tuple[int, int, int]]]:
     """Optimization profiles (min, opt, max) of the dynamic dimensions, from the build limits: the context phase
-    (prefill: any batch up to max_batch_size, sequences up to max_input_len, at most max_num_tokens tokens in all)
-    and the generation phase (one token per sequence)."""
+    (prefill: batch up to max_batch_size, sequences up to max_input_len; tuned for a full max_num_tokens pass) and
+    the generation phase (one token per sequence). A prompt longer than max_num_tokens is prefilled alone, so the
+    sequence range stays max_input_len."""
     b, t = limits["max_batch_size"], limits["max_input_len"]
-    t_max = min(t, limits["max_num_tokens"])
-    return {"context": {"batch": (1, b, b), "seq": (1, t_max, t_max)},
+    opt_t = max(1, min(t, limits["max_num_tokens"] // b))
+    return {"context": {"batch": (1, b, b), "seq": (1, opt_t, t)},
             "generation": {"batch": (1, b, b), "seq": (1, 1, 1)}}
 
 

@@ -32,15 +32,6 @@ CI_ARCHS = ["llama_gqa_untied", "gpt2", "gptj", "gemma2_softcap", "gemma3", "opt
 ARCHS = list(TINY_MODELS) if os.environ.get("TRTLLM_PIPELINE_ALL_ARCHS") else CI_ARCHS
 
 
-def build_pair(root, name, **mapping):
-    model = make_tiny_model(root, name)
-    ckpt = make_checkpoint(model, root / "ckpt", **mapping)
-    cpu, onnx = root / "cpu", root / "onnx"
-    get_backend("cpu").build(ckpt, cpu, BUILD)
-    metrics = get_backend("onnx").build(ckpt, onnx, {**BUILD, "backend": "onnx"})
-    return cpu, onnx, metrics
-
-
 def generate(engine, n=16):
     runner = ModelRunner.from_dir(engine, kernel="torch") if "cpu" in engine.name else ModelRunner.from_dir(engine)
     return runner.generate([torch.tensor(p) for p in PROMPTS], max_new_tokens=n, end_id=-1, pad_id=0,
@@ -48,8 +39,9 @@ def generate(engine, n=16):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_onnx_engine_matches_the_cpu_engine(tmp_path, arch):
-    cpu, onnx, metrics = build_pair(tmp_path, arch)
+def test_onnx_engine_matches_the_cpu_engine(exported, arch):
+    built = exported(arch)
+    cpu, onnx, metrics = built["cpu"], built["onnx"], built["metrics"]
     want, got = generate(cpu), generate(onnx)
     for i, p in enumerate(PROMPTS):  # prefill: every position of every (ragged) sequence
         assert (got["context_logits"][i, : len(p)] - want["context_logits"][i, : len(p)]).abs().max() < 1e-4, i
@@ -67,7 +59,7 @@ def test_onnx_engine_matches_the_cpu_engine(tmp_path, arch):
 
 def test_profiles_follow_the_build_limits():
     limits = {"max_batch_size": 8, "max_input_len": 512, "max_seq_len": 1024, "max_num_tokens": 256}
-    assert profiles(limits) == {"context": {"batch": (1, 8, 8), "seq": (1, 256, 256)},
+    assert profiles(limits) == {"context": {"batch": (1, 8, 8), "seq": (1, 32, 512)},
                                 "generation": {"batch": (1, 8, 8), "seq": (1, 1, 1)}}
 
 
@@ -94,18 +86,16 @@ def test_exporter_versions_are_part_of_the_cache_key():
 
 
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not installed (pip install mpi4py mpich)")
-def test_pipeline_parallel_onnx_engine_under_mpirun_equals_single_rank(tmp_path):
+def test_pipeline_parallel_onnx_engine_under_mpirun_equals_single_rank(exported, tmp_path):
     from tests.runtime.test_multirank import PROMPTS as MPI_PROMPTS, generate_on_ranks
 
-    model = make_tiny_model(tmp_path, "llama_mha_tied")
-    engines = {}
-    for pp in (1, 2):
-        ckpt = make_checkpoint(model, tmp_path / f"ckpt{pp}", pp=pp)
-        engines[pp] = tmp_path / f"onnx{pp}"
-        get_backend("onnx").build(ckpt, engines[pp], {**BUILD, "backend": "onnx"})
-    assert sorted(p.name for p in engines[2].glob("rank*.onnx")) == [
-        "rank0.step.onnx", "rank1.logits.onnx", "rank1.step.onnx"]
-    single = generate_on_ranks(engines[1], tmp_path / "out1", 1)[0]
-    for result in generate_on_ranks(engines[2], tmp_path / "out2", 2):
+    single_rank = exported("llama_gqa_untied")
+    ckpt = make_checkpoint(single_rank["ckpt"].parent / "llama_gqa_untied", tmp_path / "ckpt", pp=2)
+    engine = tmp_path / "onnx_pp2"
+    get_backend("onnx").build(ckpt, engine, {**BUILD, "backend": "onnx"})
+    assert sorted(p.name for p in engine.glob("rank*.onnx")) == ["rank0.step.onnx", "rank1.logits.onnx",
+                                                                  "rank1.step.onnx"]
+    single = generate_on_ranks(single_rank["onnx"], tmp_path / "out1", 1)[0]
+    for result in generate_on_ranks(engine, tmp_path / "out2", 2):
         assert torch.equal(result["output_ids"], single["output_ids"]), MPI_PROMPTS
         assert (result["generation_logits"] - single["generation_logits"]).abs().max() < 1e-5
