@@ -57,6 +57,18 @@ def test_onnx_engine_matches_the_cpu_engine(exported, arch):
     assert config["engine"]["backend"] == "onnx"
 
 
+def test_evaluate_runs_onnx_engines_like_cpu_engines(exported):
+    from pipeline.evaluate.engine_eval import run_engine_eval
+
+    built = exported("llama_gqa_untied")
+    request = {"prompts": PROMPTS, "batch_size": 3, "max_new_tokens": 6, "end_id": -1, "pad_id": 0,
+               "temperature": 1.0, "top_k": 1, "top_p": 0.0, "num_beams": 1, "random_seed": 0,
+               "ppl_windows": [PROMPTS[2]]}
+    want = run_engine_eval(ModelRunner.from_dir(built["cpu"], kernel="torch"), request)
+    got = run_engine_eval(ModelRunner.from_dir(built["onnx"]), request)
+    assert got["outputs"] == want["outputs"] and abs(got["ppl_nll"] - want["ppl_nll"]) < 1e-3
+
+
 def test_profiles_follow_the_build_limits():
     limits = {"max_batch_size": 8, "max_input_len": 512, "max_seq_len": 1024, "max_num_tokens": 256}
     assert profiles(limits) == {"context": {"batch": (1, 8, 8), "seq": (1, 32, 512)},
