@@ -24,9 +24,9 @@ from pipeline import __version__
 from pipeline.checkpoint.validate import validate_checkpoint
 from pipeline.engine.limits import resolve_limits
 from pipeline.errors import PipelineError
+from pipeline.runtime.trtllm_runner import ENGINE_SUBDIR
 from pipeline.schemas import validate
 
-ENGINE_SUBDIR = "trtllm"
 LOG_FILE = "trtllm-build.log"
 INSTALL_HINT = ("build.backend=trtllm needs TensorRT-LLM with its TensorRT engine flow (a release up to 1.x, "
                 "which provides trtllm-build), installed from NVIDIA's index on a machine with a GPU: "

@@ -110,14 +110,3 @@ def _bind(bind, name: str, t: torch.Tensor) -> None:
     if not t.is_contiguous():
         raise PipelineError(f"internal: buffer {name} is not contiguous")
     bind(name, "cpu", 0, _NP[t.dtype], list(t.shape), t.data_ptr())
-
-
-def load_graph_model(backend: str, engine_dir: Path, d: Dist, config: dict[str, Any]):
-    """The stage model of an exported engine of `backend`."""
-    if backend == "onnx":
-        return OnnxStageModel(engine_dir, d, config)
-    if backend == "tensorrt":
-        from pipeline.runtime.trt_model import TrtStageModel
-
-        return TrtStageModel(engine_dir, d, config)
-    raise PipelineError(f"{engine_dir}: engines of backend {backend!r} are not run by this runtime")

@@ -67,7 +67,7 @@ class ModelRunner:
         mapping = config["pretrained_config"]["mapping"]
         d = init_dist(mapping["tp_size"], mapping["pp_size"], rank)
         if backend != "cpu":  # exported graphs (onnx, tensorrt) behind the same stage-model contract
-            from pipeline.runtime.graph_model import load_graph_model
+            from pipeline.runtime.exported import load_graph_model
 
             return cls(load_graph_model(backend, engine_dir, d, config), d, config, time.perf_counter() - started)
         path = engine_dir / f"rank{d.rank}.engine"

@@ -22,12 +22,34 @@ from pipeline.runtime.model import DTYPES, ModelArgs
 from pipeline.runtime.parallel import Dist
 
 CONTEXT, GENERATION = 0, 1
+MANIFEST = "tensorrt.json"
+INSTALL_HINT = ("build.backend=tensorrt needs TensorRT >= 10.15 (its ONNX parser maps TensorScatter and Attention onto "
+                "native layers) on a machine with an NVIDIA GPU: pip install tensorrt-cu12 "
+                "--extra-index-url https://pypi.nvidia.com")
+
+
+def import_tensorrt(allow_rtx: bool = False):
+    """(module, flavour): datacenter TensorRT; with `allow_rtx`, TensorRT-RTX as a fallback (it builds on a machine
+    without a GPU, which makes it the CPU-side structural check; its plans run on RTX GPUs only)."""
+    try:
+        import tensorrt as trt
+
+        return trt, "tensorrt"
+    except ImportError:
+        if not allow_rtx:
+            raise PipelineError(f"TensorRT is not installed. {INSTALL_HINT}") from None
+    try:
+        import tensorrt_rtx as trt
+
+        return trt, "tensorrt-rtx"
+    except ImportError:
+        raise PipelineError(f"neither TensorRT nor TensorRT-RTX is installed. {INSTALL_HINT}; for CPU-only "
+                            "structural builds: pip install 'trtllm-pipeline[tensorrt-rtx]'") from None
+
 
 
 class TrtStageModel:
     def __init__(self, engine_dir: Path, d: Dist, config: dict[str, Any]):
-        from pipeline.engine.tensorrt_backend import MANIFEST, import_tensorrt
-
         trt, flavour = import_tensorrt()
         if not torch.cuda.is_available():
             raise PipelineError(f"{engine_dir} is a TensorRT engine: it runs on a CUDA GPU and none is visible")

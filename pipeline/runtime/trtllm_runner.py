@@ -14,6 +14,7 @@ import torch
 from pipeline.errors import PipelineError
 from pipeline.runtime.parallel import mpi_world
 
+ENGINE_SUBDIR = "trtllm"  # trtllm-build's output inside our engine directory
 INSTALL_HINT = ("running a trtllm engine needs TensorRT-LLM (a release up to 1.x) on a machine with a GPU: "
                 "pip install 'tensorrt-llm<2' --extra-index-url https://pypi.nvidia.com")
 
@@ -33,8 +34,6 @@ class TrtllmRunner:
 
     @classmethod
     def from_dir(cls, engine_dir: Path, config: dict[str, Any], rank: int | None = None) -> "TrtllmRunner":
-        from pipeline.engine.trtllm_backend import ENGINE_SUBDIR
-
         started = time.perf_counter()
         try:
             from tensorrt_llm.runtime import ModelRunner as TrtllmModelRunner
