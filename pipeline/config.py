@@ -57,7 +57,9 @@ class KvCacheQuantAlgo(str, Enum):
 
 class Backend(str, Enum):
     cpu = "cpu"
-    tensorrt = "tensorrt"
+    onnx = "onnx"  # the runtime's modules exported to ONNX, run by onnxruntime
+    tensorrt = "tensorrt"  # TensorRT engines built from the onnx backend's files
+    trtllm = "trtllm"  # an installed TensorRT-LLM's trtllm-build (its TensorRT engine flow)
 
 
 @dataclass
@@ -167,6 +169,10 @@ class BuildConfig:
     # After building, generate this many tokens from a fixed prompt on every rank (under mpirun when the engine has
     # several) to prove the engine loads and runs; 0 skips it.
     smoke_test_tokens: int = 8
+    # trtllm backend: extra trtllm-build arguments passed through as they are (e.g. ["--gemm_plugin", "auto"]).
+    trtllm_args: list[str] = field(default_factory=list)
+    # tensorrt backend: the target GPU's compute capability ("9.0"); null = the GPU of the building machine.
+    tensorrt_compute_capability: Optional[str] = None
 
 
 class EvalTask(str, Enum):

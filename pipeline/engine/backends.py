@@ -9,7 +9,8 @@ from typing import Any, Protocol
 
 from pipeline.errors import PipelineError
 
-BACKEND_MODULES = {"cpu": "pipeline.engine.cpu"}
+BACKEND_MODULES = {"cpu": "pipeline.engine.cpu", "onnx": "pipeline.engine.onnx_backend",
+                   "tensorrt": "pipeline.engine.tensorrt_backend", "trtllm": "pipeline.engine.trtllm_backend"}
 
 
 class Backend(Protocol):

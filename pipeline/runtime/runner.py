@@ -65,8 +65,17 @@ class ModelRunner:
         if not config_path.is_file():
             raise PipelineError(f"{engine_dir} is not an engine directory: config.json is missing")
         config = json.loads(config_path.read_text())
+        backend = config.get("engine", {}).get("backend", "cpu")
+        if backend == "trtllm":  # TensorRT-LLM's own runtime runs its engines
+            from pipeline.runtime.trtllm_runner import TrtllmRunner
+
+            return TrtllmRunner.from_dir(engine_dir, config, rank)
         mapping = config["pretrained_config"]["mapping"]
         d = init_dist(mapping["tp_size"], mapping["pp_size"], rank)
+        if backend != "cpu":  # exported graphs (onnx, tensorrt) behind the same stage-model contract
+            from pipeline.runtime.exported import load_graph_model
+
+            return cls(load_graph_model(backend, engine_dir, d, config), d, config, time.perf_counter() - started)
         path = engine_dir / f"rank{d.rank}.engine"
         if not path.is_file():
             raise PipelineError(f"{path} is missing (the engine has world_size={mapping['world_size']})")
