@@ -37,7 +37,8 @@ def find_points(paths: list[Path]) -> list[Path]:
         if (path / ".hydra").is_dir():
             points.append(path)
             continue
-        found = sorted(p.parent.parent for p in path.glob("*/.hydra/overrides.yaml"))
+        # recursive: an override value with a slash (a path) nests the job's directory
+        found = sorted(p.parent.parent for p in path.rglob(".hydra/overrides.yaml"))
         if not found:
             raise PipelineError(f"report: {path} holds no run directories (no */.hydra/overrides.yaml)")
         points += found
@@ -302,9 +303,15 @@ class SweepReport(Callback):
         if hc.mode != RunMode.MULTIRUN:
             return
         sweep_dir = Path(hc.sweep.dir)
-        done = sum(1 for p in sweep_dir.glob("*/.hydra") if (p.parent / "run.json").is_file()
+        done = sum(1 for p in sweep_dir.rglob(".hydra") if (p.parent / "run.json").is_file()
                    or (p.parent / ERROR_FILE).is_file())
-        total = sweep_size(list(hc.overrides.task))
+        total = None
+        multirun = sweep_dir / "multirun.yaml"  # the sweep as launched: command-line and recipe sweep parameters
+        if multirun.is_file():
+            hydra_cfg = (yaml.safe_load(multirun.read_text()) or {}).get("hydra", {})
+            params = hydra_cfg.get("sweeper", {}).get("params") or {}
+            total = sweep_size([*hydra_cfg.get("overrides", {}).get("task", []),
+                                *(f"{k}={v}" for k, v in params.items())])
         print(f"sweep: {done}/{total or '?'} points done ({hc.job.override_dirname or 'base'} finished)", flush=True)
 
     def on_multirun_end(self, config, **kwargs) -> None:

@@ -68,6 +68,9 @@ def reference_stage(ctx: StageContext) -> dict[str, Any]:
         max_seq_len = cfg["build"]["max_seq_len"] or source.hf_config.get("max_position_embeddings") or 2048
         samples, request = build_request(ev, tokenizer, cfg["build"]["max_input_len"], max_seq_len,
                                          count=ev["n_samples"])
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # transformers' GGUF loading bars are not this run's progress
         model = source.transformers_model(dtype)
     finally:
         source.close()
