@@ -1,6 +1,6 @@
 """The transformers side of an evaluation: same prompts, same dtype, same generation settings. Greedy decoding runs
 in left-padded, attention-masked batches of prompts sorted by length (summarize.py ran one at a time because
-padded HF batches can differ from unpadded ones: see docs/EVALUATION.md for the measured agreement); sampling runs
+padded HF batches can differ from unpadded ones: see docs/SWEEPS.md for the measured agreement); sampling runs
 one prompt at a time so its seeded draws do not depend on batch composition."""
 
 from __future__ import annotations
