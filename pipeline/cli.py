@@ -1,11 +1,15 @@
-"""`trtllm-pipeline`: run a recipe (Hydra), or `trtllm-pipeline validate <checkpoint_dir>`."""
+"""`trtllm-pipeline`: run a recipe (Hydra), `trtllm-pipeline validate <checkpoint_dir>`, or
+`trtllm-pipeline report <multirun dir or run dirs>`."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
+import os
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
@@ -71,10 +75,43 @@ def unknown_keys(config: dict, schema: type, prefix: str = "") -> list[str]:
     return found
 
 
+def parallel_workers() -> int:
+    """Points the launcher runs at once on this machine (joblib's n_jobs; 1 for the basic launcher and for launchers
+    that give each point its own allocation, such as Slurm and Ray)."""
+    try:
+        launcher = HydraConfig.get().launcher
+    except ValueError:  # not under Hydra (tests call run_recipe directly)
+        return 1
+    n_jobs = launcher.get("n_jobs") if "joblib" in str(launcher.get("_target_", "")) else None
+    if n_jobs is None:
+        return 1
+    cores = os.cpu_count() or 1
+    return max(1, cores + 1 + int(n_jobs) if int(n_jobs) < 0 else int(n_jobs))  # joblib: -1 = all cores
+
+
+def claim_cores(config: dict, workers: int) -> None:
+    """The no-oversubscription rule for parallel points: workers x ranks per point must fit the cores, and each
+    point's ranks share cores // workers (TRTLLM_PIPELINE_CORES, read by the runtime), never the whole machine."""
+    if workers <= 1:
+        return
+    cores = os.cpu_count() or 1
+    world = config["mapping"]["tp_size"] * config["mapping"]["pp_size"]
+    if workers * world > cores:
+        raise PipelineError(f"{workers} parallel points x {world} ranks (tp{config['mapping']['tp_size']} "
+                            f"pp{config['mapping']['pp_size']}) need {workers * world} cores and this machine has "
+                            f"{cores}: lower hydra.launcher.n_jobs to {max(1, cores // world)} or run multi-rank points "
+                            "with the basic launcher")
+    os.environ["TRTLLM_PIPELINE_CORES"] = str(max(1, cores // workers))
+    import torch
+
+    torch.set_num_threads(max(1, cores // workers))
+
+
 def run_recipe(cfg: DictConfig, run_dir: Path | None):
     from pipeline.executor import run_pipeline, summary_lines, write_run_record
 
     config = resolved_config(cfg)
+    claim_cores(config, parallel_workers())
     result = run_pipeline(
         config,
         cache_root=Path(config["cache_dir"]),
@@ -93,11 +130,30 @@ def run_recipe(cfg: DictConfig, run_dir: Path | None):
 
 @hydra.main(version_base="1.3", config_path=RECIPES_DIR, config_name="pipeline")
 def hydra_main(cfg: DictConfig) -> None:
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    sweeping = hc.mode == RunMode.MULTIRUN
     try:
-        run_recipe(cfg, Path(HydraConfig.get().runtime.output_dir))
+        run_recipe(cfg, run_dir)
     except PipelineError as e:
+        _record_error(run_dir, str(e))
         print(f"error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        if not sweeping:  # in a sweep the point becomes a failed row of the report and the others go on
+            raise SystemExit(2) from None
+    except Exception as e:  # noqa: BLE001 - a sweep records any point's crash and goes on
+        if not sweeping:
+            raise
+        traceback.print_exc()
+        _record_error(run_dir, f"{type(e).__name__}: {e}".splitlines()[0])
+
+
+def _record_error(run_dir: Path, line: str) -> None:
+    from pipeline.report import ERROR_FILE
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / ERROR_FILE).write_text(json.dumps({"error": line}) + "\n")
 
 
 def validate_main(argv: list[str]) -> int:
@@ -120,6 +176,14 @@ def validate_main(argv: list[str]) -> int:
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "validate":
         raise SystemExit(validate_main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "report":
+        from pipeline.report import report_main
+
+        try:
+            raise SystemExit(report_main(sys.argv[2:]))
+        except PipelineError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
     hydra_main()
 
 

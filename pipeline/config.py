@@ -185,6 +185,11 @@ class PromptTemplate(str, Enum):
     chat = "chat"  # the tokenizer's chat template with a system and a user message
 
 
+class GateKind(str, Enum):
+    threshold = "threshold"  # summarize.py's: ROUGE-1 above a threshold, perplexity below one
+    statistical = "statistical"  # the paired interval against transformers, KL divergence, top-1 agreement
+
+
 @dataclass
 class EvaluateConfig:
     """Evaluation settings, named as TensorRT-LLM's summarize.py named them where they exist."""
@@ -227,6 +232,16 @@ class EvaluateConfig:
     ppl_window: int = 256
     ppl_max_windows: int = 16
     tensorrt_llm_ppl_threshold: Optional[float] = None
+    # With check_accuracy: `threshold` (the keys above) or `statistical`: fail when the paired 95% interval of the
+    # engine's ROUGE-1 minus transformers' reaches below -max_rouge1_drop, or the KL divergence of the engine's
+    # next-token distributions on the perplexity windows exceeds max_mean_kld, or top-1 agreement falls below
+    # min_top1_agreement. max_rouge1_drop is also the margin of the same/worse/better verdicts.
+    gate: GateKind = GateKind.threshold
+    max_rouge1_drop: float = 1.0
+    max_mean_kld: Optional[float] = None
+    min_top1_agreement: Optional[float] = None
+    # Prompts per transformers batch for the reference (greedy only; left-padded and masked). 1 = one at a time.
+    reference_batch_size: int = 8
 
 
 @dataclass

@@ -35,12 +35,13 @@ from pipeline.schemas import validate
 
 log = logging.getLogger(__name__)
 
-PIPELINE_ORDER = ("calibrate", "convert", "build", "evaluate")
+PIPELINE_ORDER = ("calibrate", "convert", "build", "reference", "evaluate")
 # Stage name -> module that registers it; imported when a run needs the stage.
 STAGE_MODULES = {
     "calibrate": "pipeline.stages.calibrate",
     "convert": "pipeline.stages.convert",
     "build": "pipeline.stages.build",
+    "reference": "pipeline.stages.reference",
     "evaluate": "pipeline.stages.evaluate",
 }
 MANIFEST_VERSION = 1
@@ -275,6 +276,9 @@ def summary_lines(result: RunResult, record_path: Path | None) -> list[str]:
             lines.append(f"{o.name} metrics: " + ", ".join(f"{k}={v}" for k, v in headline.items()))
     for o in result.stages:
         if o.checks:
+            if "failed" not in o.checks:  # verdicts only: no gate asked for
+                lines.append(f"{o.name} verdicts: " + ", ".join(f"{k}: {v}" for k, v in o.checks.get("verdicts", {}).items()))
+                continue
             verdict = "FAILED: " + "; ".join(o.checks["failed"]) if o.checks["failed"] else "passed"
             limits = {k: v for k, v in o.checks.items() if k != "failed"}
             lines.append(f"{o.name} accuracy check {verdict} ({', '.join(f'{k}={v}' for k, v in limits.items())})")

@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from pipeline.errors import PipelineError
 from pipeline.evaluate.ppl import nll_sum
+from pipeline.evaluate.stats import kl_from_topk
 
 
 def run_engine_eval(runner, request: dict[str, Any]) -> dict[str, Any]:
@@ -20,6 +22,8 @@ def run_engine_eval(runner, request: dict[str, Any]) -> dict[str, Any]:
     time to first token per batch; NLL over perplexity windows."""
     prompts, bs = request["prompts"], request["batch_size"]
     outputs, ttfts, generated, seconds = [], [], 0, 0.0
+    show = request.get("progress", False) and runner.dist.rank == 0
+    bar = tqdm(total=len(prompts), desc="engine generate", unit="sample", disable=not show or not prompts)
     for start in range(0, len(prompts), bs):
         batch = [torch.tensor(p) for p in prompts[start: start + bs]]
         t0 = time.perf_counter()
@@ -40,16 +44,35 @@ def run_engine_eval(runner, request: dict[str, Any]) -> dict[str, Any]:
             ids = result["output_ids"][i, 0, len(p): lengths[i]].tolist()
             outputs.append(ids)
             generated += len(ids)
-    nll, tokens = 0.0, 0
-    for window in request.get("ppl_windows", []):
+        bar.update(len(batch))
+    bar.close()
+    nll, tokens, kl, top1 = 0.0, 0, [], []
+    reference = _load_topk(request.get("kl_reference"))
+    for window in tqdm(request.get("ppl_windows", []), desc="engine perplexity", unit="window", disable=not show):
         if not runner.limits["gather_context_logits"]:
             raise PipelineError("perplexity needs an engine built with build.gather_context_logits=true")
         logits = runner.generate([torch.tensor(window)], max_new_tokens=1, end_id=-1, pad_id=0,
                                  return_dict=True)["context_logits"][0, : len(window)]
         n, t = nll_sum(logits, window)
+        if reference is not None:  # the reference's rows for this window's t predicted positions
+            k, agree = kl_from_topk(reference["logprobs"][tokens: tokens + t], reference["ids"][tokens: tokens + t],
+                                    logits[:t])
+            kl += k.tolist()
+            top1 += agree.tolist()
         nll, tokens = nll + n, tokens + t
-    return {"outputs": outputs, "seconds": seconds, "generated_tokens": generated, "ttft_seconds": ttfts,
-            "ppl_nll": nll, "ppl_tokens": tokens, "load_seconds": runner.load_seconds}
+    result = {"outputs": outputs, "seconds": seconds, "generated_tokens": generated, "ttft_seconds": ttfts,
+              "ppl_nll": nll, "ppl_tokens": tokens, "load_seconds": runner.load_seconds}
+    if reference is not None:
+        result["kl"], result["top1"] = kl, top1
+    return result
+
+
+def _load_topk(path: str | None):
+    if not path:
+        return None
+    from safetensors.torch import load_file
+
+    return load_file(path)
 
 
 def main(argv: list[str]) -> int:

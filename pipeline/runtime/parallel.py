@@ -86,7 +86,9 @@ def init_dist(tp_size: int, pp_size: int, rank: int | None = None) -> Dist:
     if world == 1:
         return d
     # Ranks on one machine share its cores: oversubscribed OpenMP pools spin against each other.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _local_ranks()))
+    # TRTLLM_PIPELINE_CORES: the cores this run may use when sweep points share the machine (pipeline/cli.py).
+    cores = int(os.environ.get("TRTLLM_PIPELINE_CORES") or os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cores // _local_ranks()))
     if not dist.is_initialized():
         from mpi4py import MPI
 

@@ -11,38 +11,37 @@ from typing import Any
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.evaluate.data import SHIPPED_PPL_TEXT, dataset_fingerprint, load_samples, load_text
+from pipeline.evaluate.data import dataset_fingerprint
 from pipeline.evaluate.engine_eval import run_engine_eval
-from pipeline.evaluate.ppl import perplexity, windows
-from pipeline.evaluate.prompts import encode_prompt
-from pipeline.evaluate.rouge import ROUGE_TYPES, rouge, rouge_per_sample
+from pipeline.evaluate.ppl import perplexity
+from pipeline.evaluate.request import build_request, evaluate_fingerprint
+from pipeline.evaluate.rouge import ROUGE_TYPES, rouge, rouge_per_sample, rouge_with_intervals
+from pipeline.evaluate.stats import kld_summary, paired_bootstrap, verdict
 from pipeline.executor import StageContext, library_versions, stage
 from pipeline.schemas import validate
+from pipeline.stages.reference import TOPK_FILE, load_reference, wants_reference
 
-STAGE_VERSION = 1
-
-
-def evaluate_fingerprint(config: dict[str, Any]) -> dict[str, Any]:
-    from pipeline.convert.sources.files import file_sha256
-
-    ev = config["evaluate"]
-    fp: dict[str, Any] = {}
-    if ev["task"] == "summarize":
-        fp["dataset"] = dataset_fingerprint(ev["dataset"], ev["dataset_split"])
-    if ev["task"] == "ppl" or ev["eval_ppl"]:
-        text = Path(ev["ppl_dataset"]).expanduser() if ev["ppl_dataset"] else SHIPPED_PPL_TEXT
-        fp["ppl_dataset"] = file_sha256(text) if text.is_file() else str(text)
-    return fp
+STAGE_VERSION = 2  # 2: transformers' side comes from the reference stage; paired ROUGE-1 interval; KL divergence
 
 
 def accuracy_checks(config: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
-    """summarize.py's gate (ROUGE-1 strictly above the threshold; perplexity strictly below), plus the gap to
-    transformers. Judged on every run, computed or reused, from the artifact's metrics: thresholds are not part of
-    the cache key, so changing one never re-runs the evaluation."""
+    """The accuracy gate, judged on every run, computed or reused, from the artifact's metrics: gate keys are not
+    part of the cache key, so changing one never re-runs the evaluation. With `gate=threshold`, summarize.py's
+    (ROUGE-1 strictly above the threshold; perplexity strictly below) plus the gap to transformers; with
+    `gate=statistical`, the paired interval, KL divergence and top-1 agreement against the reference."""
     ev = config["evaluate"]
+    checks: dict[str, Any] = {}
+    if "rouge1_vs_hf" in metrics:  # a verdict is information on every run; only check_accuracy makes it a gate
+        checks["rouge1_vs_hf"] = verdict(metrics["rouge1_vs_hf"], ev["max_rouge1_drop"])
     if not ev["check_accuracy"]:
-        return {}
-    checks: dict[str, Any] = {"n": metrics["n"], "failed": []}
+        return {"verdicts": checks} if checks else {}
+    checks = {"n": metrics["n"], "gate": ev["gate"], "failed": [], **({"verdicts": checks} if checks else {})}
+    judge = statistical_gate if ev["gate"] == "statistical" else threshold_gate
+    judge(ev, metrics, checks)
+    return checks
+
+
+def threshold_gate(ev: dict[str, Any], metrics: dict[str, Any], checks: dict[str, Any]) -> None:
     if "engine_rouge1" in metrics:
         checks["rouge1_threshold"] = ev["tensorrt_llm_rouge1_threshold"]
         if not metrics["engine_rouge1"] > ev["tensorrt_llm_rouge1_threshold"]:
@@ -60,21 +59,58 @@ def accuracy_checks(config: dict[str, Any], metrics: dict[str, Any]) -> dict[str
         if not metrics["engine_ppl"] < ev["tensorrt_llm_ppl_threshold"]:
             checks["failed"].append(f"engine perplexity {metrics['engine_ppl']:.3f} is not below "
                                     f"{ev['tensorrt_llm_ppl_threshold']}")
-    return checks
+
+
+def statistical_gate(ev: dict[str, Any], metrics: dict[str, Any], checks: dict[str, Any]) -> None:
+    judged = False
+    if "rouge1_vs_hf" in metrics:
+        judged, diff, drop = True, metrics["rouge1_vs_hf"], ev["max_rouge1_drop"]
+        checks["max_rouge1_drop"] = drop
+        if diff["ci_low"] < -drop:
+            checks["failed"].append(
+                f"engine ROUGE-1 minus transformers' is {diff['mean']:+.2f} with 95% interval "
+                f"[{diff['ci_low']:+.2f}, {diff['ci_high']:+.2f}], reaching below -{drop:g} (n={diff['n']}: "
+                f"{checks['verdicts']['rouge1_vs_hf']})")
+    if ev["max_mean_kld"] is not None:
+        judged = _limit(metrics, checks, "kld_mean", ev["max_mean_kld"], above=True) or judged
+    if ev["min_top1_agreement"] is not None:
+        judged = _limit(metrics, checks, "top1_agreement", ev["min_top1_agreement"], above=False) or judged
+    if not judged:
+        checks["failed"].append("the statistical gate has nothing to judge: it needs evaluate.test_hf=true (the "
+                                "reference) and, for KL divergence, perplexity windows (evaluate.eval_ppl=true)")
+
+
+def _limit(metrics: dict[str, Any], checks: dict[str, Any], key: str, limit: float, above: bool) -> bool:
+    name = {"kld_mean": "max_mean_kld", "top1_agreement": "min_top1_agreement"}[key]
+    checks[name] = limit
+    if key not in metrics:
+        checks["failed"].append(f"evaluate.{name} is set but there is no {key}: it needs evaluate.test_hf=true, "
+                                "evaluate.eval_ppl=true and build.gather_context_logits=true")
+        return True
+    value = metrics[key]
+    if (value > limit) if above else (value < limit):
+        checks["failed"].append(f"{key} {value:.4g} is {'above' if above else 'below'} evaluate.{name}={limit:g} "
+                                f"over {metrics.get('kld_tokens')} tokens")
+    return True
 
 
 THRESHOLD_KEYS = ("evaluate.check_accuracy", "evaluate.tensorrt_llm_rouge1_threshold", "evaluate.hf_rouge1_tolerance",
-                  "evaluate.tensorrt_llm_ppl_threshold")
+                  "evaluate.tensorrt_llm_ppl_threshold", "evaluate.gate", "evaluate.max_rouge1_drop",
+                  "evaluate.max_mean_kld", "evaluate.min_top1_agreement", "evaluate.reference_batch_size")
 
 
 @stage("evaluate", version=STAGE_VERSION, reads=("evaluate", "model", "dtype"), needs=("build",),
        fingerprint=evaluate_fingerprint, unkeyed=("model.path", "model.package", *THRESHOLD_KEYS),
-       checks=accuracy_checks)
+       checks=accuracy_checks, optional_needs=(("reference", wants_reference),))
 def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
     ev, engine_dir = ctx.config["evaluate"], ctx.inputs["build"]
     tokenizer = _tokenizer(engine_dir)
     limits = json.loads((engine_dir / "config.json").read_text())["build_config"]
     samples, request = _request(ev, tokenizer, engine_dir, limits)
+    reference = _reference(ctx.inputs.get("reference"), request)
+    if reference is not None and request["ppl_windows"] and (ctx.inputs["reference"] / TOPK_FILE).is_file():
+        request["kl_reference"] = str(ctx.inputs["reference"] / TOPK_FILE)
+    request["progress"] = ctx.progress
     engine = _run_engine(engine_dir, request)
     report: dict[str, Any] = {
         "task": ev["task"], "n": len(samples),
@@ -91,19 +127,36 @@ def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
     }
     texts = {"engine": [tokenizer.decode(o, skip_special_tokens=True) for o in engine["outputs"]]}
     report["engine"] = _section(engine, texts["engine"], samples, ev)
-    if ev["test_hf"]:
-        hf = _run_hf(ctx.config, request)
-        texts["hf"] = [tokenizer.decode(o, skip_special_tokens=True) for o in hf["outputs"]]
-        report["hf"] = _section(hf, texts["hf"], samples, ev)
+    if reference is not None:
+        report["reference_key"] = ctx.inputs["reference"].name
+        texts["hf"] = reference["texts"]
+        report["hf"] = _section(reference, texts["hf"], samples, ev)
+        report["hf"]["batch_size"] = reference["batch_size"]
         if samples:
             report["agreement"] = {
-                "identical_fraction": sum(a == b for a, b in zip(engine["outputs"], hf["outputs"])) / len(samples),
+                "identical_fraction": sum(a == b for a, b in zip(engine["outputs"], reference["outputs"])) / len(samples),
                 **{f"{k}_engine_vs_hf": v for k, v in rouge(texts["engine"], texts["hf"], ev["use_stemmer"]).items()},
             }
+            engine_r1 = [r["rouge1"] for r in rouge_per_sample(texts["engine"], [s.reference for s in samples], ev["use_stemmer"])]
+            report["rouge1_vs_hf"] = paired_bootstrap(engine_r1, [r["rouge1"] for r in reference["rouge_per_sample"]])
+        if "kl" in engine and engine["kl"]:
+            report["kld"] = kld_summary(engine["kl"], engine["top1"], report["engine"].get("ppl"), report["hf"].get("ppl"))
     validate(report, "report", what="evaluation report.json")
     (ctx.out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     _write_outputs(ctx.out_dir / "outputs.jsonl", samples, request["prompts"], texts)
     return _headline(report)
+
+
+def _reference(artifact: Path | None, request: dict[str, Any]) -> dict[str, Any] | None:
+    """The cached transformers run for these prompts; it must have seen exactly the prompts and windows the engine
+    sees (the reference truncates with the recipe's build limits, the engine with its own)."""
+    if artifact is None:
+        return None
+    reference = load_reference(artifact)
+    if reference["prompts"] != request["prompts"] or reference["ppl_windows"] != request["ppl_windows"]:
+        raise PipelineError(f"the reference {artifact} was computed for other prompts or perplexity windows than "
+                            "this engine's limits give; set build.max_seq_len explicitly so both truncate alike")
+    return reference
 
 
 def _tokenizer(engine_dir: Path):
@@ -116,39 +169,15 @@ def _tokenizer(engine_dir: Path):
 
 
 def _request(ev: dict[str, Any], tokenizer, engine_dir: Path, limits: dict[str, Any]):
-    max_input = min(ev["max_input_length"], limits["max_input_len"], limits["max_seq_len"] - ev["output_len"])
-    if max_input < 1:
-        raise PipelineError(f"evaluate.output_len={ev['output_len']} leaves no room for a prompt in the engine's "
-                            f"max_seq_len={limits['max_seq_len']}")
     if ev["num_beams"] > limits["max_beam_width"]:
         raise PipelineError(f"evaluate.num_beams={ev['num_beams']} exceeds the engine's max_beam_width="
                             f"{limits['max_beam_width']}: build it with build.max_beam_width={ev['num_beams']}")
     if ev["batch_size"] > limits["max_batch_size"]:
         raise PipelineError(f"evaluate.batch_size={ev['batch_size']} exceeds the engine's max_batch_size={limits['max_batch_size']}")
-    samples = []
-    if ev["task"] == "summarize":
-        samples = load_samples(ev["dataset"], ev["input_field"], ev["reference_field"], ev["dataset_split"],
-                               ev["dataset_config"], ev["random_seed"] if ev["shuffle"] else None)
-        samples = samples[: ev["max_ite"] * ev["batch_size"]]
-    ppl_windows = []
-    if ev["task"] == "ppl" or ev["eval_ppl"]:
-        if not limits["gather_context_logits"]:
-            raise PipelineError("perplexity needs the engine's context logits: set build.gather_context_logits=true")
-        ids = tokenizer.encode(load_text(ev["ppl_dataset"]))
-        ppl_windows = windows(ids, min(ev["ppl_window"], limits["max_input_len"]), ev["ppl_max_windows"])
-    end_id = tokenizer.eos_token_id
-    request = {
-        "engine_dir": str(engine_dir),
-        "prompts": [encode_prompt(tokenizer, s.input, ev["prompt_template"], ev["system_prompt"], max_input)
-                    for s in samples],
-        "ppl_windows": ppl_windows,
-        "batch_size": ev["batch_size"], "max_new_tokens": ev["output_len"], "end_id": end_id,
-        "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_id,
-        "temperature": ev["temperature"], "top_k": ev["top_k"], "top_p": ev["top_p"], "num_beams": ev["num_beams"],
-        "length_penalty": ev["length_penalty"], "early_stopping": ev["early_stopping"],
-        "random_seed": ev["random_seed"],
-    }
-    return samples, request
+    if (ev["task"] == "ppl" or ev["eval_ppl"]) and not limits["gather_context_logits"]:
+        raise PipelineError("perplexity needs the engine's context logits: set build.gather_context_logits=true")
+    samples, request = build_request(ev, tokenizer, limits["max_input_len"], limits["max_seq_len"])
+    return samples, {"engine_dir": str(engine_dir), **request}
 
 
 def _run_engine(engine_dir: Path, request: dict[str, Any]) -> dict[str, Any]:
@@ -166,25 +195,12 @@ def _run_engine(engine_dir: Path, request: dict[str, Any]) -> dict[str, Any]:
         return json.loads(res.read_text())
 
 
-def _run_hf(config: dict[str, Any], request: dict[str, Any]) -> dict[str, Any]:
-    from pipeline.convert.sources import open_source
-    from pipeline.convert.sources.locate import resolve_model_path
-    from pipeline.evaluate.hf_eval import run_hf_eval
-
-    model_cfg = config["model"]
-    dtype = getattr(torch, config["evaluate"]["data_type"] or config["dtype"])
-    source = open_source(model_cfg["source"], resolve_model_path(model_cfg["path"], model_cfg["package"]))
-    try:
-        model = source.transformers_model(dtype)
-    finally:
-        source.close()
-    return run_hf_eval(model, request)
-
-
 def _section(result: dict[str, Any], texts: list[str], samples, ev) -> dict[str, Any]:
     section: dict[str, Any] = {}
     if samples:
-        section.update(rouge(texts, [s.reference for s in samples], ev["use_stemmer"]))
+        mid, intervals = rouge_with_intervals(texts, [s.reference for s in samples], ev["use_stemmer"])
+        section.update(mid)
+        section["rouge_ci"] = intervals
     if result["ppl_tokens"]:
         section["ppl"] = round(perplexity(result["ppl_nll"], result["ppl_tokens"]), 6)
         section["ppl_tokens"] = result["ppl_tokens"]
@@ -215,4 +231,10 @@ def _headline(report: dict[str, Any]) -> dict[str, Any]:
                 metrics[f"{side}_{key}"] = report[side][key]
     if "agreement" in report:
         metrics["identical_fraction"] = report["agreement"]["identical_fraction"]
+    if "rouge1_vs_hf" in report:
+        metrics["rouge1_vs_hf"] = report["rouge1_vs_hf"]
+    metrics.update(report.get("kld", {}))
+    if "engine" in report:
+        metrics["engine_generated_tokens"] = report["engine"]["generated_tokens"]
+        metrics["engine_seconds"] = report["engine"]["seconds"]
     return metrics
