@@ -71,6 +71,8 @@ class ModelConfig:
     package: Optional[str] = None
     # Override of the HF `architectures[0]` string used to pick the converter.
     architecture: Optional[str] = None
+    # Refuse weights holding NaN or Inf (checked as each tensor is read); false converts them as they are.
+    check_finite: bool = True
 
 
 @dataclass
@@ -165,6 +167,9 @@ class BuildConfig:
     # After building, generate this many tokens from a fixed prompt on every rank (under mpirun when the engine has
     # several) to prove the engine loads and runs; 0 skips it.
     smoke_test_tokens: int = 8
+    # Memory the engine may need at run time (weights plus a KV cache for max_batch_size x max_seq_len), e.g. "2GiB",
+    # "512MB" or a number of bytes; null = no limit. Checked before the first stage starts.
+    max_memory: Optional[str] = None
 
 
 class EvalTask(str, Enum):
@@ -235,6 +240,8 @@ class PipelineConfig:
     cache_dir: str = "outputs/cache"
     # Show progress bars.
     progress: bool = True
+    # Seconds to wait for another run computing the same artifact (its lock names it) before failing.
+    lock_timeout: float = 21600.0
 
 
 GROUPS = {

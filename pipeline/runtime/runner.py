@@ -39,6 +39,20 @@ class _Request:
     generator: torch.Generator | None
 
 
+def check_engine_format(config_path: Path, config: dict[str, Any]) -> None:
+    """An engine directory written by another version of the cpu backend cannot be loaded: say so, not a KeyError."""
+    from pipeline.engine.cpu import ENGINE_FORMAT_VERSION
+
+    engine = config.get("engine") if isinstance(config, dict) else None
+    if not isinstance(engine, dict) or engine.get("backend") != "cpu":
+        raise PipelineError(f"{config_path}: engine.backend is {(engine or {}).get('backend')!r}; this runtime loads "
+                            "engines built with build.backend=cpu")
+    if engine.get("format_version") != ENGINE_FORMAT_VERSION:
+        raise PipelineError(f"{config_path}: engine.format_version={engine.get('format_version')!r}, expected "
+                            f"{ENGINE_FORMAT_VERSION}: the engine was built by another version; rebuild it "
+                            "(trtllm-pipeline stages=[build] force_stages=[build])")
+
+
 class ModelRunner:
     def __init__(self, model: EngineModel, dist: Dist, engine_config: dict[str, Any], load_seconds: float):
         self.model = model.eval()
@@ -59,6 +73,7 @@ class ModelRunner:
         if not config_path.is_file():
             raise PipelineError(f"{engine_dir} is not an engine directory: config.json is missing")
         config = json.loads(config_path.read_text())
+        check_engine_format(config_path, config)
         mapping = config["pretrained_config"]["mapping"]
         d = init_dist(mapping["tp_size"], mapping["pp_size"], rank)
         path = engine_dir / f"rank{d.rank}.engine"
