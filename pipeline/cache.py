@@ -150,6 +150,8 @@ class ArtifactCache:
             if pid is not None and host in (None, _host_tag()) and not _pid_alive(pid):
                 log.warning("removing %s left by a run that ended mid-stage (pid %d)", tmp, pid)
                 shutil.rmtree(tmp, ignore_errors=True)
+        for lock_path in parent.glob("*.lock"):
+            _remove_if_unheld(lock_path)
 
     def _evict_dir(self, target: Path) -> None:
         """Remove a published entry: renamed aside first, so a reader never sees part of it."""
@@ -332,6 +334,23 @@ def _owner(name: str) -> tuple[int | None, str | None]:
     pid_host = rest[2].split("-", 1)[0]
     pid, _, host = pid_host.partition("@")
     return (int(pid), host or None) if pid.isdigit() else (None, None)
+
+
+def _remove_if_unheld(lock_path: Path) -> None:
+    """Remove a lock file nobody holds (left by a process killed before it could remove it)."""
+    try:
+        fd = os.open(lock_path, os.O_RDWR)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.fstat(fd).st_ino == os.stat(lock_path).st_ino:
+            log.info("removing the lock %s left by a run that ended (%s)", lock_path, _parse_lock(os.pread(fd, 4096, 0)))
+            os.unlink(lock_path)
+    except OSError:
+        pass  # held by a live process, or already gone
+    finally:
+        os.close(fd)
 
 
 def _read_lock(path: Path) -> dict[str, Any] | None:
