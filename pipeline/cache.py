@@ -5,13 +5,22 @@
   renames the directory into place, so a reader sees either nothing or a complete artifact.
 - A directory without a valid manifest (or whose manifest lists files that are gone or have another size) is a
   miss: it is removed with a warning and recomputed.
-- `<root>/<stage>/<key>.lock` records the pid, host and command of the process computing that key; a second run
-  waits for it and then reuses the artifact. A lock whose pid is gone on this host is stale and taken over.
+- `<root>/<stage>/<key>.lock` is held with `flock` (which Linux maps to a server-side lock on NFS) and
+  records the pid, host and command of the process computing that key; a second run waits for it, naming the
+  holder, and then reuses the artifact. The kernel (or the NFS server) releases the lock when its process dies, so a
+  killed run never blocks the next one; the file it leaves is taken over. Waiting ends with an error after
+  `lock_timeout` seconds (a holder on another host that hangs).
+- Temp directories are named `.tmp-<key16>-<pid>@<host>-<random>`: one whose process is gone on this host is stale
+  and removed; one of another host is left alone.
+- Each output file's size and sha256 are in the manifest: `lookup` checks sizes on every hit (cheap), `verify`
+  re-hashes everything and evicts what does not match. `entries`, `remove` and `gc` manage disk use.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -21,9 +30,11 @@ import socket
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from pipeline import faults
 from pipeline.errors import PipelineError
 from pipeline.schemas import schema_errors
 
@@ -31,6 +42,9 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"
+EVICTED_PREFIX = ".evicted-"
+HOST = socket.gethostname()
+DEFAULT_LOCK_TIMEOUT = 6 * 3600.0
 
 
 def canonical_json(obj: Any) -> str:
@@ -69,9 +83,11 @@ class ArtifactCache:
             return None
         problem = self._check(target, stage, key)
         if problem is None:
+            with contextlib.suppress(OSError):  # last use, for `gc --keep-last`
+                os.utime(target)
             return json.loads((target / MANIFEST).read_text())
         log.warning("cache entry %s is invalid (%s); removing it and recomputing", target, problem)
-        shutil.rmtree(target, ignore_errors=True)
+        self._evict_dir(target)
         return None
 
     def _check(self, target: Path, stage: str, key: str) -> str | None:
@@ -98,7 +114,7 @@ class ArtifactCache:
         """A fresh temp directory beside the target; removed if the body fails."""
         parent = self.root / stage
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{key[:16]}-{os.getpid()}-", dir=parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{key[:16]}-{os.getpid()}@{_host_tag()}-", dir=parent))
         try:
             yield tmp
         except BaseException:
@@ -114,6 +130,7 @@ class ArtifactCache:
             f.write(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        faults.point(f"{stage}:manifest")
         target = self.path(stage, key)
         if target.exists():  # another writer won the race; its artifact is equivalent by construction
             shutil.rmtree(tmp, ignore_errors=True)
@@ -123,69 +140,232 @@ class ArtifactCache:
         return target
 
     def clean_stale_temps(self, stage: str) -> None:
-        """Remove temp directories left by processes that no longer exist (killed mid-stage)."""
+        """Remove temp and evicted directories left by processes of this host that no longer exist (killed
+        mid-stage); those of live processes or of other hosts are left alone."""
         parent = self.root / stage
         if not parent.is_dir():
             return
-        for tmp in parent.glob(f"{TMP_PREFIX}*"):
-            parts = tmp.name[len(TMP_PREFIX) :].split("-")
-            pid = int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else None
-            if pid is not None and not _pid_alive(pid):
+        for tmp in [*parent.glob(f"{TMP_PREFIX}*"), *parent.glob(f"{EVICTED_PREFIX}*")]:
+            pid, host = _owner(tmp.name)
+            if pid is not None and host in (None, _host_tag()) and not _pid_alive(pid):
                 log.warning("removing %s left by a run that ended mid-stage (pid %d)", tmp, pid)
                 shutil.rmtree(tmp, ignore_errors=True)
+        for lock_path in parent.glob("*.lock"):
+            _remove_if_unheld(lock_path)
+
+    def _evict_dir(self, target: Path) -> None:
+        """Remove a published entry: renamed aside first, so a reader never sees part of it."""
+        aside = target.with_name(f"{EVICTED_PREFIX}{target.name[:16]}-{os.getpid()}@{_host_tag()}-{time.time_ns()}")
+        try:
+            os.rename(target, aside)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(aside, ignore_errors=True)
+
+    # -- management --------------------------------------------------------------------------------------------
+    def entries(self) -> list["Entry"]:
+        """Every published entry (valid or not), most recently used first."""
+        found = []
+        if not self.root.is_dir():
+            return found
+        for stage_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            for d in stage_dir.iterdir():
+                if d.is_dir() and not d.name.startswith("."):
+                    found.append(Entry.read(stage_dir.name, d))
+        return sorted(found, key=lambda e: e.last_used, reverse=True)
+
+    def verify(self, entry: "Entry") -> str | None:
+        """Re-hash every output of an entry: None when it matches its manifest, else what is wrong."""
+        problem = self._check(entry.path, entry.stage, entry.key)
+        if problem is not None:
+            return problem
+        for name, want in entry.manifest["outputs"].items():
+            if "sha256" in want and file_sha256(entry.path / name) != want["sha256"]:
+                return f"output {name} does not match its sha256 in the manifest"
+        return None
+
+    def remove(self, entry: "Entry") -> None:
+        with self.lock(entry.stage, entry.key, timeout=0.0):
+            self._evict_dir(entry.path)
+
+    def gc(self, keep_last: int) -> list["Entry"]:
+        """Keep, per stage, the `keep_last` most recently used entries and every entry they were made from;
+        remove the rest (and stale temps). Returns what was removed."""
+        entries = self.entries()
+        by_key = {(e.stage, e.key): e for e in entries}
+        keep: set[tuple[str, str]] = set()
+        per_stage: dict[str, int] = {}
+        for e in entries:
+            if per_stage.get(e.stage, 0) < keep_last:
+                per_stage[e.stage] = per_stage.get(e.stage, 0) + 1
+                todo = [e]
+                while todo:
+                    cur = todo.pop()
+                    if (cur.stage, cur.key) in keep:
+                        continue
+                    keep.add((cur.stage, cur.key))
+                    todo += [by_key[u] for u in cur.inputs.items() if u in by_key]
+        removed = []
+        for e in entries:
+            if (e.stage, e.key) not in keep:
+                try:
+                    self.remove(e)
+                except PipelineError as err:  # being recomputed right now
+                    log.warning("keeping %s: %s", e.path, err)
+                    continue
+                removed.append(e)
+        for stage_dir in (p for p in self.root.iterdir() if p.is_dir()) if self.root.is_dir() else ():
+            self.clean_stale_temps(stage_dir.name)
+        return removed
+
+    def free_bytes(self) -> int:
+        """Free space where artifacts are written (the cache root or its nearest existing parent)."""
+        probe = self.root
+        while not probe.exists():
+            probe = probe.parent
+        return shutil.disk_usage(probe).free
 
     # -- locking ---------------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def lock(self, stage: str, key: str, poll_seconds: float = 0.5) -> Iterator[None]:
-        """Exclusive lock on one key; waits while a live process holds it, takes over a stale one."""
+    def lock(self, stage: str, key: str, poll_seconds: float = 0.2,
+             timeout: float = DEFAULT_LOCK_TIMEOUT) -> Iterator[None]:
+        """Exclusive lock on one key. Waits while another process holds it (naming that process), and fails after
+        `timeout` seconds; a lock file left by a dead process is taken over (its kernel lock died with it)."""
         lock_path = self.root / stage / f"{key}.lock"
         lock_path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)}
+        me = {"pid": os.getpid(), "host": HOST, "command": " ".join(sys.argv)[:500]}
+        deadline = time.monotonic() + timeout
         announced = False
         while True:
+            fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
             try:
-                fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = _read_lock(lock_path)
-                if holder is not None and _lock_is_stale(holder):
-                    log.warning("taking over stale lock %s (pid %s is gone)", lock_path, holder.get("pid"))
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(lock_path)
-                    continue
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno not in (errno.EACCES, errno.EAGAIN):
+                    raise
+                holder = _read_lock(lock_path) or {}
+                who = (f"pid {holder.get('pid')} on host {holder.get('host')} ({holder.get('command')!r})"
+                       if holder else "another process")
+                if time.monotonic() >= deadline:
+                    raise PipelineError(
+                        f"cache lock {lock_path} is held by {who}; gave up after lock_timeout={timeout:g} s. If that "
+                        f"run is gone (a host that died on a shared file system), remove the lock file; else raise "
+                        f"lock_timeout") from None
                 if not announced:
-                    log.info("waiting for %s to finish %s (lock %s held by pid %s: %s)", stage, key[:12], lock_path,
-                             (holder or {}).get("pid"), (holder or {}).get("command"))
+                    log.warning("waiting for %s: stage %s (key %s) is being computed by %s; waiting up to "
+                                "lock_timeout=%g s", lock_path, stage, key[:12], who, timeout)
                     announced = True
                 time.sleep(poll_seconds)
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
+            try:
+                same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # the holder removed the file between our open and our lock: lock the new one
+                os.close(fd)
+                continue
+            previous = _parse_lock(os.pread(fd, 1 << 16, 0))
+            if previous and previous.get("pid") not in (None, os.getpid()):
+                log.warning("taking over the lock %s left by pid %s on host %s (that process is gone)",
+                            lock_path, previous.get("pid"), previous.get("host"))
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(me).encode(), 0)
+            os.fsync(fd)
             break
         try:
             yield
         finally:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(lock_path)
+                os.unlink(lock_path)  # while still holding it: a waiter that locked this inode re-checks the path
+            os.close(fd)
+
+
+@dataclass
+class Entry:
+    """One published cache entry, as `cache ls` lists it."""
+
+    stage: str
+    key: str
+    path: Path
+    manifest: dict[str, Any]
+    last_used: float
+
+    @classmethod
+    def read(cls, stage: str, path: Path) -> "Entry":
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+            if not isinstance(manifest, dict):
+                manifest = {}
+        except (OSError, ValueError):
+            manifest = {}
+        try:
+            last_used = path.stat().st_mtime
+        except FileNotFoundError:
+            last_used = 0.0
+        return cls(stage, path.name, path, manifest, last_used)
+
+    @property
+    def size(self) -> int:
+        return sum(int(o.get("size", 0)) for o in (self.manifest.get("outputs") or {}).values())
+
+    @property
+    def inputs(self) -> dict[str, str]:
+        return dict(self.manifest.get("inputs") or {})
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _host_tag() -> str:
+    return "".join(c if c.isalnum() or c == "." else "_" for c in HOST)
+
+
+def _owner(name: str) -> tuple[int | None, str | None]:
+    """(pid, host) from a temp or evicted directory name; host None for names without one."""
+    rest = name.split("-", 2)
+    if len(rest) < 3:
+        return None, None
+    pid_host = rest[2].split("-", 1)[0]
+    pid, _, host = pid_host.partition("@")
+    return (int(pid), host or None) if pid.isdigit() else (None, None)
+
+
+def _remove_if_unheld(lock_path: Path) -> None:
+    """Remove a lock file nobody holds (left by a process killed before it could remove it)."""
+    try:
+        fd = os.open(lock_path, os.O_RDWR)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.fstat(fd).st_ino == os.stat(lock_path).st_ino:
+            log.info("removing the lock %s left by a run that ended (%s)", lock_path, _parse_lock(os.pread(fd, 4096, 0)))
+            os.unlink(lock_path)
+    except OSError:
+        pass  # held by a live process, or already gone
+    finally:
+        os.close(fd)
 
 
 def _read_lock(path: Path) -> dict[str, Any] | None:
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
+        return _parse_lock(path.read_bytes())
+    except OSError:
         return None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        # Being written right now, or garbage: treat garbage older than a few seconds as stale.
-        try:
-            age = time.time() - path.stat().st_mtime
-        except FileNotFoundError:
-            return None
-        return {"pid": None, "host": None} if age > 5 else None
 
 
-def _lock_is_stale(holder: dict[str, Any]) -> bool:
-    if holder.get("pid") is None:
-        return True
-    return holder.get("host") == socket.gethostname() and not _pid_alive(int(holder["pid"]))
+def _parse_lock(raw: bytes) -> dict[str, Any] | None:
+    try:
+        data = json.loads(raw)
+    except ValueError:  # empty or being written right now
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,5 +1,6 @@
 """`trtllm-pipeline`: run a recipe (Hydra), `trtllm-pipeline validate <checkpoint_dir>`, or
-`trtllm-pipeline report <multirun dir or run dirs>`."""
+`trtllm-pipeline report <multirun dir or run dirs>`, or `trtllm-pipeline cache ls|verify|gc|rm` (see
+pipeline/cache_cli.py)."""
 
 from __future__ import annotations
 
@@ -119,6 +120,7 @@ def run_recipe(cfg: DictConfig, run_dir: Path | None):
         force=config["force"],
         force_stages=tuple(config["force_stages"]),
         progress=config["progress"],
+        lock_timeout=float(config["lock_timeout"]),
     )
     record = write_run_record(result, run_dir) if run_dir is not None else None
     print("\n".join(summary_lines(result, record)), flush=True)
@@ -173,6 +175,20 @@ def validate_main(argv: list[str]) -> int:
     return 0
 
 
+def recipe_error(e: Exception) -> str:
+    """One line from Hydra's or OmegaConf's composition error: what failed and the key at fault."""
+    parts = [str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__]
+    cause = e.__cause__ or e.__context__
+    for err in (e, cause):
+        msg, key = getattr(err, "msg", None), getattr(err, "full_key", None)
+        if msg and err is cause:
+            parts.append(str(msg).strip().splitlines()[0])
+        if key:
+            parts.append(f"(key {key})")
+            break
+    return "recipe: " + " ".join(dict.fromkeys(parts))
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "validate":
         raise SystemExit(validate_main(sys.argv[2:]))
@@ -184,7 +200,25 @@ def main() -> None:
         except PipelineError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
-    hydra_main()
+    if len(sys.argv) > 1 and sys.argv[1] == "cache":
+        from pipeline.cache_cli import cache_main
+
+        raise SystemExit(cache_main(sys.argv[2:]))
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":  # the user asked for Hydra's own tracebacks
+        hydra_main()
+        return
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    # Hydra prints composition errors over several lines and exits 1; let them reach us instead and print one line.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        hydra_main()
+    except (HydraException, OmegaConfBaseException) as e:
+        print(f"error: {recipe_error(e)}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    finally:
+        os.environ.pop("HYDRA_FULL_ERROR", None)
 
 
 if __name__ == "__main__":

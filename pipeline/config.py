@@ -73,6 +73,8 @@ class ModelConfig:
     package: Optional[str] = None
     # Override of the HF `architectures[0]` string used to pick the converter.
     architecture: Optional[str] = None
+    # Refuse weights holding NaN or Inf (checked as each tensor is read); false converts them as they are.
+    check_finite: bool = True
 
 
 @dataclass
@@ -173,6 +175,9 @@ class BuildConfig:
     trtllm_args: list[str] = field(default_factory=list)
     # tensorrt backend: the target GPU's compute capability ("9.0"); null = the GPU of the building machine.
     tensorrt_compute_capability: Optional[str] = None
+    # Memory the engine may need at run time (weights plus a KV cache for max_batch_size x max_seq_len), e.g. "2GiB",
+    # "512MB" or a number of bytes; null = no limit. Checked before the first stage starts.
+    max_memory: Optional[str] = None
 
 
 class EvalTask(str, Enum):
@@ -262,6 +267,8 @@ class PipelineConfig:
     cache_dir: str = "outputs/cache"
     # Show progress bars.
     progress: bool = True
+    # Seconds to wait for another run computing the same artifact (its lock names it) before failing.
+    lock_timeout: float = 21600.0
 
 
 GROUPS = {

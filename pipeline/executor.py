@@ -10,14 +10,18 @@ A stage is registered with `@stage(...)` in its own module (see `pipeline/stages
 - `view`: optional, reduces what it reads to what its result depends on (keyed and passed to the stage), so
   configs that differ elsewhere share its artifact (calibration statistics across quantization algorithms);
 - `optional_needs`: upstream stages it consumes only when a predicate of the whole config says so (convert needs
-  calibration only for algorithms that use statistics).
+  calibration only for algorithms that use statistics);
+- `preflight`: optional, checks that need only the configs and the inputs' shapes (never a stage's work). Every
+  stage's preflight runs before the first stage starts, in pipeline order, sharing a `facts` dict (convert records
+  the checkpoint config it will write, build reads it to check its limits); it may return an `Estimate` of what the
+  stage will write and hold, checked against free disk and `build.max_memory` before anything is written.
 Stages named in PIPELINE_ORDER but not registered are slots a later version fills; asking for one is a clear error.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
+import errno
 import importlib
 import json
 import logging
@@ -29,7 +33,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.cache import ArtifactCache, MANIFEST, cache_key
+from pipeline import faults
+from pipeline.cache import DEFAULT_LOCK_TIMEOUT, ArtifactCache, MANIFEST, cache_key, file_sha256
 from pipeline.errors import PipelineError
 from pipeline.schemas import validate
 
@@ -45,6 +50,11 @@ STAGE_MODULES = {
     "evaluate": "pipeline.stages.evaluate",
 }
 MANIFEST_VERSION = 1
+# Settings that decide only whether a run may proceed (safety checks, resource limits), never what a stage
+# produces: left out of every key, so turning a check off or raising a limit reuses the artifacts.
+GATE_KEYS = ("model.check_finite", "build.max_memory")
+# Room left beyond a stage's own estimate of what it writes (manifests, tokenizer files, file system overhead).
+DISK_HEADROOM = 64 << 20
 _VERSIONED_PACKAGES = ("torch", "transformers", "safetensors", "gguf", "numpy", "hydra-core", "trtllm-pipeline")
 
 
@@ -71,6 +81,7 @@ class StageSpec:
     checks: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None
     view: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     optional_needs: tuple[tuple[str, Callable[[dict[str, Any]], bool]], ...] = ()
+    preflight: Callable[[dict[str, Any], dict[str, Any]], "Estimate | None"] | None = None
 
     def upstream(self, config: dict[str, Any]) -> tuple[str, ...]:
         """The stages this one consumes for this config."""
@@ -84,13 +95,15 @@ def stage(name: str, *, version: int, reads: tuple[str, ...], needs: tuple[str, 
           fingerprint: Callable[[dict[str, Any]], Any] | None = None, unkeyed: tuple[str, ...] = (),
           checks: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None,
           view: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-          optional_needs: tuple[tuple[str, Callable[[dict[str, Any]], bool]], ...] = ()):
+          optional_needs: tuple[tuple[str, Callable[[dict[str, Any]], bool]], ...] = (),
+          preflight: Callable[[dict[str, Any], dict[str, Any]], "Estimate | None"] | None = None):
     """Register a stage body. Its return value is a dict of metrics (JSON-able) recorded in manifest and run.json."""
     if name not in PIPELINE_ORDER:
         raise ValueError(f"stage {name!r} is not a slot of the pipeline {PIPELINE_ORDER}")
 
     def deco(fn: Callable[[StageContext], dict[str, Any]]):
-        STAGES[name] = StageSpec(name, version, reads, fn, needs, fingerprint, unkeyed, checks, view, optional_needs)
+        STAGES[name] = StageSpec(name, version, reads, fn, needs, fingerprint, unkeyed, checks, view, optional_needs,
+                                 preflight)
         return fn
 
     return deco
@@ -105,6 +118,24 @@ def get_stage(name: str) -> StageSpec:
         available = [s for s in PIPELINE_ORDER if s in STAGE_MODULES or s in STAGES]
         raise PipelineError(f"stage {name!r} is not implemented in this version; available stages: {available}")
     return STAGES[name]
+
+
+@dataclass
+class Estimate:
+    """What a stage will write (bytes on disk) and hold in memory at its peak, from shapes alone."""
+
+    disk_bytes: int = 0
+    memory_bytes: int = 0
+    what: str = ""
+
+
+@dataclass
+class PlannedStage:
+    spec: StageSpec
+    config: dict[str, Any]  # the stage's view of the config
+    key: str
+    inputs: dict[str, str]  # upstream stage -> key
+    external: Any
 
 
 @dataclass
@@ -161,88 +192,127 @@ def _drop_keys(config: dict[str, Any], dotted: tuple[str, ...]) -> dict[str, Any
     return keyed
 
 
-def run_pipeline(config: dict[str, Any], cache_root: Path, requested: list[str], force: bool = False,
-                 force_stages: tuple[str, ...] = (), progress: bool = True) -> RunResult:
-    """Run (or reuse) every stage needed for `requested`. `config` is the fully resolved pipeline config."""
-    cache = ArtifactCache(cache_root)
+def plan_pipeline(config: dict[str, Any], requested: list[str]) -> list[PlannedStage]:
+    """Every needed stage with its keyed config, key and upstream keys: no stage work, only configs and the
+    fingerprints of external inputs (which also fail here when those inputs are missing)."""
     keys: dict[str, str] = {}
-    artifacts: dict[str, Path] = {}
-    outcomes = []
+    planned = []
     for spec in stages_to_run(requested, config):
         stage_config = {k: copy.deepcopy(config[k]) for k in spec.reads}
         if spec.view is not None:
             stage_config = spec.view(stage_config)
         external = spec.fingerprint(stage_config) if spec.fingerprint else None
-        needs = spec.upstream(config)
-        inputs = {n: keys[n] for n in needs}
-        key = cache_key(spec.name, spec.version, _drop_keys(stage_config, spec.unkeyed), inputs, external)
-        forced = force or spec.name in force_stages
-        outcome = _resolve(cache, spec, key, stage_config, inputs, external,
-                           {n: artifacts[n] for n in needs}, forced, progress)
-        if spec.checks is not None:
-            outcome.checks = spec.checks(stage_config, outcome.metrics)
-        keys[spec.name], artifacts[spec.name] = key, outcome.artifact
+        inputs = {n: keys[n] for n in spec.upstream(config)}
+        key = cache_key(spec.name, spec.version, _drop_keys(stage_config, spec.unkeyed + GATE_KEYS), inputs, external)
+        keys[spec.name] = key
+        planned.append(PlannedStage(spec, stage_config, key, inputs, external))
+    return planned
+
+
+def preflight(planned: list[PlannedStage], cache: ArtifactCache, forced: set[str]) -> None:
+    """Run every stage's checks before any stage starts; then check that what will be computed fits the free disk
+    under the cache and the memory the recipe allows."""
+    facts: dict[str, Any] = {}
+    to_write: list[tuple[str, Estimate]] = []
+    for p in planned:
+        estimate = p.spec.preflight(copy.deepcopy(p.config), facts) if p.spec.preflight else None
+        cached = p.spec.name not in forced and (cache.path(p.spec.name, p.key) / MANIFEST).is_file()
+        if estimate is not None and not cached:
+            to_write.append((p.spec.name, estimate))
+    need = sum(e.disk_bytes for _, e in to_write)
+    if need:
+        free = cache.free_bytes()
+        if need + DISK_HEADROOM > free:
+            parts = ", ".join(f"{name} ~{_mib(e.disk_bytes)}" for name, e in to_write)
+            raise PipelineError(f"cache_dir {cache.root}: {_mib(free)} free, but this run writes about {_mib(need)} "
+                                f"({parts}) plus {_mib(DISK_HEADROOM)} headroom; free space or point cache_dir elsewhere")
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def run_pipeline(config: dict[str, Any], cache_root: Path, requested: list[str], force: bool = False,
+                 force_stages: tuple[str, ...] = (), progress: bool = True,
+                 lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> RunResult:
+    """Run (or reuse) every stage needed for `requested`. `config` is the fully resolved pipeline config.
+    Everything that can be checked from configs and input shapes is checked before the first stage starts."""
+    cache = ArtifactCache(cache_root)
+    planned = plan_pipeline(config, requested)
+    forced = {p.spec.name for p in planned if force or p.spec.name in force_stages}
+    preflight(planned, cache, forced)
+    artifacts: dict[str, Path] = {}
+    outcomes = []
+    for p in planned:
+        faults.point(f"{p.spec.name}:start")
+        outcome = _resolve(cache, p.spec, p.key, p.config, p.inputs, p.external,
+                           {n: artifacts[n] for n in p.inputs}, p.spec.name in forced, progress, lock_timeout)
+        if p.spec.checks is not None:
+            outcome.checks = p.spec.checks(p.config, outcome.metrics)
+        artifacts[p.spec.name] = outcome.artifact
         outcomes.append(outcome)
     return RunResult(outcomes)
 
 
 def _resolve(cache: ArtifactCache, spec: StageSpec, key: str, stage_config, inputs, external,
-             input_dirs: dict[str, Path], forced: bool, progress: bool) -> StageOutcome:
+             input_dirs: dict[str, Path], forced: bool, progress: bool,
+             lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> StageOutcome:
     cache.clean_stale_temps(spec.name)
     if not forced:
         manifest = cache.lookup(spec.name, key)
         if manifest is not None:
             return StageOutcome(spec.name, key, cache.path(spec.name, key), True, 0.0, manifest.get("metrics", {}))
-    with cache.lock(spec.name, key):
+    with cache.lock(spec.name, key, timeout=lock_timeout):
+        faults.point(f"{spec.name}:locked")
         if not forced:  # someone may have published it while we waited for the lock
             manifest = cache.lookup(spec.name, key)
             if manifest is not None:
                 return StageOutcome(spec.name, key, cache.path(spec.name, key), True, 0.0, manifest.get("metrics", {}))
         log.info("running stage %s (key %s)", spec.name, key[:12])
-        with cache.staging(spec.name, key) as tmp:
-            started = time.time()
-            t0 = time.perf_counter()
-            ctx = StageContext(spec.name, key, copy.deepcopy(stage_config), input_dirs, tmp, progress)
-            metrics = spec.run(ctx) or {}
-            seconds = time.perf_counter() - t0
-            manifest = {
-                "manifest_version": MANIFEST_VERSION,
-                "stage": spec.name,
-                "stage_version": spec.version,
-                "key": key,
-                "config": stage_config,
-                "inputs": inputs,
-                "external": external,
-                "versions": library_versions(),
-                "outputs": output_digests(tmp),
-                "timings": {"seconds": round(seconds, 3), "started_unix": round(started, 3)},
-                "metrics": metrics,
-            }
-            if forced:
-                _evict(cache, spec.name, key)
-            artifact = cache.publish(tmp, spec.name, key, manifest)
+        try:
+            with cache.staging(spec.name, key) as tmp:
+                started = time.time()
+                t0 = time.perf_counter()
+                ctx = StageContext(spec.name, key, copy.deepcopy(stage_config), input_dirs, tmp, progress)
+                metrics = spec.run(ctx) or {}
+                seconds = time.perf_counter() - t0
+                faults.point(f"{spec.name}:outputs")
+                manifest = {
+                    "manifest_version": MANIFEST_VERSION,
+                    "stage": spec.name,
+                    "stage_version": spec.version,
+                    "key": key,
+                    "config": stage_config,
+                    "inputs": inputs,
+                    "external": external,
+                    "versions": library_versions(),
+                    "outputs": output_digests(tmp),
+                    "timings": {"seconds": round(seconds, 3), "started_unix": round(started, 3)},
+                    "metrics": metrics,
+                }
+                if forced:
+                    _evict(cache, spec.name, key)
+                artifact = cache.publish(tmp, spec.name, key, manifest)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise PipelineError(
+                    f"stage {spec.name}: no space left while writing {e.filename or cache.root / spec.name} "
+                    f"({os.strerror(e.errno)}); nothing was published and the cache is unchanged. Free space under "
+                    f"{cache.root} or point cache_dir elsewhere") from None
+            raise
+        faults.point(f"{spec.name}:published")
     return StageOutcome(spec.name, key, artifact, False, seconds, metrics)
 
 
 def _evict(cache: ArtifactCache, stage: str, key: str) -> None:
     """A forced recompute replaces the published artifact (renamed aside first, so readers never see a half)."""
-    import shutil
-
-    target = cache.path(stage, key)
-    if target.exists():
-        aside = target.with_name(f".evicted-{key[:16]}-{os.getpid()}")
-        os.rename(target, aside)
-        shutil.rmtree(aside, ignore_errors=True)
+    cache._evict_dir(cache.path(stage, key))
 
 
 def output_digests(directory: Path) -> dict[str, dict[str, Any]]:
     digests = {}
     for f in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        digests[str(f.relative_to(directory))] = {"size": f.stat().st_size, "sha256": h.hexdigest()}
+        digests[str(f.relative_to(directory))] = {"size": f.stat().st_size, "sha256": file_sha256(f)}
     return digests
 
 

@@ -356,6 +356,8 @@ def plan(cfg: Mapping[str, Any], layout: tuple[Target, ...]) -> list[RankPlan]:
     dtype = DTYPES[cfg["dtype"]]
     targets = [t for t in layout if t.present(cfg)] + _kv_scale_targets(cfg)
     quant = _quantization(cfg, dtype)
+    if quant is not None:
+        _check_group_sizes(targets, dims, ctx, quant, pp)
     plans = []
     for pp_rank in range(pp):
         layers = pp_layers(dims.layers, pp, pp_rank)
@@ -445,10 +447,52 @@ def _check_quantizable(name: str, scheme, settings, split: Split, shapes, ctx: S
         return
     inp = shapes[0][1]
     local = inp // ctx.tp_size if split is Split.ROW else inp
+    if settings.group_size < 1:
+        raise PipelineError(f"quantization.group_size={settings.group_size} must be a positive number of input "
+                            f"channels, e.g. {_fitting_group(inp, local)}")
     if inp % settings.group_size or local % settings.group_size:
+        fits = _fitting_group(inp, local)
+        hint = (f"quantization.group_size={fits} would work" if fits else
+                "no group size TensorRT-LLM's kernels take (128, 64, 32) divides it; exclude the module with "
+                "quantization.exclude_modules")
         raise PipelineError(
             f"{name}: quantization.group_size={settings.group_size} does not divide the input width each rank "
-            f"holds ({local} of {inp} with tp_size={ctx.tp_size}); choose a group_size that divides {local}")
+            f"holds ({local} of {inp} with tp_size={ctx.tp_size}); {hint}")
+
+
+def _check_group_sizes(targets: list[Target], dims: Dims, ctx: ShardContext, quant, pp: int) -> None:
+    """All quantized linears at once: the first whose per-rank input width the group size does not divide is named,
+    with the group size that would fit every one of them (not just that one)."""
+    scheme, settings, _ = quant
+    if not scheme.grouped or settings.group_size < 1:
+        return
+    widths: list[tuple[str, int, int]] = []
+    for target, local_layer, _ in _instances(targets, range(min(1, dims.layers)), 0, 1):
+        name = target.name.format(layer=local_layer)
+        if target.quant is not None or _quantized_module(name, quant) is None:
+            continue
+        shapes = [canonical_shape(c, dims) for c in target.parts]
+        if any(len(s) != 2 for s in shapes):
+            continue
+        inp = shapes[0][1]
+        widths.append((name, inp, inp // ctx.tp_size if target.split is Split.ROW else inp))
+    bad = [(n, i, loc) for n, i, loc in widths if i % settings.group_size or loc % settings.group_size]
+    if not bad:
+        return
+    name, inp, local = bad[0]
+    fits = next((g for g in (128, 64, 32) if all(i % g == 0 and loc % g == 0 for _, i, loc in widths)), None)
+    hint = (f"quantization.group_size={fits} would work for every quantized layer" if fits else
+            "no group size TensorRT-LLM's kernels take (128, 64, 32) divides every layer's width; exclude the "
+            "others with quantization.exclude_modules")
+    others = f" (and {len(bad) - 1} more layer kind(s))" if len(bad) > 1 else ""
+    raise PipelineError(
+        f"{name}: quantization.group_size={settings.group_size} does not divide the input width each rank holds "
+        f"({local} of {inp} with tp_size={ctx.tp_size}){others}; {hint}")
+
+
+def _fitting_group(inp: int, local: int) -> int | None:
+    """The largest group size TensorRT-LLM's group-wise kernels take that divides both widths."""
+    return next((g for g in (128, 64, 32) if inp % g == 0 and local % g == 0), None)
 
 
 def _instances(targets: list[Target], layers: range, pp_rank: int, pp: int):

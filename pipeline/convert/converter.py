@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -21,6 +22,7 @@ from typing import Any, Callable, Mapping
 import torch
 from tqdm import tqdm
 
+from pipeline import faults
 from pipeline.checkpoint.layout import DTYPES, RankPlan, plan
 from pipeline.checkpoint.safetensors_stream import StreamingSafetensorsWriter
 from pipeline.checkpoint.sharding import ShardContext, shard
@@ -28,7 +30,7 @@ from pipeline.convert.canonical import Canon, Dims, canonical_shape
 from pipeline.convert.registry import ArchSpec, MappingArgs, SourceName, Transform, get_spec
 from pipeline.convert.sources.base import SourceModel
 from pipeline.errors import PipelineError
-from pipeline.quantize.schemes import Settings, get_scheme, quant_config
+from pipeline.quantize.schemes import Settings, check_kv_cache_algo, get_scheme, quant_config
 from pipeline.quantize.stats import StatsReader
 from pipeline.quantize.writer import TargetQuantizer, needs_statistics
 from pipeline.schemas import validate
@@ -106,6 +108,10 @@ def bind(spec: ArchSpec, source: SourceModel, cfg: Mapping[str, Any], plans: lis
             bound = Bound(names, alt.transform, stacked="{expert}" in alt.template,
                           joined=tuple(j.format(layer=layer) for j in alt.joined), join=alt.join)
             want = canonical_shape(canon, dims)
+            for src in (*names, *bound.joined):
+                if source.is_float(src) is False:
+                    raise PipelineError(f"tensor {src} in {source.where(src)} is stored as integers; expected a "
+                                        f"floating-point weight (for {name})")
             for src in names:
                 # e.g. one slice of a fused source tensor, or a joined one: check what it will produce
                 got = bound.combined([torch.empty(source.shape(n), device="meta") for n in (src, *bound.joined)],
@@ -139,6 +145,69 @@ def _check_unmapped(spec: ArchSpec, source: SourceModel, cfg: Mapping[str, Any],
         )
 
 
+@dataclass
+class Prepared:
+    """Everything known before any tensor data is read: the checkpoint config, every rank's plan, the binding."""
+
+    spec: ArchSpec
+    config: dict[str, Any]
+    plans: list[RankPlan]
+    binding: dict[str, Bound]
+
+    @property
+    def bytes(self) -> int:
+        """Bytes of tensor data the rank files will hold."""
+        return sum(math.prod(t.shape) * torch.empty((), dtype=t.dtype).element_size()
+                   for p in self.plans for t in p.tensors)
+
+
+def prepare(source: SourceModel, dtype: str, mapping: MappingArgs, architecture: str | None = None,
+            quantization: Mapping[str, Any] | None = None) -> Prepared:
+    """Config, plan and binding from the source's config and tensor shapes alone: every check that needs no
+    tensor data (mapping fits, shapes, quantization group sizes), cheap enough to run before any stage starts."""
+    spec = get_spec(resolve_architecture(source.hf_config, architecture))
+    if mapping.pp_size > 1 and not spec.supports_pp:
+        raise PipelineError(f"{spec.architecture}: TensorRT-LLM's model has no pipeline parallelism for this "
+                            f"architecture; use mapping.pp_size=1 (got {mapping.pp_size})")
+    cfg = _trtllm_config(spec, source, dtype, mapping)
+    if quantization:
+        check_kv_cache_algo(quantization.get("kv_cache_quant_algo"))
+        cfg["quantization"] = quant_config(quantization)
+    where = getattr(source, "config_path", None) or "the source config"
+    try:
+        validate(cfg, "checkpoint_config", what="checkpoint config.json")
+    except PipelineError as e:
+        raise PipelineError(f"{where}: {e}") from None
+    heads, kv_heads = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    if heads % kv_heads:
+        raise PipelineError(f"{where}: num_attention_heads={heads} is not a multiple of num_key_value_heads="
+                            f"{kv_heads} (each KV head serves a whole group of query heads)")
+    plans = plan(cfg, spec.layout)
+    binding = bind(spec, source, cfg, plans)
+    return Prepared(spec, cfg, plans, binding)
+
+
+def _trtllm_config(spec: ArchSpec, source: SourceModel, dtype: str, mapping: MappingArgs) -> dict[str, Any]:
+    """The architecture's config mapping, with a missing or mistyped source config key named as such."""
+    where = getattr(source, "config_path", None) or "the source config"
+    try:
+        return spec.trtllm_config(source.hf_config, dtype, mapping)
+    except KeyError as e:
+        raise PipelineError(f"{where}: required key {e.args[0]!r} is missing (the {spec.architecture} converter "
+                            "needs it)") from None
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        bad = {k: v for k, v in source.hf_config.items()
+               if isinstance(v, (str, list, dict, type(None))) and k in _NUMERIC_KEYS}
+        hint = f"; e.g. {next(iter(bad))}={next(iter(bad.values()))!r} is not a number" if bad else ""
+        raise PipelineError(f"{where}: the {spec.architecture} config has a value of the wrong type or an "
+                            f"impossible value ({e}){hint}") from None
+
+
+_NUMERIC_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                 "vocab_size", "max_position_embeddings", "head_dim", "rms_norm_eps", "rope_theta", "n_embd", "n_head",
+                 "n_layer", "n_positions", "ffn_dim")
+
+
 def convert(
     source: SourceModel,
     out_dir: Path,
@@ -148,19 +217,15 @@ def convert(
     progress: bool = True,
     quantization: Mapping[str, Any] | None = None,
     stats_dir: Path | None = None,
+    check_finite: bool = True,
 ) -> ConvertResult:
     """Write `config.json` and `rank{N}.safetensors` for the whole mapping into `out_dir`. `quantization` is the
-    recipe's quantization group; `stats_dir` the calibration artifact when its algorithms need one."""
-    spec = get_spec(resolve_architecture(source.hf_config, architecture))
-    if mapping.pp_size > 1 and not spec.supports_pp:
-        raise PipelineError(f"{spec.architecture}: TensorRT-LLM's model has no pipeline parallelism for this "
-                            f"architecture; use mapping.pp_size=1 (got {mapping.pp_size})")
-    cfg = spec.trtllm_config(source.hf_config, dtype, mapping)
-    if quantization:
-        cfg["quantization"] = quant_config(quantization)
-    validate(cfg, "checkpoint_config", what="checkpoint config.json")
-    plans = plan(cfg, spec.layout)
-    binding = bind(spec, source, cfg, plans)
+    recipe's quantization group; `stats_dir` the calibration artifact when its algorithms need one; `check_finite`
+    refuses tensors holding NaN or Inf."""
+    prepared = prepare(source, dtype, mapping, architecture, quantization)
+    spec, cfg, plans, binding = prepared.spec, prepared.config, prepared.plans, prepared.binding
+    if check_finite:
+        source = _FiniteChecked(source)
     out_dir.mkdir(parents=True, exist_ok=True)
     ctx = ShardContext.from_config(cfg)
     quantizer = _quantizer(spec, source, binding, cfg, quantization, stats_dir)
@@ -178,6 +243,27 @@ def convert(
         (out_dir / QUANT_LAYOUT_FILE).write_text(json.dumps({"gptq_sm": quantizer.settings.gptq_sm}) + "\n")
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     return ConvertResult(cfg, written, bytes_written)
+
+
+class _FiniteChecked:
+    """A source whose reads refuse NaN and Inf values (model.check_finite), naming the tensor and its file."""
+
+    def __init__(self, inner: SourceModel):
+        self._inner = inner
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+    def read(self, name: str) -> torch.Tensor:
+        tensor = self._inner.read(name)
+        if tensor.is_floating_point():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                nan = int(torch.isnan(tensor).sum())
+                raise PipelineError(f"tensor {name} in {self._inner.where(name)} holds {nan} NaN and {bad - nan} Inf "
+                                    "value(s); expected finite weights (set model.check_finite=false to convert "
+                                    "them as they are)")
+        return tensor
 
 
 def _quantizer(spec, source, binding, cfg, quantization, stats_dir) -> TargetQuantizer | None:
@@ -238,6 +324,7 @@ def _write_stage(stage, source, binding, cfg, ctx, out_dir, written, bar, quanti
                 written.setdefault(p.rank, []).append(planned.name)
                 nbytes += piece.numel() * piece.element_size()
             del parts
+            faults.point("convert:tensor")
             bar.update(1)
         for w in writers:
             w.close()

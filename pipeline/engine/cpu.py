@@ -20,6 +20,7 @@ from pipeline.checkpoint.sharding import moe_parallel
 from pipeline.checkpoint.safetensors_stream import TORCH_DTYPES, StreamingSafetensorsWriter
 from pipeline.checkpoint.validate import validate_checkpoint
 from pipeline.engine.limits import resolve_limits
+from pipeline import faults
 from pipeline.errors import PipelineError
 from pipeline.runtime.model import ModelArgs
 from pipeline.schemas import validate
@@ -286,18 +287,28 @@ def engine_config(ckpt: dict[str, Any], limits: dict[str, Any]) -> dict[str, Any
 class CpuBackend:
     name = "cpu"
 
+    def preflight(self, ckpt: dict[str, Any], build_config: dict[str, Any]) -> dict[str, Any]:
+        """What `build` would refuse, from the checkpoint config alone: the resolved limits, or an error."""
+        family = RUNTIME_LAYOUTS.get(ckpt["architecture"])
+        if family is None or ckpt.get("position_embedding_type") not in SUPPORTED_POSITIONS:
+            raise PipelineError(f"the cpu backend cannot run architecture {ckpt['architecture']} with "
+                                f"position_embedding_type={ckpt.get('position_embedding_type')} (architectures: "
+                                f"{sorted(RUNTIME_LAYOUTS)}; positions: {sorted(SUPPORTED_POSITIONS)})")
+        from pipeline.quantize.engine_format import FORMATS
+
+        algo = (ckpt.get("quantization") or {}).get("quant_algo")
+        if algo and algo not in FORMATS:
+            raise PipelineError(f"the cpu backend cannot run quant_algo={algo}; it runs {sorted(FORMATS)}")
+        return resolve_limits(build_config, ckpt)
+
     def build(self, checkpoint_dir: Path, engine_dir: Path, build_config: dict[str, Any]) -> dict[str, Any]:
         problems = validate_checkpoint(checkpoint_dir)
         if problems:
             raise PipelineError(f"checkpoint {checkpoint_dir} is inconsistent: {problems[0]}"
                                 + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
         ckpt = json.loads((checkpoint_dir / "config.json").read_text())
-        family = RUNTIME_LAYOUTS.get(ckpt["architecture"])
-        if family is None or ckpt.get("position_embedding_type") not in SUPPORTED_POSITIONS:
-            raise PipelineError(f"the cpu backend cannot run architecture {ckpt['architecture']} with "
-                                f"position_embedding_type={ckpt.get('position_embedding_type')} (architectures: "
-                                f"{sorted(RUNTIME_LAYOUTS)}; positions: {sorted(SUPPORTED_POSITIONS)})")
-        limits = resolve_limits(build_config, ckpt)
+        limits = self.preflight(ckpt, build_config)
+        family = RUNTIME_LAYOUTS[ckpt["architecture"]]
         config = engine_config(ckpt, limits)
         validate(config, "engine_config", what="engine config.json")
         engine_dir.mkdir(parents=True, exist_ok=True)
@@ -349,6 +360,7 @@ class CpuBackend:
                     tensors = [f.get_tensor(p) for p in parts]
                     writer.write(name, tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0))
                 writer.close()
+                faults.point("build:rank")
             except BaseException:
                 writer.abort()
                 raise

@@ -93,9 +93,9 @@ class RecordingKVCache(KVCache):
         return super().update(input_pos, k, v, kv_len, *args)
 
 
-def calibration_tokens(tokenizer, cfg: Mapping[str, Any]) -> torch.Tensor:
-    """[calib_size, calib_max_seq_length] token windows: the texts, shuffled with the seed, tokenized, joined by the
-    EOS token into one stream and cut into consecutive windows (no padding, so every token is real)."""
+def calibration_texts(cfg: Mapping[str, Any]) -> list[str]:
+    """The non-empty texts of the calibration set's text field (a missing file, no rows or no such field is an
+    error naming the setting)."""
     from pipeline.evaluate.data import load_rows
 
     path = cfg.get("dataset") or str(SHIPPED_CALIBRATION)
@@ -105,6 +105,16 @@ def calibration_tokens(tokenizer, cfg: Mapping[str, Any]) -> torch.Tensor:
         raise PipelineError(f"quantization.calibration.dataset {path}: no field {field!r}; fields are "
                             f"{rows.column_names} (set quantization.calibration.text_field)")
     texts = [str(t) for t in rows[field] if str(t).strip()]
+    if not texts:
+        raise PipelineError(f"quantization.calibration.dataset {path}: field {field!r} holds no text")
+    return texts
+
+
+def calibration_tokens(tokenizer, cfg: Mapping[str, Any]) -> torch.Tensor:
+    """[calib_size, calib_max_seq_length] token windows: the texts, shuffled with the seed, tokenized, joined by the
+    EOS token into one stream and cut into consecutive windows (no padding, so every token is real)."""
+    path = cfg.get("dataset") or str(SHIPPED_CALIBRATION)
+    texts = calibration_texts(cfg)
     random.Random(cfg.get("seed", 0)).shuffle(texts)
     sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     stream: list[int] = []

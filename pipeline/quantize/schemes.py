@@ -257,6 +257,13 @@ scheme(Scheme("FP8", (QTensor("weight", Kind.ROWS, "float8_e4m3fn", _full),
 
 # -- KV cache ------------------------------------------------------------------------------------------------------
 KV_SCALE = QTensor("kv_cache_scaling_factor", Kind.SCALAR, "float32")
+KV_CACHE_ALGOS = ("FP8", "INT8")
+
+
+def check_kv_cache_algo(kv_algo: str | None) -> None:
+    if kv_algo and kv_algo not in KV_CACHE_ALGOS:
+        raise PipelineError(f"quantization.kv_cache_quant_algo={kv_algo} is not supported; supported: "
+                            f"{', '.join(KV_CACHE_ALGOS)}")
 
 
 def kv_cache_scale(kv_algo: str, qkv: InputStats, k_absmax: float, v_absmax: float) -> torch.Tensor:

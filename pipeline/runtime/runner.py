@@ -45,6 +45,20 @@ class _Request:
     output_cum_log_probs: bool = False
 
 
+def check_engine_format(config_path: Path, config: dict[str, Any]) -> None:
+    """An engine directory written by another version of the cpu backend cannot be loaded: say so, not a KeyError."""
+    from pipeline.engine.cpu import ENGINE_FORMAT_VERSION
+
+    engine = config.get("engine") if isinstance(config, dict) else None
+    if not isinstance(engine, dict) or engine.get("backend") != "cpu":
+        raise PipelineError(f"{config_path}: engine.backend is {(engine or {}).get('backend')!r}; this runtime loads "
+                            "engines built with build.backend=cpu")
+    if engine.get("format_version") != ENGINE_FORMAT_VERSION:
+        raise PipelineError(f"{config_path}: engine.format_version={engine.get('format_version')!r}, expected "
+                            f"{ENGINE_FORMAT_VERSION}: the engine was built by another version; rebuild it "
+                            "(trtllm-pipeline stages=[build] force_stages=[build])")
+
+
 class ModelRunner:
     def __init__(self, model: EngineModel, dist: Dist, engine_config: dict[str, Any], load_seconds: float):
         self.model = model.eval()
@@ -70,6 +84,8 @@ class ModelRunner:
             from pipeline.runtime.trtllm_runner import TrtllmRunner
 
             return TrtllmRunner.from_dir(engine_dir, config, rank)
+        if backend == "cpu":
+            check_engine_format(config_path, config)
         mapping = config["pretrained_config"]["mapping"]
         d = init_dist(mapping["tp_size"], mapping["pp_size"], rank)
         if backend != "cpu":  # exported graphs (onnx, tensorrt) behind the same stage-model contract

@@ -12,7 +12,7 @@ from typing import Any
 from pipeline.convert.sources import open_source
 from pipeline.convert.sources.locate import resolve_model_path
 from pipeline.executor import StageContext, stage
-from pipeline.quantize.calibrate import calibrate
+from pipeline.quantize.calibrate import calibrate, calibration_texts
 from pipeline.quantize.writer import needs_statistics
 from pipeline.stages.convert import source_fingerprint
 
@@ -26,8 +26,13 @@ def calibration_view(config: dict[str, Any]) -> dict[str, Any]:
             "hessian": needs_statistics(q) == "hessian"}
 
 
+def calibrate_preflight(cfg: dict[str, Any], facts: dict[str, Any]) -> None:
+    """The calibration set exists and has text in its field, before any stage starts."""
+    calibration_texts(cfg["calibration"])
+
+
 @stage("calibrate", version=STAGE_VERSION, reads=("model", "quantization"), view=calibration_view,
-       fingerprint=source_fingerprint, unkeyed=("model.path", "model.package"))
+       fingerprint=source_fingerprint, unkeyed=("model.path", "model.package"), preflight=calibrate_preflight)
 def calibrate_stage(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.config
     model = cfg["model"]

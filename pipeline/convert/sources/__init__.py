@@ -5,8 +5,9 @@ Sources are chosen by the recipe's `model.source` key through the SOURCES regist
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from pipeline.convert.sources.base import SourceModel
 from pipeline.errors import PipelineError
@@ -22,6 +23,33 @@ def register_source(name: str):
     return deco
 
 
+# Recently opened sources, keyed by kind, path and the files' sizes and mtimes: a run opens its source for
+# fingerprints, checks before work, calibration and conversion; parsing a large GGUF header once is enough.
+_OPENED: "OrderedDict[tuple, SourceModel]" = OrderedDict()
+_KEEP_OPEN = 2
+
+
+class _Shared:
+    """A cached source handed out to one caller: `close()` leaves it open for the next (evicted sources close)."""
+
+    def __init__(self, inner: SourceModel):
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def close(self) -> None:
+        pass
+
+
+def _signature(path: Path) -> tuple:
+    try:
+        files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+        return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    except OSError:
+        return ()
+
+
 def open_source(kind: str, path: Path) -> SourceModel:
     # Import the built-in sources so they register themselves.
     from pipeline.convert.sources import gguf, hf  # noqa: F401
@@ -30,4 +58,13 @@ def open_source(kind: str, path: Path) -> SourceModel:
 
     if kind not in SOURCES:
         raise PipelineError(f"model.source={kind!r} is not a known source; known: {sorted(SOURCES)}")
-    return with_prequantized(SOURCES[kind](Path(path)))
+    path = Path(path)
+    key = (kind, str(path.resolve()), _signature(path))
+    if key in _OPENED:
+        _OPENED.move_to_end(key)
+        return _Shared(_OPENED[key])  # type: ignore[return-value]
+    source = with_prequantized(SOURCES[kind](path))
+    _OPENED[key] = source
+    while len(_OPENED) > _KEEP_OPEN:
+        _OPENED.popitem(last=False)[1].close()
+    return _Shared(source)  # type: ignore[return-value]

@@ -26,6 +26,10 @@ class SourceModel(ABC):
     def read(self, name: str) -> torch.Tensor:
         """The whole tensor, in (out, in) orientation, as a float tensor."""
 
+    def is_float(self, name: str) -> bool | None:
+        """Whether a tensor is stored as floating point (None: the source cannot tell without reading it)."""
+        return None
+
     @abstractmethod
     def where(self, name: str) -> str:
         """The file that holds a tensor, for error messages."""
@@ -37,6 +41,10 @@ class SourceModel(ABC):
     def tokenizer(self):  # noqa: B027 - optional hook
         """The model's tokenizer (a transformers tokenizer), or None when the source carries none."""
         return None
+
+    def has_tokenizer(self) -> bool:
+        """Whether `tokenizer()` would return one (cheap where the source can tell without loading it)."""
+        return self.tokenizer() is not None
 
     def transformers_model(self, dtype: torch.dtype):
         """The same model loaded by `transformers` (the reference the engine is compared with)."""

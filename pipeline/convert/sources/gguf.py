@@ -110,6 +110,19 @@ def unpermute_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+def _dequantizable(qtype) -> bool:
+    from gguf import GGMLQuantizationType
+    from gguf.quants import _type_traits  # gguf-py's table of the types it dequantizes (F32/F16 are views)
+
+    return qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16) or qtype in _type_traits
+
+
+def _supported_types() -> list[str]:
+    from gguf import GGMLQuantizationType
+
+    return [t.name for t in GGMLQuantizationType if _dequantizable(t)]
+
+
 @register_source("gguf")
 class GGUFSource(SourceModel):
     def __init__(self, path: Path):
@@ -131,11 +144,15 @@ class GGUFSource(SourceModel):
         self._prefix = arch_name
         self._tensors = {}
         for t in self._reader.tensors:
+            if not _dequantizable(t.tensor_type):
+                raise PipelineError(f"{path}: GGUF tensor {t.name} has quantization type {t.tensor_type.name}, which "
+                                    f"cannot be dequantized; supported: {', '.join(_supported_types())}")
             hf_name = gguf_name_to_hf(t.name, self._arch.names)
             if hf_name is None:
                 raise PipelineError(f"{path}: GGUF tensor {t.name} has no HF equivalent this converter knows")
             self._tensors[hf_name] = t
         self.hf_config = self._hf_config()
+        self._has_tokenizer = self._field("tokenizer.ggml.model") is not None
         self._data_offset = int(self._reader.data_offset)
         # The parsed metadata (tokenizer vocabulary and merges as one small array each) is large; the config holds
         # what conversion needs and each tensor keeps its own view of the file mapping.
@@ -210,6 +227,9 @@ class GGUFSource(SourceModel):
     def fingerprint(self) -> dict[str, Any]:
         # The header (metadata and tensor table) plus size and mtime; see pipeline.convert.sources.files.
         return {"format": "gguf", "files": [fingerprint_prefix(self.path, self._data_offset)]}
+
+    def has_tokenizer(self) -> bool:
+        return self._has_tokenizer
 
     def tokenizer(self):
         from transformers import AutoTokenizer

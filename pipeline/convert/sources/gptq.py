@@ -50,6 +50,10 @@ class GPTQView(SourceModel):
         self.bits = int(qcfg.get("bits", 4))
         self.group_size = int(qcfg.get("group_size", 128))
         self.zero_offset = 0 if qcfg.get("checkpoint_format", "gptq") == "gptq_v2" else 1
+        if qcfg.get("desc_act"):
+            raise PipelineError("quantization_config.desc_act=true in the source's config.json: act-order GPTQ "
+                                "reorders input channels (g_idx), which TensorRT-LLM's GPTQ layout cannot express; "
+                                "expected desc_act=false (re-quantize without act-order)")
         if self.bits not in (4, 8):
             raise PipelineError(f"GPTQ checkpoint with bits={self.bits}: only 4 and 8 bits convert to TensorRT-LLM")
         names = inner.names()
@@ -87,6 +91,9 @@ class GPTQView(SourceModel):
 
     def fingerprint(self) -> dict[str, Any]:
         return self.inner.fingerprint()
+
+    def has_tokenizer(self) -> bool:
+        return self.inner.has_tokenizer()
 
     def tokenizer(self):
         return self.inner.tokenizer()

@@ -31,13 +31,24 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
+def _pickle_problem(e: Exception) -> str:
+    """torch's weights_only refusal spans many lines; keep the line that names the forbidden global."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line or "Unsupported global" in line]
+    if named:
+        return (f"its pickle calls a global outside the allow-list ({named[0]}); expected only tensors and "
+                "containers, refused without running it (weights_only=True)")
+    return lines[0] if lines else type(e).__name__
+
+
 @register_source("hf")
 class HFSource(SourceModel):
     def __init__(self, path: Path):
         if not path.is_dir():
             raise PipelineError(f"model.path: {path} is not a directory (an HF checkpoint holds config.json and weights)")
         self.dir = path
-        self.hf_config = read_json(path / "config.json", "HF config")
+        self.config_path = path / "config.json"
+        self.hf_config = read_json(self.config_path, "HF config")
         self._files, self._index = self._weight_files()
         self._handles: dict[Path, Any] = {}
         self._bin_cache: tuple[Path, dict[str, torch.Tensor]] | None = None
@@ -102,7 +113,7 @@ class HFSource(SourceModel):
             try:
                 state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:
-                raise PipelineError(f"{f} is not a loadable torch checkpoint (weights_only=True): {e}") from None
+                raise PipelineError(f"{f} is not a loadable torch checkpoint: {_pickle_problem(e)}") from None
             if not isinstance(state, dict):
                 raise PipelineError(f"{f} does not hold a state dict")
             self._bin_cache = (f, state)
@@ -120,6 +131,12 @@ class HFSource(SourceModel):
         if f.suffix == ".safetensors":
             return tuple(self._safetensors(f).get_slice(name).get_shape())
         return tuple(self._bin(f)[name].shape)
+
+    def is_float(self, name: str) -> bool | None:
+        f = self._location[name]
+        if f.suffix == ".safetensors":
+            return self._safetensors(f).get_slice(name).get_dtype() in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+        return self._bin(f)[name].is_floating_point()
 
     def read(self, name: str) -> torch.Tensor:
         f = self._location[name]
@@ -141,8 +158,11 @@ class HFSource(SourceModel):
             files.append(fingerprint_safetensors(f) if f.suffix == ".safetensors" else fingerprint_zip(f))
         return {"format": "hf", "files": files}
 
+    def has_tokenizer(self) -> bool:
+        return any((self.dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
     def tokenizer(self):
-        if not any((self.dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        if not self.has_tokenizer():
             return None
         from transformers import AutoTokenizer
 

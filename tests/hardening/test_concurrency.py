@@ -1,0 +1,54 @@
+"""Identical runs started together (real processes, released together by a barrier at the first cache lookup)
+compute each stage exactly once; recipes that differ downstream share their upstream artifact; a reader polling
+the cache meanwhile never sees a half-published artifact."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from pipeline.cache import ArtifactCache
+from tests.conftest import make_tiny_model
+from tests.hardening.common import leftovers, recipe, spawn
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("concurrency"), "llama_mha_tied")
+
+
+def watch(cache_root, stop: threading.Event, seen: list, problems: list) -> None:
+    """Re-hash every published entry as soon as it appears: it must always match its manifest."""
+    cache = ArtifactCache(cache_root)
+    while not stop.is_set():
+        for entry in cache.entries():
+            problem = cache.verify(entry)
+            seen.append(entry.key)
+            if problem is not None and entry.path.exists():
+                problems.append(f"{entry.stage}/{entry.key[:12]}: {problem}")
+        stop.wait(0.05)
+
+
+@pytest.mark.parametrize("runs", [2, 4])
+def test_runs_started_together_compute_each_stage_once(runs, model, tmp_path):
+    cache = tmp_path / "cache"
+    # Half the runs (at least one) build with another batch size: same convert artifact, another build artifact.
+    variants = [() if i % 2 == 0 else ("build.max_batch_size=4",) for i in range(runs)]
+    barrier = f"{tmp_path / 'barrier'}:{runs}@convert:start"
+    stop, seen, problems = threading.Event(), [], []
+    reader = threading.Thread(target=watch, args=(cache, stop, seen, problems), daemon=True)
+    reader.start()
+    procs = [spawn(recipe(model, cache, tmp_path / f"run{i}", *variants[i]), TRTLLM_PIPELINE_BARRIER=barrier)
+             for i in range(runs)]
+    errors = [p.communicate(timeout=900)[1] for p in procs]
+    stop.set()
+    reader.join()
+    assert all(p.returncode == 0 for p in procs), "\n".join(errors)
+    records = [json.loads((tmp_path / f"run{i}" / "run.json").read_text())["stages"] for i in range(runs)]
+    computed = {s: sum(not r[s]["reused"] for r in records) for s in ("convert", "build")}
+    assert computed == {"convert": 1, "build": len(set(variants))}
+    assert len({r["convert"]["key"] for r in records}) == 1
+    assert problems == [] and seen  # the reader looked at published entries and all were whole
+    assert leftovers(cache) == []
