@@ -17,6 +17,9 @@ from hydra.core.config_store import ConfigStore
 class Source(str, Enum):
     hf = "hf"
     gguf = "gguf"
+    nemo = "nemo"
+    megatron = "megatron"
+    deepspeed = "deepspeed"
 
 
 class Dtype(str, Enum):
