@@ -155,8 +155,11 @@ class NemoSource(SourceModel):
     def _tokenizer_vocab_size(self) -> int | None:
         f = self._tok_files
         if "tokenizer.json" in f:
-            return len(json.loads(self.container.read_bytes(f["tokenizer.json"]))["model"]["vocab"]) + len(
-                json.loads(self.container.read_bytes(f["tokenizer.json"])).get("added_tokens") or [])
+            tok = json.loads(self.container.read_bytes(f["tokenizer.json"]))
+            vocab = (tok.get("model") or {}).get("vocab") or {}
+            ids = set(vocab.values() if isinstance(vocab, dict) else range(len(vocab)))
+            ids |= {t["id"] for t in tok.get("added_tokens") or [] if isinstance(t, dict) and "id" in t}
+            return len(ids) or None
         if "vocab.json" in f:
             return len(json.loads(self.container.read_bytes(f["vocab.json"])))
         if "tokenizer.model" in f:
