@@ -19,7 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from pipeline.convert.sources.megatron_weights import ROW, REPLICATED, _LAYER, _RULES
+from pipeline.convert.sources.megatron_weights import ROW, REPLICATED, _LAYER, rule_of
 
 
 def hf_state(hf_dir: Path) -> dict[str, torch.Tensor]:
@@ -52,6 +52,24 @@ def llama_to_megatron(sd: dict[str, torch.Tensor], cfg: dict[str, Any], layernor
         out[m + "self_attention.dense.weight"] = sd[a + "o_proj.weight"]
         out[m + "mlp.dense_h_to_4h.weight"] = torch.cat([sd[hf + "mlp.gate_proj.weight"], sd[hf + "mlp.up_proj.weight"]])
         out[m + "mlp.dense_4h_to_h.weight"] = sd[hf + "mlp.down_proj.weight"]
+    return out
+
+
+def mixtral_to_megatron(sd: dict[str, torch.Tensor], cfg: dict[str, Any]) -> dict:
+    """Llama attention plus mcore's MoE: router [E, H]; per expert fc1 = [w1 (gate); w3 (up)], fc2 = w2."""
+    dense = {k: v for k, v in sd.items() if ".block_sparse_moe." not in k}
+    for i in range(cfg["num_hidden_layers"]):  # llama_to_megatron wants a dense MLP: give it placeholders
+        for n in ("gate_proj", "up_proj", "down_proj"):
+            dense[f"model.layers.{i}.mlp.{n}.weight"] = torch.empty(0)
+    out = {k: v for k, v in llama_to_megatron(dense, cfg).items() if ".mlp.dense_" not in k}
+    for i in range(cfg["num_hidden_layers"]):
+        moe, m = f"model.layers.{i}.block_sparse_moe.", f"encoder.layers.{i}.mlp."
+        out[m + "router.weight"] = sd[moe + "gate.weight"]
+        for e in range(cfg["num_local_experts"]):
+            ex = f"{moe}experts.{e}."
+            out[f"{m}experts.local_experts.{e}.dense_h_to_4h.weight"] = torch.cat([sd[ex + "w1.weight"],
+                                                                                  sd[ex + "w3.weight"]])
+            out[f"{m}experts.local_experts.{e}.dense_4h_to_h.weight"] = sd[ex + "w2.weight"]
     return out
 
 
@@ -104,7 +122,7 @@ def shard(megatron: dict, tp: int, pp: int, gated: bool) -> dict[tuple[int, int]
         else:
             p = 0 if name.startswith("embedding.") else pp - 1
             local = name
-        rule = _RULES[suffix]
+        rule = rule_of(suffix)
         if rule == REPLICATED:
             pieces = [tensor] * tp
         elif rule == ROW:
@@ -126,7 +144,7 @@ def with_prefix(shard_sd: dict[str, torch.Tensor], prefix: str, mcore: bool = Fa
             for old, new in (("encoder.final_layernorm", "decoder.final_layernorm"), ("encoder.", "decoder."),
                              ("self_attention.query_key_value", "self_attention.linear_qkv"),
                              ("self_attention.dense", "self_attention.linear_proj"),
-                             ("mlp.dense_h_to_4h", "mlp.linear_fc1"), ("mlp.dense_4h_to_h", "mlp.linear_fc2"),
+                             (".dense_h_to_4h", ".linear_fc1"), (".dense_4h_to_h", ".linear_fc2"),
                              ("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight"),
                              ("post_attention_layernorm.weight", "mlp.linear_fc1.layer_norm_weight")):
                 name = name.replace(old, new)

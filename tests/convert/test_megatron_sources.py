@@ -136,6 +136,35 @@ def test_megatron_core_own_writer(tiny_models, tmp_path):
     assert_same_checkpoint(a, b)
 
 
+def test_nemo2_mixtral_equals_hf_twin(tiny_models, tmp_path):
+    """A Mixtral-style NeMo 2 checkpoint (mcore MoE: router, local experts) against the HF Mixtral twin."""
+    twin = tiny_models["mixtral_4e_top2"]
+    hf_cfg = json.loads((twin / "config.json").read_text())
+    glob = ms.mixtral_to_megatron(ms.hf_state(twin), hf_cfg)
+    root = tmp_path / "nemo2"
+    (root / "context").mkdir(parents=True)
+    (root / "weights").mkdir()
+    save_dcp(stacked_mcore(glob, "module."), root / "weights")
+    cfg = {"num_layers": 3, "hidden_size": 64, "ffn_hidden_size": 48, "num_attention_heads": 4,
+           "num_query_groups": 2, "normalization": "RMSNorm", "layernorm_epsilon": hf_cfg["rms_norm_eps"],
+           "rotary_base": float((hf_cfg.get("rope_parameters") or {}).get("rope_theta") or hf_cfg.get("rope_theta")),
+           "seq_length": 128, "position_embedding_type": "rope", "share_embeddings_and_output_weights": False,
+           "add_bias_linear": False, "gated_linear_unit": True, "num_moe_experts": 4, "moe_router_topk": 2,
+           "activation_func": {"_target_": "torch.nn.functional.silu"}}
+    (root / "context" / "model.yaml").write_text(yaml.safe_dump(
+        {"_target_": "nemo.collections.llm.gpt.model.mixtral.MixtralModel", "config": cfg}))
+    a, b = tmp_path / "a", tmp_path / "b"
+    from pipeline.convert.converter import convert
+    from pipeline.convert.registry import MappingArgs
+
+    for src, out in ((open_source("hf", twin), a), (open_source("nemo", root), b)):
+        try:
+            convert(src, out, "float32", MappingArgs(2, 1), progress=False)
+        finally:
+            src.close()
+    assert_same_checkpoint(a, b)
+
+
 def megatron_lm_dir(tmp_path, tiny_models, kind, tp, pp, nested=False):
     hf_cfg, glob = megatron_dict(kind, tiny_models)
     vocab = hf_cfg["vocab_size"]

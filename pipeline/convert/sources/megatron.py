@@ -110,8 +110,13 @@ class MegatronFamilySource(SourceModel):
             from pipeline.convert.sources.nemo import gpt2_bpe_tokenizer
 
             return gpt2_bpe_tokenizer(f["vocab.json"], f["merges.txt"])
-        if "tokenizer.model" in f:
-            return transformers.LlamaTokenizer(vocab_file=str(f["tokenizer.model"]), legacy=False)
+        if "tokenizer.model" in f:  # a sentencepiece model, converted by transformers
+            import shutil
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                shutil.copyfile(f["tokenizer.model"], Path(tmp) / "tokenizer.model")
+                return transformers.LlamaTokenizer.from_pretrained(tmp, legacy=False)
         return None
 
     def close(self) -> None:

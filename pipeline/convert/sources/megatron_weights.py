@@ -61,6 +61,7 @@ class MegatronArgs:
     pp: int = 1
     num_experts: int = 0
     top_k: int = 0
+    moe_ffn_hidden_size: int | None = None  # each expert's inner size (default: ffn_hidden_size)
     # Real vocabulary size (tokenizer), when known; the embedding rows beyond it are Megatron's padding.
     vocab_size: int | None = None
     where: str = ""  # the config file, for messages
@@ -107,7 +108,8 @@ def args_from_mapping(cfg: Mapping[str, Any], where: str, aliases: Mapping[str, 
         rope_linear_factor=float(factor) if factor not in (None, 1, 1.0) else None,
         tied=bool(get("share_embeddings_and_output_weights", True)),
         tp=int(get("tensor_model_parallel_size", 1)), pp=int(get("pipeline_model_parallel_size", 1)),
-        num_experts=int(get("num_moe_experts") or 0), top_k=int(get("moe_router_topk") or 0), where=where,
+        num_experts=int(get("num_moe_experts") or 0), top_k=int(get("moe_router_topk") or 2),
+        moe_ffn_hidden_size=int(get("moe_ffn_hidden_size")) if get("moe_ffn_hidden_size") else None, where=where,
     )
 
 
@@ -156,8 +158,14 @@ _RULES = {
     "post_attention_layernorm.weight": REPLICATED, "post_attention_layernorm.bias": REPLICATED,
     "embedding.word_embeddings.weight": COLUMN, "embedding.position_embeddings.weight": REPLICATED,
     "encoder.final_layernorm.weight": REPLICATED, "encoder.final_layernorm.bias": REPLICATED,
-    "output_layer.weight": COLUMN,
+    "output_layer.weight": COLUMN, "mlp.router.weight": REPLICATED,
 }
+_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.\d+\.")
+
+
+def rule_of(suffix: str) -> str:
+    """The split rule of a layer-relative name; one expert's linears split like the dense MLP's."""
+    return _RULES[_EXPERT.sub("mlp.", suffix)]
 
 
 # -- shards ----------------------------------------------------------------------------------------------------
@@ -310,8 +318,9 @@ class MegatronWeights:
         return self.grid.stage(self._global_home[name]), name, name
 
     def _rule(self, suffix: str) -> str:
-        rule = _RULES[suffix]
-        return GLU if rule == COLUMN and suffix.startswith("mlp.dense_h_to_4h") and self.args.gated else rule
+        rule = rule_of(suffix)
+        glu = _EXPERT.sub("mlp.", suffix).startswith("mlp.dense_h_to_4h") and self.args.gated
+        return GLU if rule == COLUMN and glu else rule
 
     def where(self, name: str) -> str:
         shards, _, _ = self._locate(name)
@@ -384,19 +393,33 @@ class HFView:
         self.vocab = a.vocab_size if a.vocab_size and a.vocab_size <= rows else rows
         family = self._family()
         self.builders: dict[str, tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = {}
-        (self._llama if family == "llama" else self._gpt2)()
-        self.hf_config = self._llama_config() if family == "llama" else self._gpt2_config()
+        (self._gpt2 if family == "gpt" else self._llama)()
+        self.hf_config = self._gpt2_config() if family == "gpt" else self._llama_config()
+        if family == "mixtral":
+            if weights.grid.tp > 1:
+                raise PipelineError(f"{a.where}: mixture-of-experts weights from tensor-parallel shards "
+                                    f"(tensor_model_parallel_size={weights.grid.tp}) are not supported; a "
+                                    "distributed (torch_dist) checkpoint or a tp1 source converts")
+            self._experts()
+            inner = a.moe_ffn_hidden_size or a.ffn_hidden_size
+            self.hf_config.update(architectures=["MixtralForCausalLM"], model_type="mixtral",
+                                  intermediate_size=inner, num_local_experts=a.num_experts,
+                                  num_experts_per_tok=a.top_k)
 
     def _family(self) -> str:
         a = self.args
         if a.position == "alibi":
             raise PipelineError(f"{a.where}: ALiBi position embeddings are not converted from Megatron-family "
                                 "sources yet")
+        llama_like = a.normalization == "rmsnorm" and a.gated and a.position == "rope" and a.rotary_pct == 1.0 \
+            and a.hf_activation == "silu"
         if a.num_experts:
-            raise PipelineError(f"{a.where}: mixture-of-experts models (num_moe_experts={a.num_experts}) are not "
-                                "converted from Megatron-family sources yet")
-        if a.normalization == "rmsnorm" and a.gated and a.position == "rope" and a.rotary_pct == 1.0 \
-                and a.hf_activation == "silu":
+            if llama_like and not a.bias:
+                return "mixtral"
+            raise PipelineError(f"{a.where}: mixture-of-experts models convert when Mixtral-style (rmsnorm, swiglu "
+                                f"experts, rope, no bias); got normalization={a.normalization}, activation="
+                                f"{a.activation}, position_embedding_type={a.position}, bias={a.bias}")
+        if llama_like:
             return "llama"
         if a.normalization in ("layernorm", "layernorm1p") and not a.gated and a.position == "learned_absolute" \
                 and a.num_kv_heads == a.num_heads and a.bias:
@@ -438,6 +461,19 @@ class HFView:
                 self._add(f"{hf}mlp.gate_proj.{kind}", f"{src}mlp.dense_h_to_4h.{kind}", lambda t: t[:f])
                 self._add(f"{hf}mlp.up_proj.{kind}", f"{src}mlp.dense_h_to_4h.{kind}", lambda t: t[f:])
                 self._add(f"{hf}mlp.down_proj.{kind}", f"{src}mlp.dense_4h_to_h.{kind}")
+
+    def _experts(self) -> None:
+        """Mixtral names: router -> block_sparse_moe.gate, each expert's fc1 [gate; up] -> w1 / w3, fc2 -> w2."""
+        a = self.args
+        inner = a.moe_ffn_hidden_size or a.ffn_hidden_size
+        for i in range(a.num_layers):
+            src, hf = f"encoder.layers.{i}.mlp.", f"model.layers.{i}.block_sparse_moe."
+            self._add(hf + "gate.weight", src + "router.weight")
+            for e in range(a.num_experts):
+                ex = f"{src}experts.local_experts.{e}."
+                self._add(f"{hf}experts.{e}.w1.weight", ex + "dense_h_to_4h.weight", lambda t: t[:inner])
+                self._add(f"{hf}experts.{e}.w3.weight", ex + "dense_h_to_4h.weight", lambda t: t[inner:])
+                self._add(f"{hf}experts.{e}.w2.weight", ex + "dense_4h_to_h.weight")
 
     def _gpt2(self) -> None:
         a = self.args

@@ -179,8 +179,8 @@ class NemoSource(SourceModel):
                 (Path(tmp) / out).write_bytes(self.container.read_bytes(member))
             if "tokenizer.json" in self._tok_files or "tokenizer_config.json" in self._tok_files:
                 return transformers.AutoTokenizer.from_pretrained(tmp)
-            if "tokenizer.model" in self._tok_files:
-                return transformers.LlamaTokenizer(vocab_file=str(Path(tmp) / "tokenizer.model"), legacy=False)
+            if "tokenizer.model" in self._tok_files:  # a sentencepiece model, converted by transformers
+                return transformers.LlamaTokenizer.from_pretrained(tmp, legacy=False)
             if "merges.txt" in self._tok_files:
                 return gpt2_bpe_tokenizer(Path(tmp) / "vocab.json", Path(tmp) / "merges.txt")
         return None
