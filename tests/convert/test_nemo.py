@@ -176,3 +176,23 @@ def test_sentencepiece_tokenizer_artifact(tiny_models, tmp_path):
     tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
     assert tok.encode("the fox", add_special_tokens=False) == spm.SentencePieceProcessor(
         model_file=str(tmp_path / "sp.model")).encode("the fox")
+
+
+def test_alibi_gpt_converts_without_a_position_table(tiny_models, tmp_path):
+    """ALiBi GPT: the same tensors as the learned-position twin minus the position table; position type alibi."""
+    hf_cfg, glob = megatron_dict("gpt", tiny_models)
+    del glob["embedding.position_embeddings.weight"]
+    cfg = ms.nemo_config("gpt", hf_cfg, 2, 1, position_embedding_type="alibi")
+    nemo = ms.write_nemo(tmp_path / "m.nemo", ms.shard(glob, 2, 1, gated=False), cfg)
+    a, b = convert_both("gpt", ("nemo", nemo), tiny_models, tmp_path, (2, 1))
+    cfg_a, cfg_b = (json.loads((d / "config.json").read_text()) for d in (a, b))
+    assert cfg_b["position_embedding_type"] == "alibi"
+    assert {k: v for k, v in cfg_a.items() if k != "position_embedding_type"} == \
+        {k: v for k, v in cfg_b.items() if k != "position_embedding_type"}
+    for r in range(2):
+        x, y = load_file(a / f"rank{r}.safetensors"), load_file(b / f"rank{r}.safetensors")
+        assert set(x) - set(y) == {"transformer.position_embedding.weight"} and set(y) <= set(x)
+        assert all(torch.equal(x[n], y[n]) for n in y)
+    from pipeline.checkpoint.validate import validate_checkpoint
+
+    assert validate_checkpoint(b) == []

@@ -408,9 +408,6 @@ class HFView:
 
     def _family(self) -> str:
         a = self.args
-        if a.position == "alibi":
-            raise PipelineError(f"{a.where}: ALiBi position embeddings are not converted from Megatron-family "
-                                "sources yet")
         llama_like = a.normalization == "rmsnorm" and a.gated and a.position == "rope" and a.rotary_pct == 1.0 \
             and a.hf_activation == "silu"
         if a.num_experts:
@@ -421,7 +418,7 @@ class HFView:
                                 f"{a.activation}, position_embedding_type={a.position}, bias={a.bias}")
         if llama_like:
             return "llama"
-        if a.normalization in ("layernorm", "layernorm1p") and not a.gated and a.position == "learned_absolute" \
+        if a.normalization in ("layernorm", "layernorm1p") and not a.gated and a.position in ("learned_absolute", "alibi") \
                 and a.num_kv_heads == a.num_heads and a.bias:
             a.hf_activation  # noqa: B018 - refuses unknown activations
             return "gpt"
@@ -430,7 +427,7 @@ class HFView:
             f"position_embedding_type={a.position}, rotary_percentage={a.rotary_pct}, query groups={a.num_kv_heads} "
             f"of {a.num_heads} heads, bias={a.bias}) has no converter; supported: Llama-style (rmsnorm, swiglu, "
             "rope, any query groups) as LlamaForCausalLM, and GPT (layernorm or layernorm1p, non-gated activation, "
-            "learned positions, multi-head attention, biases) as GPTForCausalLM")
+            "learned or ALiBi positions, multi-head attention, biases) as GPTForCausalLM")
 
     # builders: HF name -> (merged Megatron name, function of that tensor)
     def _add(self, hf: str, megatron: str, fn: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> None:
@@ -519,7 +516,8 @@ class HFView:
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": self.vocab,
                 "n_embd": a.hidden_size, "n_layer": a.num_layers, "n_head": a.num_heads,
                 "n_positions": a.max_positions, "n_inner": a.ffn_hidden_size,
-                "activation_function": a.hf_activation, "layer_norm_epsilon": a.eps, "tie_word_embeddings": a.tied}
+                "activation_function": a.hf_activation, "layer_norm_epsilon": a.eps, "tie_word_embeddings": a.tied,
+                "position_embedding_type": a.position}
 
     # SourceModel-like access
     def names(self) -> set[str]:
