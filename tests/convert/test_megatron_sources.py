@@ -353,3 +353,41 @@ def test_nothing_in_cache_after_bad_input(tiny_models, tmp_path):
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "evil.txt" in errors[0] and "Traceback" not in proc.stderr
     assert not (cache / "convert").exists() or not any(p.is_dir() for p in (cache / "convert").iterdir())
+
+
+def test_calibrated_quantization_from_nemo_equals_hf_twin(tiny_models, tmp_path):
+    """The calibrate stage and AWQ run from a NeMo source as from HF: the same quantized checkpoint as the HF twin
+    (given the same tokenizer)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    hf_cfg, glob = megatron_dict("llama", tiny_models)
+    vocab = hf_cfg["vocab_size"]
+    tok = ms.bpe_tokenizer_files(vocab)
+    nemo = ms.write_nemo(tmp_path / "m.nemo", ms.shard(ms.pad_vocab(glob, 112), 2, 1, gated=True),
+                         ms.nemo_config("llama", hf_cfg, 2, 1), tokenizer=tok)
+    twin = tmp_path / "twin"
+    shutil.copytree(tiny_models["llama_gqa_untied"], twin)
+    for n, d in tok.items():
+        (tmp_path / n).write_bytes(d)
+    from pipeline.convert.sources.nemo import gpt2_bpe_tokenizer
+
+    gpt2_bpe_tokenizer(tmp_path / "vocab.json", tmp_path / "merges.txt").save_pretrained(twin)
+    dirs = []
+    for recipe, path in (("nemo_local", nemo), ("hf_local", twin)):
+        cache = tmp_path / f"cache_{recipe}"
+        proc = subprocess.run([sys.executable, "-m", "pipeline.cli", f"model={recipe}", f"model.path={path}",
+                               "quantization=w4a16_awq", "quantization.group_size=32",
+                               "quantization.calibration.calib_size=2", "quantization.awq_grid=2",
+                               "quantization.calibration.calib_max_seq_length=16", "dtype=float32",
+                               f"cache_dir={cache}", "stages=[convert]", f"hydra.run.dir={tmp_path / recipe}"],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        dirs.append(next(p for p in (cache / "convert").iterdir() if p.is_dir()))
+    a, b = dirs[1], dirs[0]
+    assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
+    x, y = load_file(a / "rank0.safetensors"), load_file(b / "rank0.safetensors")
+    assert list(x) == list(y) and all(torch.equal(x[n], y[n]) for n in x)
