@@ -64,6 +64,124 @@ def is_dist_checkpoint(container: Container, prefix: str) -> bool:
     return container.has(f"{prefix}.metadata") or container.has(f"{prefix}metadata.json")
 
 
+def backend(container: Container, prefix: str) -> str:
+    name = f"{prefix}metadata.json"
+    if not container.has(name):
+        return "torch_dist"
+    try:
+        meta = json.loads(container.read_bytes(name))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PipelineError(f"{container.where(name)} is not valid JSON ({e})") from None
+    return str(meta.get("sharded_backend", "torch_dist"))
+
+
+def open_dist_checkpoint(container: Container, prefix: str):
+    """The shard of a megatron-core distributed checkpoint, by its `sharded_backend`."""
+    kind = backend(container, prefix)
+    if kind == "torch_dist":
+        return DistCheckpointShard(container, prefix)
+    if kind == "zarr":
+        return ZarrShard(container, prefix)
+    raise PipelineError(f"{container.where(prefix + 'metadata.json')}: sharded_backend {kind!r} is not supported "
+                        "(torch_dist and zarr are)")
+
+
+def _layered(name: str, size: tuple[int, ...]):
+    """(per-layer name, layer, shape) entries of a normalised key: stacked layers are split on dim 0."""
+    stacked = _STACKED.match(name)
+    if stacked:
+        return [(f"encoder.layers.{layer}.{stacked.group(1)}", layer, size[1:]) for layer in range(size[0])]
+    return [(name, None, size)]
+
+
+_ZARR_DTYPES = {"bfloat16": torch.bfloat16, "<f4": torch.float32, "<f2": torch.float16, "<f8": torch.float64,
+                "|i1": torch.int8, "|u1": torch.uint8, "<i4": torch.int32, "<i8": torch.int64}
+
+
+class ZarrShard:
+    """mcore's `zarr` backend read without zarr: one zarr v2 array per key (`<key>/.zarray` + raw C-order chunk
+    files, no compressor; bfloat16 written as 2-byte raw with the dtype string `bfloat16`). A layer of a stacked
+    array reads only the chunks that hold it."""
+
+    releasable = True
+
+    def __init__(self, container: Container, prefix: str):
+        self.container, self.prefix = container, prefix
+        self.where = container.where(prefix.rstrip("/") or ".")
+        self._arrays: dict[str, dict[str, Any]] = {}
+        self._entries: dict[str, tuple[str, int | None]] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for member in container.names():
+            if not (member.startswith(prefix) and member.endswith("/.zarray")):
+                continue
+            key = member[len(prefix):-len("/.zarray")]
+            if "/" in key or key.startswith("optimizer"):
+                continue
+            name = normalize_key(key)
+            if name is None:
+                continue
+            meta = self._zarray(member)
+            self._arrays[key] = meta
+            for entry, layer, shape in _layered(name, tuple(meta["shape"])):
+                if entry in self.shapes:
+                    raise PipelineError(f"{self.where}: two arrays name {entry} (second: {key})")
+                self._entries[entry] = (key, layer)
+                self.shapes[entry] = tuple(shape)
+        if not self._arrays:
+            raise PipelineError(f"{self.where}: a zarr distributed checkpoint without any <key>/.zarray array")
+
+    def _zarray(self, member: str) -> dict[str, Any]:
+        where = self.container.where(member)
+        try:
+            meta = json.loads(self.container.read_bytes(member))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PipelineError(f"{where} is not valid JSON ({e})") from None
+        if meta.get("zarr_format") != 2 or meta.get("order", "C") != "C":
+            raise PipelineError(f"{where}: expected a zarr v2 C-order array")
+        if meta.get("compressor") is not None or meta.get("filters"):
+            raise PipelineError(f"{where}: compressed or filtered zarr arrays are not supported (mcore writes none)")
+        if meta.get("dtype") not in _ZARR_DTYPES:
+            raise PipelineError(f"{where}: dtype {meta.get('dtype')!r} is not supported")
+        return meta
+
+    def get(self, name: str) -> torch.Tensor:
+        key, layer = self._entries[name]
+        meta = self._arrays[key]
+        shape, chunks = tuple(meta["shape"]), tuple(meta["chunks"])
+        dtype = _ZARR_DTYPES[meta["dtype"]]
+        sep = meta.get("dimension_separator", ".")
+        full = torch.full(shape if layer is None else (1, *shape[1:]), float(meta.get("fill_value") or 0),
+                          dtype=dtype)
+        grid = [range(-(-s // c)) for s, c in zip(shape, chunks)]
+        if layer is not None:
+            grid[0] = range(layer // chunks[0], layer // chunks[0] + 1)
+        import itertools
+
+        for index in itertools.product(*grid):
+            member = f"{self.prefix}{key}/{sep.join(map(str, index))}"
+            if not self.container.has(member):
+                continue  # zarr leaves chunks equal to fill_value unwritten
+            data = self.container.read_bytes(member)
+            want = math.prod(chunks) * torch.empty((), dtype=dtype).element_size()
+            if len(data) != want:
+                raise PipelineError(f"{self.container.where(member)}: {len(data)} bytes, expected {want} for chunk "
+                                    f"shape {list(chunks)}")
+            chunk = torch.frombuffer(bytearray(data), dtype=dtype).reshape(chunks)
+            starts = [i * c for i, c in zip(index, chunks)]
+            if layer is not None:
+                chunk = chunk.narrow(0, layer - starts[0], 1)
+                starts[0] = 0
+            dest = full
+            for dim, start in enumerate(starts):
+                n = min(chunk.shape[dim], dest.shape[dim] - start)
+                dest, chunk = dest.narrow(dim, start, n), chunk.narrow(dim, 0, n)
+            dest.copy_(chunk)
+        return full[0] if layer is not None else full
+
+    def release(self) -> None:
+        pass
+
+
 class DistCheckpointShard:
     """A distributed checkpoint as one (tp 0, pp 0) shard of global tensors under normalised per-layer names."""
 
@@ -72,10 +190,6 @@ class DistCheckpointShard:
     def __init__(self, container: Container, prefix: str):
         self.container, self.prefix = container, prefix
         self.where = container.where(prefix.rstrip("/") or ".")
-        backend = self._backend()
-        if backend != "torch_dist":
-            raise PipelineError(f"{self.where}: sharded_backend {backend!r} is not supported (torch_dist is; "
-                                "re-save zarr checkpoints with the torch_dist backend)")
         meta_name = f"{prefix}.metadata"
         if not container.has(meta_name):
             raise PipelineError(f"{self.where}: .metadata is missing (not a torch_dist checkpoint?)")
@@ -88,13 +202,8 @@ class DistCheckpointShard:
             name = normalize_key(fqn)
             if name is None:
                 continue
-            size = tuple(md.size)
-            stacked = _STACKED.match(name)
-            if stacked:
-                for layer in range(size[0]):
-                    self._add(f"encoder.layers.{layer}.{stacked.group(1)}", fqn, layer, size[1:])
-            else:
-                self._add(name, fqn, None, size)
+            for entry, layer, shape in _layered(name, tuple(md.size)):
+                self._add(entry, fqn, layer, shape)
         self._files: dict[str, IO[bytes]] = {}
 
     def _add(self, name: str, fqn: str, layer: int | None, shape: tuple[int, ...]) -> None:
@@ -102,16 +211,6 @@ class DistCheckpointShard:
             raise PipelineError(f"{self.where}: two entries name {name} (second: {fqn})")
         self._entries[name] = (fqn, layer)
         self.shapes[name] = tuple(shape)
-
-    def _backend(self) -> str:
-        name = f"{self.prefix}metadata.json"
-        if not self.container.has(name):
-            return "torch_dist"
-        try:
-            meta = json.loads(self.container.read_bytes(name))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise PipelineError(f"{self.container.where(name)} is not valid JSON ({e})") from None
-        return str(meta.get("sharded_backend", "torch_dist"))
 
     def get(self, name: str) -> torch.Tensor:
         fqn, layer = self._entries[name]

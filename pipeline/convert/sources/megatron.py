@@ -18,7 +18,7 @@ import torch
 from pipeline.convert.sources import register_source
 from pipeline.convert.sources.base import SourceModel
 from pipeline.convert.sources.container import Container
-from pipeline.convert.sources.dist_checkpoint import DistCheckpointShard
+from pipeline.convert.sources.dist_checkpoint import open_dist_checkpoint
 from pipeline.convert.sources.megatron_weights import (
     HFView, MegatronArgs, MegatronWeights, Shard, ShardGrid, args_from_mapping, check_grid)
 from pipeline.convert.sources.safe_load import MEGATRON_ARGS_GLOBALS, load_torch
@@ -152,14 +152,14 @@ class MegatronSource(MegatronFamilySource):
 
     def _open(self) -> None:
         c = self.container
-        if c.has(".metadata"):
+        if c.has(".metadata") or c.has("metadata.json"):
             common = "common.pt"
             if not c.has(common):
                 raise PipelineError(f"{c.where(common)} is missing (it holds the training args)")
             state = load_torch(str(c.local_path(common)), c.where(common), MEGATRON_ARGS_GLOBALS)
             ns = _args(state, c.where(common))
             args = megatron_args(ns, c.where(common))
-            grid = ShardGrid({(0, 0): DistCheckpointShard(c, "")}, 1, 1, str(self.root))
+            grid = ShardGrid({(0, 0): open_dist_checkpoint(c, "")}, 1, 1, str(self.root))
             return self._finish(grid, args, ns)
         found: dict[tuple[int, int], str] = {}
         for name in c.names():

@@ -24,7 +24,7 @@ import yaml
 from pipeline.convert.sources import register_source
 from pipeline.convert.sources.base import SourceModel
 from pipeline.convert.sources.container import Container
-from pipeline.convert.sources.dist_checkpoint import DistCheckpointShard, is_dist_checkpoint
+from pipeline.convert.sources.dist_checkpoint import is_dist_checkpoint, open_dist_checkpoint
 from pipeline.convert.sources.megatron_weights import (
     HFView, MegatronArgs, MegatronWeights, Shard, ShardGrid, args_from_mapping, check_grid)
 from pipeline.convert.sources.safe_load import load_torch
@@ -74,7 +74,7 @@ class NemoSource(SourceModel):
             self._tokenizer_cfg = {"nemo2_dir": "context/nemo_tokenizer/"}
             if not is_dist_checkpoint(c, "weights/"):
                 raise PipelineError(f"{c.where('weights')}: no distributed checkpoint (weights/.metadata) found")
-            grid = ShardGrid({(0, 0): DistCheckpointShard(c, "weights/")}, 1, 1, c.where("weights"))
+            grid = ShardGrid({(0, 0): open_dist_checkpoint(c, "weights/")}, 1, 1, c.where("weights"))
         else:
             raise PipelineError(f"{c.path}: not a NeMo checkpoint: neither {NEMO1_CONFIG} (NeMo 1 .nemo file or "
                                 f"directory) nor {NEMO2_CONFIG} (NeMo 2 directory) is in it")
@@ -87,7 +87,7 @@ class NemoSource(SourceModel):
     def _nemo1_grid(self, args: MegatronArgs, cfg: Mapping[str, Any]) -> ShardGrid:
         c = self.container
         if cfg.get("mcore_gpt") and is_dist_checkpoint(c, "model_weights/"):
-            return ShardGrid({(0, 0): DistCheckpointShard(c, "model_weights/")}, 1, 1, c.where("model_weights"))
+            return ShardGrid({(0, 0): open_dist_checkpoint(c, "model_weights/")}, 1, 1, c.where("model_weights"))
         found: dict[tuple[int, int], str] = {}
         for name in c.names():
             if name == NEMO1_WEIGHTS:
