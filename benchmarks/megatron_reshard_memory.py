@@ -19,7 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def build(root: Path, layers: int, hidden: int) -> int:
+def build(root: Path, layers: int, hidden: int, archive: bool) -> int:
     import torch
     import yaml
 
@@ -44,7 +44,7 @@ def build(root: Path, layers: int, hidden: int) -> int:
                activation="fast-swiglu", bias=False, position_embedding_type="rope",
                share_embeddings_and_output_weights=False, tensor_model_parallel_size=2,
                pipeline_model_parallel_size=2)
-    ms.write_nemo(root / "model", ms.shard(glob, 2, 2, gated=True), cfg, directory=True)
+    ms.write_nemo(root / "model", ms.shard(glob, 2, 2, gated=True), cfg, directory=not archive)
     del glob
     return size
 
@@ -76,13 +76,14 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--target-tp", type=int, default=1)
     p.add_argument("--target-pp", type=int, default=1)
+    p.add_argument("--archive", action="store_true", help="a .nemo tar instead of an extracted directory")
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        size = build(root, a.layers, a.hidden)
+        size = build(root, a.layers, a.hidden, a.archive)
         base = peak(False, root / "model", root / "out", a.target_tp, a.target_pp)
         used = peak(True, root / "model", root / "out", a.target_tp, a.target_pp)
-    print(json.dumps({"source": f"nemo directory, {a.layers} layers, hidden {a.hidden}, bfloat16, source tp2 pp2",
+    print(json.dumps({"source": f"nemo {'archive' if a.archive else 'directory'}, {a.layers} layers, hidden {a.hidden}, bfloat16, source tp2 pp2",
                       "target": f"tp{a.target_tp} pp{a.target_pp}", "model_mb": round(size / 2**20, 1),
                       "baseline_rss_mb": round(base, 1), "peak_rss_mb": round(used, 1),
                       "above_baseline_mb": round(used - base, 1)}))

@@ -16,6 +16,7 @@ import yaml
 from pipeline.convert.sources import open_source
 from pipeline.errors import PipelineError
 from tests.convert import megatron_samples as ms
+from tests.conftest import REPO
 from tests.convert.test_nemo import assert_same_checkpoint, convert_both, megatron_dict
 
 
@@ -386,7 +387,7 @@ def test_nothing_in_cache_after_bad_input(tiny_models, tmp_path):
     cache = tmp_path / "cache"
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "model=nemo_local", f"model.path={path}",
                            f"cache_dir={cache}", "stages=[convert]", f"hydra.run.dir={tmp_path / 'run'}"],
-                          capture_output=True, text=True, cwd=os.getcwd(), timeout=300)
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "evil.txt" in errors[0] and "Traceback" not in proc.stderr
@@ -422,7 +423,7 @@ def test_calibrated_quantization_from_nemo_equals_hf_twin(tiny_models, tmp_path)
                                "quantization.calibration.calib_size=2", "quantization.awq_grid=2",
                                "quantization.calibration.calib_max_seq_length=16", "dtype=float32",
                                f"cache_dir={cache}", "stages=[convert]", f"hydra.run.dir={tmp_path / recipe}"],
-                              capture_output=True, text=True, timeout=600)
+                              capture_output=True, text=True, cwd=REPO, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         dirs.append(next(p for p in (cache / "convert").iterdir() if p.is_dir()))
     a, b = dirs[1], dirs[0]

@@ -190,7 +190,7 @@ class Shard:
                 name = normalize_key(key)
                 if name is None or value is None:
                     continue
-                if not isinstance(value, torch.Tensor):
+                if not isinstance(value, torch.Tensor) and not hasattr(value, "load"):
                     raise PipelineError(f"{self.where}: entry {key!r} is a {type(value).__name__}, not a tensor")
                 if name in tensors:
                     raise PipelineError(f"{self.where}: {key!r} and another key both name {name}")
@@ -199,7 +199,8 @@ class Shard:
         return self._tensors
 
     def get(self, name: str) -> torch.Tensor:
-        return self.tensors()[name]
+        value = self.tensors()[name]
+        return value.load() if hasattr(value, "load") else value  # a lazy reference reads its bytes now
 
     def release(self) -> None:
         if self.releasable:

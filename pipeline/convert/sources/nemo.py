@@ -114,8 +114,7 @@ class NemoSource(SourceModel):
             if local is not None:
                 state = load_torch(str(local), where, mmap=True)
             else:
-                with c.open(name) as f:
-                    state = load_torch(f, where)
+                state = _lazy_or_whole(c, name, where)
             if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
                 state = state["state_dict"]  # a Lightning checkpoint saved under the weights name
             if not isinstance(state, dict):
@@ -211,6 +210,18 @@ def gpt2_bpe_tokenizer(vocab: Path, merges: Path):
 
     lines = [ln for ln in merges.read_text(encoding="utf-8").splitlines() if ln and not ln.startswith("#version")]
     return transformers.GPT2TokenizerFast(vocab=json.loads(vocab.read_text(encoding="utf-8")), merges=lines)
+
+
+def _lazy_or_whole(c: Container, name: str, where: str) -> Mapping[str, Any]:
+    """An archive member's state dict as lazy tensor references (read on demand from the member), or, when the
+    pickle holds more than a plain state dict, loaded whole through `torch.load(weights_only=True)`."""
+    from pipeline.convert.sources.lazy_torch import LazyTorchFile, NotPlain
+
+    try:
+        return LazyTorchFile(c.open(name), where).state
+    except NotPlain:
+        with c.open(name) as f:
+            return load_torch(f, where)
 
 
 def _shard_name(tp: int, pp: int, pp_size: int, tp_size: int) -> str:
