@@ -17,7 +17,7 @@ Three things every Megatron-style container shares, whatever wraps them:
 
 Memory: tensors are read per layer. Shards opened from files on disk are memory-mapped and released whenever the
 converter moves to another layer, so the resident set follows one layer's tensors (plus the merged copy), not the
-model; shards streamed from an archive member cannot be mapped and stay loaded for the run.
+model; shards inside an archive are lazy references (`lazy_torch`) whose bytes are read from the member on demand.
 """
 
 from __future__ import annotations
