@@ -232,6 +232,23 @@ def test_megatron_lm_equals_hf_twin(kind, source_mapping, target, tiny_models, t
     assert_same_checkpoint(a, b)
 
 
+def test_megatron_lm_torch_dist_equals_hf_twin(tiny_models, tmp_path):
+    """Megatron-LM with --ckpt-format torch_dist: iter dir = distributed checkpoint + common.pt holding the args."""
+    hf_cfg, glob = megatron_dict("llama", tiny_models)
+    root = tmp_path / "mlm"
+    it = root / "iter_0000050"
+    it.mkdir(parents=True)
+    save_dcp(stacked_mcore(ms.pad_vocab(glob, 112), ""), it)
+    ns = ms.megatron_namespace("llama", hf_cfg, 2, 1, 112)
+    ns.vocab_file, ns.merge_file = "vocab.json", "merges.txt"
+    torch.save({"args": ns, "checkpoint_version": 3.0, "iteration": 50}, it / "common.pt")
+    for n, d in ms.bpe_tokenizer_files(hf_cfg["vocab_size"]).items():
+        (it / n).write_bytes(d)
+    (root / "latest_checkpointed_iteration.txt").write_text("50")
+    a, b = convert_both("llama", ("megatron", root), tiny_models, tmp_path, (1, 2))
+    assert_same_checkpoint(a, b)
+
+
 def deepspeed_dir(tmp_path, tiny_models, kind, tp, pipeline_files):
     hf_cfg, glob = megatron_dict(kind, tiny_models)
     padded = -(-hf_cfg["vocab_size"] // (8 * tp)) * 8 * tp
