@@ -204,6 +204,16 @@ def test_nemo2_mixtral_equals_hf_twin(tiny_models, tmp_path):
     assert_same_checkpoint(a, b)
 
 
+def rng_state() -> dict:
+    """Megatron's saved RNG states: python's, numpy's (a tuple with an ndarray) and torch's."""
+    import random
+
+    import numpy as np
+
+    return {"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
+            "torch_rng_state": torch.get_rng_state()}
+
+
 def megatron_lm_dir(tmp_path, tiny_models, kind, tp, pp, nested=False):
     hf_cfg, glob = megatron_dict(kind, tiny_models)
     vocab = hf_cfg["vocab_size"]
@@ -218,7 +228,8 @@ def megatron_lm_dir(tmp_path, tiny_models, kind, tp, pp, nested=False):
         d = it / (f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else ""))
         d.mkdir(parents=True)
         model = ms.with_prefix(sd, "language_model.")
-        torch.save({"args": ns, "checkpoint_version": 3.0, "iteration": 200, "model": model}, d / "model_optim_rng.pt")
+        torch.save({"args": ns, "checkpoint_version": 3.0, "iteration": 200, "model": model,
+                    "rng_state": [rng_state()]}, d / "model_optim_rng.pt")
     (root / "latest_checkpointed_iteration.txt").write_text("200")
     for n, d in files.items():
         (it / n).write_bytes(d)
@@ -260,7 +271,8 @@ def deepspeed_dir(tmp_path, tiny_models, kind, tp, pipeline_files):
     for (t, _), sd in shards.items():
         module = {} if pipeline_files else ms.with_prefix(sd, "language_model.")
         torch.save({"module": module, "args": ns, "checkpoint_version": 3.0, "iteration": 7, "mp_world_size": tp,
-                    "dp_world_size": 1, "ds_version": "0.14.0"}, step / f"mp_rank_{t:02d}_model_states.pt")
+                    "dp_world_size": 1, "ds_version": "0.14.0", "random_rng_state": rng_state()},
+                   step / f"mp_rank_{t:02d}_model_states.pt")
         if pipeline_files:
             layers = ms.hf_state  # noqa: F841 - layer files hold the local names below
             n_layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers."))

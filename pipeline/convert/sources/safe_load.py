@@ -18,9 +18,23 @@ import torch
 
 from pipeline.errors import PipelineError
 
-# Classes Megatron-LM / DeepSpeed client state holds next to the weights: the training arguments, and the
-# checkpoint-version float and numbers they carry. Nothing that runs code on construction.
-MEGATRON_ARGS_GLOBALS: tuple[Any, ...] = (argparse.Namespace,)
+def _numpy_array_globals() -> tuple[Any, ...]:
+    """What a pickled numpy array (Megatron's saved numpy RNG state) is made of: the array reconstructor, ndarray,
+    dtype and the concrete dtype classes. They build arrays of plain numbers and run nothing else."""
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    dtype_classes = tuple({type(np.dtype(t)) for t in ("uint8", "uint32", "int32", "int64", "float32", "float64",
+                                                       "bool")})
+    return (_reconstruct, np.ndarray, np.dtype, *dtype_classes)
+
+
+# Classes Megatron-LM / DeepSpeed client state holds next to the weights: the training arguments
+# (`argparse.Namespace`) and the numpy RNG state (plain arrays). Nothing that runs code on construction.
+MEGATRON_ARGS_GLOBALS: tuple[Any, ...] = (argparse.Namespace, *_numpy_array_globals())
 
 
 def load_torch(f: str | IO[bytes], what: str, allow: Iterable[Any] = (), mmap: bool = False) -> Any:
