@@ -21,7 +21,6 @@ REPO = Path(__file__).resolve().parent.parent
 
 def build(root: Path, layers: int, hidden: int, archive: bool) -> int:
     import torch
-    import yaml
 
     sys.path.insert(0, str(REPO))
     from tests.convert import megatron_samples as ms

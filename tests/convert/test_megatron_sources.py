@@ -3,7 +3,6 @@ against their HF twins, and the security and bad-input refusals of all Megatron-
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -274,7 +273,6 @@ def deepspeed_dir(tmp_path, tiny_models, kind, tp, pipeline_files):
                     "dp_world_size": 1, "ds_version": "0.14.0", "random_rng_state": rng_state()},
                    step / f"mp_rank_{t:02d}_model_states.pt")
         if pipeline_files:
-            layers = ms.hf_state  # noqa: F841 - layer files hold the local names below
             n_layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers."))
             torch.save({"word_embeddings.weight": sd["embedding.word_embeddings.weight"]},
                        step / f"layer_01-model_{t:02d}-model_states.pt")
