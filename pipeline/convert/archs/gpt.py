@@ -80,7 +80,8 @@ def gpt_config(hf: Mapping[str, Any], dtype: str, mapping: MappingArgs, variant:
         hidden_size=hidden, num_hidden_layers=hf["n_layer"], num_attention_heads=heads, num_key_value_heads=kv_heads,
         head_size=hidden // heads, hidden_act=hf.get("activation_function", "gelu_new"),
         intermediate_size=hf.get("n_inner") or 4 * hidden, norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
-        position_embedding_type="learned_absolute",
+        # GPT-2 itself has learned positions; Megatron-family GPT sources may say "alibi" (no position table).
+        position_embedding_type=hf.get("position_embedding_type", "learned_absolute"),
     )
     cfg.update(gpt_variant=variant, bias=True)
     return cfg
