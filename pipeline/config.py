@@ -17,6 +17,7 @@ from hydra.core.config_store import ConfigStore
 class Source(str, Enum):
     hf = "hf"
     gguf = "gguf"
+    trtllm = "trtllm"  # an existing TensorRT-LLM checkpoint directory (resharded, re-typed or quantized)
 
 
 class Dtype(str, Enum):

@@ -66,7 +66,9 @@ class Bound:
         return self.transform(tensor, cfg) if self.transform else tensor
 
 
-def _alternatives(spec: ArchSpec, canon: Canon) -> list[SourceName]:
+def _alternatives(spec: ArchSpec, canon: Canon, source: SourceModel | None = None) -> list[SourceName]:
+    if getattr(source, "canonical", False):  # the source holds canonical tensors already (a TensorRT-LLM checkpoint)
+        return [SourceName(canon.value)]
     entry = spec.source_names.get(canon) or ()
     default = spec.transforms.get(canon)
     return [a if isinstance(a, SourceName) else SourceName(a, default)
@@ -83,7 +85,7 @@ def bind(spec: ArchSpec, source: SourceModel, cfg: Mapping[str, Any], plans: lis
     """Canonical name -> its source tensor(s) for every canonical tensor the plan needs; fail on anything
     unaccounted, and check every shape (after transforms, per expert for stacked ones) before any data is read."""
     dims = Dims.from_config(cfg)
-    tied = spec.tied_embeddings(source.hf_config)
+    tied = not getattr(source, "canonical", False) and spec.tied_embeddings(source.hf_config)
     needed = {part for p in plans for t in p.tensors for part in t.parts}
     available = source.names()
     binding, missing = {}, []
@@ -94,7 +96,7 @@ def bind(spec: ArchSpec, source: SourceModel, cfg: Mapping[str, Any], plans: lis
             if name not in needed:
                 continue
             source_canon = Canon.VOCAB_EMBED if (canon is Canon.LM_HEAD and tied) else canon
-            alts = [(a, _expand(a, layer, dims.experts)) for a in _alternatives(spec, source_canon)]
+            alts = [(a, _expand(a, layer, dims.experts)) for a in _alternatives(spec, source_canon, source)]
             chosen = next(((a, n) for a, n in alts if n and n[0] in available
                            and all(j.format(layer=layer) in available for j in a.joined)), alts[0] if alts else None)
             absent = ([n for n in (*chosen[1], *(j.format(layer=layer) for j in chosen[0].joined)) if n not in available]
@@ -120,7 +122,8 @@ def bind(spec: ArchSpec, source: SourceModel, cfg: Mapping[str, Any], plans: lis
             binding[name] = bound
     if missing:
         raise PipelineError(f"{len(missing)} tensor(s) missing from the source, first: {missing[0]}")
-    _check_unmapped(spec, source, cfg, {n for b in binding.values() for n in (*b.names, *b.joined)}, tied)
+    if not getattr(source, "canonical", False):  # a checkpoint's quantized parts are read as stored, not bound
+        _check_unmapped(spec, source, cfg, {n for b in binding.values() for n in (*b.names, *b.joined)}, tied)
     return binding
 
 
@@ -155,9 +158,12 @@ def convert(
     if mapping.pp_size > 1 and not spec.supports_pp:
         raise PipelineError(f"{spec.architecture}: TensorRT-LLM's model has no pipeline parallelism for this "
                             f"architecture; use mapping.pp_size=1 (got {mapping.pp_size})")
-    cfg = spec.trtllm_config(source.hf_config, dtype, mapping)
-    if quantization:
-        cfg["quantization"] = quant_config(quantization)
+    if hasattr(source, "retarget"):  # an existing checkpoint: its config, retargeted (refusing what is not exact)
+        cfg = source.retarget(spec, dtype, mapping, quantization)
+    else:
+        cfg = spec.trtllm_config(source.hf_config, dtype, mapping)
+        if quantization:
+            cfg["quantization"] = quant_config(quantization)
     validate(cfg, "checkpoint_config", what="checkpoint config.json")
     plans = plan(cfg, spec.layout)
     binding = bind(spec, source, cfg, plans)
@@ -184,11 +190,15 @@ def _quantizer(spec, source, binding, cfg, quantization, stats_dir) -> TargetQua
     q = cfg["quantization"]
     if not (q.get("quant_algo") or q.get("kv_cache_quant_algo")):
         return None
-    need = needs_statistics(quantization, lambda: hasattr(source, "prequantized"))
+    # A quantized checkpoint source keeps its stored integers and scales: nothing to calibrate.
+    need = "none" if getattr(source, "quantized", False) else needs_statistics(quantization,
+                                                                               lambda: hasattr(source, "prequantized"))
     if need != "none" and stats_dir is None:
         raise PipelineError(f"quantization {q.get('quant_algo')} / kv {q.get('kv_cache_quant_algo')} needs "
                             "calibration statistics (run the calibrate stage)")
     scheme = get_scheme(q["quant_algo"]) if q.get("quant_algo") else None
+    # The written config's values (a kept quantization's group_size) over the recipe's.
+    quantization = {**(quantization or {}), **{k: v for k, v in q.items() if v is not None}}
     settings = Settings(dtype=DTYPES[cfg["dtype"]], group_size=int(quantization.get("group_size", 128)),
                         smoothquant_val=float(quantization.get("smoothquant_val", 0.5)),
                         gptq_damp=float(quantization.get("gptq_damp", 0.01)),
@@ -226,7 +236,9 @@ def _write_stage(stage, source, binding, cfg, ctx, out_dir, written, bar, quanti
         for i, head in enumerate(stage[0].tensors):
             if head.quant is not None:
                 settings = quantizer.settings
-                parts = [t.to(head.quant.torch_dtype(settings)) for t in quantizer.whole(head)]
+                whole = (source.quantized_whole(head, settings) if getattr(source, "quantized", False)
+                         else quantizer.whole(head))
+                parts = [t.to(head.quant.torch_dtype(settings)) for t in whole]
             else:
                 parts = [_read_canonical(binding[c.at(head.layer)], source, cfg, head.dtype) for c in head.canons]
             for p, w in zip(stage, writers):
