@@ -162,6 +162,8 @@ def convert(
         cfg = source.retarget(spec, dtype, mapping, quantization)
     else:
         cfg = spec.trtllm_config(source.hf_config, dtype, mapping)
+        if hasattr(source, "stored_quantization"):  # pre-quantized (ModelOpt): its algorithm and exclusions
+            quantization = source.stored_quantization(quantization, _stored_exclusions(spec, source, cfg, mapping))
         if quantization:
             cfg["quantization"] = quant_config(quantization)
     validate(cfg, "checkpoint_config", what="checkpoint config.json")
@@ -236,8 +238,11 @@ def _write_stage(stage, source, binding, cfg, ctx, out_dir, written, bar, quanti
         for i, head in enumerate(stage[0].tensors):
             if head.quant is not None:
                 settings = quantizer.settings
-                whole = (source.quantized_whole(head, settings) if getattr(source, "quantized", False)
-                         else quantizer.whole(head))
+                if getattr(source, "quantized", False):  # stored integers and scales, taken as they are
+                    whole = source.quantized_whole(head, settings, lambda name: _stored_name(binding, name))
+                    _check_exact_cast(whole, head.quant.torch_dtype(settings), head.name)
+                else:
+                    whole = quantizer.whole(head)
                 parts = [t.to(head.quant.torch_dtype(settings)) for t in whole]
             else:
                 parts = [_read_canonical(binding[c.at(head.layer)], source, cfg, head.dtype) for c in head.canons]
@@ -258,6 +263,61 @@ def _write_stage(stage, source, binding, cfg, ctx, out_dir, written, bar, quanti
             w.abort()
         raise
     return nbytes
+
+
+def _stored_name(binding: dict[str, Bound], canonical: str) -> str:
+    """The source tensor a canonical tensor is read from, for sources that store it quantized."""
+    bound = binding[canonical]
+    if bound.stacked or bound.transform or bound.joined:
+        raise PipelineError(f"{bound.names[0]}: stored quantized, but this architecture transforms it on the way "
+                            "(fused, transposed or stacked source tensor); pre-quantized conversion is not supported")
+    return bound.names[0]
+
+
+def _check_exact_cast(tensors: list[torch.Tensor], dtype: torch.dtype, what: str) -> None:
+    for t in tensors:
+        if t.dtype != dtype and t.dtype.is_floating_point and not torch.equal(t.to(dtype).to(t.dtype), t):
+            raise PipelineError(f"{what}: the stored {t.dtype} values would be rounded in {dtype}; convert with the "
+                                "dtype the quantized checkpoint was exported in")
+
+
+def _stored_exclusions(spec: ArchSpec, source: SourceModel, cfg: Mapping[str, Any], mapping: MappingArgs) -> list[str]:
+    """exclude_modules (TensorRT-LLM names) for the linear layers a pre-quantized source left in float."""
+    from pipeline.quantize.schemes import DEFAULT_EXCLUDES, is_linear
+
+    dims = Dims.from_config(cfg)
+    tied = spec.tied_embeddings(source.hf_config)
+    available = source.names()
+    patterns = list(DEFAULT_EXCLUDES)
+    for target in spec.layout:
+        module = target.name[: -len(".weight")] if target.name.endswith(".weight") else None
+        if module is None or not target.present(cfg) or not is_linear(module):
+            continue
+        layers = list(range(dims.layers)) if "{layer}" in module else [None]
+        flags = {}
+        for layer in layers:
+            stored = []
+            for canon in target.parts:
+                canon = Canon.VOCAB_EMBED if (canon is Canon.LM_HEAD and tied) else canon
+                names = [a.template.format(layer=layer) for a in _alternatives(spec, canon) if "{expert}" not in a.template]
+                name = next((n for n in names if n in available), None)
+                stored.append(name is not None and source.is_quantized_weight(name))
+            if any(stored) and not all(stored):
+                raise PipelineError(f"{module.format(layer=layer)}: the source quantized only some of the layers it "
+                                    "fuses; TensorRT-LLM needs all or none")
+            flags[layer] = all(stored)
+        local = module.replace("transformer.layers.{layer}.", "")
+        if module == "lm_head" and flags[None]:
+            raise PipelineError("the source stores lm_head quantized; only float lm_head converts")
+        if not any(flags.values()):
+            if f"*{local}" not in patterns:
+                patterns.append(f"*{local}")
+        elif not all(flags.values()):
+            if mapping.pp_size > 1:
+                raise PipelineError(f"the source leaves {local} unquantized in some layers only; with pp_size > 1 "
+                                    "TensorRT-LLM's per-stage layer names cannot express that (use pp_size=1)")
+            patterns += [module.format(layer=layer) for layer, q in flags.items() if not q]
+    return patterns
 
 
 def _shard_any(parts: list[torch.Tensor], split, rank: int, ctx, name: str) -> torch.Tensor:

@@ -35,8 +35,8 @@ from pipeline.convert.sources.files import fingerprint_safetensors, fingerprint_
 from pipeline.errors import PipelineError
 
 # config.json keys a TensorRT-LLM checkpoint may carry that our schema does not describe (ModelOpt's producer
-# stamp); they are dropped from the retargeted config.
-_FOREIGN_KEYS = ("producer",)
+# stamp, the writing rank of its legacy export); they are dropped from the retargeted config.
+_FOREIGN_KEYS = ("producer", "rank")
 
 
 def _global_module(module: str, layer: int | None) -> str:
@@ -231,7 +231,7 @@ class TrtllmCheckpointSource(SourceModel):
                 f"dtype={self.config['dtype']}")
         return cfg
 
-    def quantized_whole(self, planned: PlannedTensor, settings) -> list[torch.Tensor]:
+    def quantized_whole(self, planned: PlannedTensor, settings, resolve=None) -> list[torch.Tensor]:
         """A planned scheme tensor of the new mapping, gathered whole from the stored one (per part for ROWS)."""
         from pipeline.quantize.schemes import Kind
 
