@@ -17,6 +17,7 @@ from hydra.core.config_store import ConfigStore
 class Source(str, Enum):
     hf = "hf"
     gguf = "gguf"
+    jax = "jax"  # Gemma 1/2 from an Orbax checkpoint (tensorstore) or a Flax msgpack file
     modelopt = "modelopt"  # ModelOpt's unified HF export (hf_quant_config.json), converted with its own integers
     trtllm = "trtllm"  # an existing TensorRT-LLM checkpoint directory (resharded, re-typed or quantized)
 

@@ -24,7 +24,7 @@ def register_source(name: str):
 
 def open_source(kind: str, path: Path) -> SourceModel:
     # Import the built-in sources so they register themselves.
-    from pipeline.convert.sources import gguf, hf, modelopt, trtllm  # noqa: F401
+    from pipeline.convert.sources import gguf, hf, jax, modelopt, trtllm  # noqa: F401
 
     from pipeline.convert.sources.gptq import with_prequantized
 
