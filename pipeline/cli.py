@@ -1,4 +1,5 @@
-"""`trtllm-pipeline`: run a recipe (Hydra), or `trtllm-pipeline validate <checkpoint_dir>`."""
+"""`trtllm-pipeline`: run a recipe (Hydra), `trtllm-pipeline plan <overrides>` (its preflight plan, no work), or
+`trtllm-pipeline validate <checkpoint_dir>`."""
 
 from __future__ import annotations
 
@@ -48,10 +49,21 @@ def unknown_keys(config: dict, schema: type, prefix: str = "") -> list[str]:
     return found
 
 
+# `trtllm-pipeline plan <overrides>`: the dry run of the recipe.
+_PLAN_ONLY = False
+
+
 def run_recipe(cfg: DictConfig, run_dir: Path | None):
     from pipeline.executor import run_pipeline, summary_lines, write_run_record
+    from pipeline.plan import check_disk, make_plan, plan_lines, write_plan
 
     config = resolved_config(cfg)
+    plan = make_plan(config)
+    if config["dry_run"] or _PLAN_ONLY:
+        path = write_plan(plan, run_dir if run_dir is not None else Path.cwd())
+        print("\n".join([*plan_lines(plan), f"plan written to {path}"]), flush=True)
+        return None
+    check_disk(plan)  # before anything is written
     result = run_pipeline(
         config,
         cache_root=Path(config["cache_dir"]),
@@ -95,8 +107,12 @@ def validate_main(argv: list[str]) -> int:
 
 
 def main() -> None:
+    global _PLAN_ONLY
     if len(sys.argv) > 1 and sys.argv[1] == "validate":
         raise SystemExit(validate_main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "plan":
+        _PLAN_ONLY = True
+        del sys.argv[1]
     hydra_main()
 
 

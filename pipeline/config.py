@@ -238,6 +238,9 @@ class PipelineConfig:
     cache_dir: str = "outputs/cache"
     # Show progress bars.
     progress: bool = True
+    # Print and write plan.json (per rank tensors and bytes, convert peak RSS, cache disk, reused stages) and stop
+    # before any work (`trtllm-pipeline plan <overrides>` is the same).
+    dry_run: bool = False
 
 
 GROUPS = {

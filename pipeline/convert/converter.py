@@ -142,18 +142,11 @@ def _check_unmapped(spec: ArchSpec, source: SourceModel, cfg: Mapping[str, Any],
         )
 
 
-def convert(
-    source: SourceModel,
-    out_dir: Path,
-    dtype: str,
-    mapping: MappingArgs,
-    architecture: str | None = None,
-    progress: bool = True,
-    quantization: Mapping[str, Any] | None = None,
-    stats_dir: Path | None = None,
-) -> ConvertResult:
-    """Write `config.json` and `rank{N}.safetensors` for the whole mapping into `out_dir`. `quantization` is the
-    recipe's quantization group; `stats_dir` the calibration artifact when its algorithms need one."""
+def prepare(source: SourceModel, dtype: str, mapping: MappingArgs, architecture: str | None = None,
+            quantization: Mapping[str, Any] | None = None):
+    """Everything decided before any tensor data is read: the spec, the checkpoint config, every rank's plan and
+    the binding of canonical tensors to source tensors (shapes checked on meta tensors). Used by `convert` and by
+    the preflight plan (`pipeline.plan`)."""
     spec = get_spec(resolve_architecture(source.hf_config, architecture))
     if mapping.pp_size > 1 and not spec.supports_pp:
         raise PipelineError(f"{spec.architecture}: TensorRT-LLM's model has no pipeline parallelism for this "
@@ -169,6 +162,22 @@ def convert(
     validate(cfg, "checkpoint_config", what="checkpoint config.json")
     plans = plan(cfg, spec.layout)
     binding = bind(spec, source, cfg, plans)
+    return spec, cfg, plans, binding, quantization
+
+
+def convert(
+    source: SourceModel,
+    out_dir: Path,
+    dtype: str,
+    mapping: MappingArgs,
+    architecture: str | None = None,
+    progress: bool = True,
+    quantization: Mapping[str, Any] | None = None,
+    stats_dir: Path | None = None,
+) -> ConvertResult:
+    """Write `config.json` and `rank{N}.safetensors` for the whole mapping into `out_dir`. `quantization` is the
+    recipe's quantization group; `stats_dir` the calibration artifact when its algorithms need one."""
+    spec, cfg, plans, binding, quantization = prepare(source, dtype, mapping, architecture, quantization)
     out_dir.mkdir(parents=True, exist_ok=True)
     ctx = ShardContext.from_config(cfg)
     quantizer = _quantizer(spec, source, binding, cfg, quantization, stats_dir)

@@ -37,6 +37,8 @@ from pipeline.errors import PipelineError
 # config.json keys a TensorRT-LLM checkpoint may carry that our schema does not describe (ModelOpt's producer
 # stamp, the writing rank of its legacy export); they are dropped from the retargeted config.
 _FOREIGN_KEYS = ("producer", "rank")
+# Tensors ModelOpt's legacy export adds beside kv_cache_scaling_factor (their max); not read.
+_MODELOPT_EXTRA = (".attention.k_cache_scaling_factor", ".attention.v_cache_scaling_factor")
 
 
 def _global_module(module: str, layer: int | None) -> str:
@@ -105,6 +107,8 @@ class TrtllmCheckpointSource(SourceModel):
                 raise PipelineError(f"{config_path}: producer {self.producer!r} is not one this reader knows "
                                     "(ModelOpt's legacy export says {'name': 'modelopt'})")
         problems = check_against_config(self.dir, self.config)
+        if self.producer is not None:  # ModelOpt's legacy export also writes K and V scales for TensorRT-LLM < 0.17
+            problems = [p for p in problems if not p.endswith(_MODELOPT_EXTRA)]
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             raise PipelineError(f"TensorRT-LLM checkpoint {self.dir} is inconsistent: {problems[0]}{more}")
