@@ -2,8 +2,8 @@
 would write and need, computed before any work from the source's headers and the checkpoint plan alone.
 
 - per rank file: tensor count, bytes, the largest tensor;
-- the expected peak RSS of convert: a model of the streaming writer, `CONVERT_RSS_BASE_MIB + CONVERT_RSS_PER_TARGET x
-  the largest whole target (in float32 MiB)`: the writer holds one target, its cast and its rank pieces at a time.
+- the expected peak RSS of convert: a model of the streaming writer, `base + factor x the largest whole target (in
+  float32 MiB)` (`CONVERT_RSS_MODEL`): the writer holds one target, its cast and its rank pieces at a time.
   The constants were fitted with `/usr/bin/time` on this project's machines (CPython 3.11, torch 2.13 CPU) on three
   model sizes; `benchmarks/plan_accuracy.py` re-measures them (see docs/ARCHITECTURE.md, Memory);
 - the disk the cache needs: the checkpoint's bytes, an engine of about the same size, small files for the others,
@@ -26,9 +26,9 @@ from typing import Any
 from pipeline.errors import PipelineError
 
 MIB = 1 << 20
-# Peak RSS of convert = base (interpreter, torch, transformers, this package) + per-target factor x largest target.
-CONVERT_RSS_BASE_MIB = 295.0
-CONVERT_RSS_PER_TARGET = 2.5
+# Peak RSS of convert = base (interpreter, torch, transformers, this package) + per-target factor x largest target,
+# per source kind (a TensorRT-LLM checkpoint source also holds the gathered rank pieces while it reassembles).
+CONVERT_RSS_MODEL = {"default": (295.0, 2.5), "trtllm": (309.0, 3.4)}
 # Stages whose artifact is small next to the checkpoint (statistics, reports): a fixed allowance each.
 SMALL_ARTIFACT_BYTES = {"calibrate": 64 * MIB, "evaluate": 16 * MIB}
 
@@ -60,10 +60,11 @@ def convert_plan(config: dict[str, Any]) -> dict[str, Any]:
             whole = sum(math.prod(canonical_shape(c, dims)) for c in t.canons) * 4
             largest_target = max(largest_target, whole)
     total = sum(r["bytes"] for r in ranks)
+    base, per_target = CONVERT_RSS_MODEL.get(model["source"], CONVERT_RSS_MODEL["default"])
     return {"architecture": cfg["architecture"], "dtype": cfg["dtype"], "mapping": cfg["mapping"],
             "quantization": cfg["quantization"], "ranks": ranks, "checkpoint_bytes": total,
             "largest_target_float32_bytes": largest_target,
-            "convert_peak_rss_mib": round(CONVERT_RSS_BASE_MIB + CONVERT_RSS_PER_TARGET * largest_target / MIB, 1)}
+            "convert_peak_rss_mib": round(base + per_target * largest_target / MIB, 1)}
 
 
 def _itemsize(dtype) -> int:
