@@ -11,6 +11,8 @@ constructor argument of the model, never a global.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -75,11 +77,27 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
+@functools.cache
+def onednn_supports(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's packed GEMM runs `dtype` on this CPU. Its bfloat16 path needs AVX-512 (BW/VL/DQ) or
+    AVX-NE-CONVERT, which AVX2-only machines lack; asking oneDNN itself once is the only reliable test."""
+    if not onednn_available() or dtype not in (torch.float32, torch.bfloat16):
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=dtype), OneDnnKernel.BATCH_HINT)
+    except RuntimeError:
+        return False
+    return True
+
+
 def choose_kernel(name: str, dtype: torch.dtype) -> TorchKernel:
     if name == "auto":
-        name = "onednn" if onednn_available() and dtype in (torch.float32, torch.bfloat16) else "torch"
+        name = "onednn" if onednn_supports(dtype) else "torch"
     if name not in KERNELS:
         raise ValueError(f"unknown linear kernel {name!r}; known: {sorted(KERNELS)}")
     if name == "blas" and dtype != torch.float32:
         raise ValueError("the blas kernel needs a float32 engine")
+    if name == "onednn" and not onednn_supports(dtype):
+        raise ValueError(f"the onednn kernel cannot run {str(dtype).removeprefix('torch.')} on this CPU "
+                         "(oneDNN's bfloat16 GEMM needs AVX-512 or AVX-NE-CONVERT); use kernel=torch or auto")
     return KERNELS[name]()
