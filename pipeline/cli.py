@@ -1,6 +1,6 @@
-"""`trtllm-pipeline`: run a recipe (Hydra), `trtllm-pipeline validate <checkpoint_dir>`, or
-`trtllm-pipeline report <multirun dir or run dirs>`, or `trtllm-pipeline cache ls|verify|gc|rm` (see
-pipeline/cache_cli.py)."""
+"""`trtllm-pipeline`: run a recipe (Hydra), `trtllm-pipeline plan <overrides>` (its preflight plan, no work),
+`trtllm-pipeline validate <checkpoint_dir>`, `trtllm-pipeline report <multirun dir or run dirs>`, or
+`trtllm-pipeline cache ls|verify|gc|rm` (see pipeline/cache_cli.py)."""
 
 from __future__ import annotations
 
@@ -108,11 +108,22 @@ def claim_cores(config: dict, workers: int) -> None:
     torch.set_num_threads(max(1, cores // workers))
 
 
+# `trtllm-pipeline plan <overrides>`: the dry run of the recipe.
+_PLAN_ONLY = False
+
+
 def run_recipe(cfg: DictConfig, run_dir: Path | None):
     from pipeline.executor import run_pipeline, summary_lines, write_run_record
+    from pipeline.plan import check_disk, make_plan, plan_lines, write_plan
 
     config = resolved_config(cfg)
+    plan = make_plan(config)
+    if config["dry_run"] or _PLAN_ONLY:
+        path = write_plan(plan, run_dir if run_dir is not None else Path.cwd())
+        print("\n".join([*plan_lines(plan), f"plan written to {path}"]), flush=True)
+        return None
     claim_cores(config, parallel_workers())
+    check_disk(plan)  # before anything is written
     result = run_pipeline(
         config,
         cache_root=Path(config["cache_dir"]),
@@ -190,8 +201,12 @@ def recipe_error(e: Exception) -> str:
 
 
 def main() -> None:
+    global _PLAN_ONLY
     if len(sys.argv) > 1 and sys.argv[1] == "validate":
         raise SystemExit(validate_main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "plan":
+        _PLAN_ONLY = True
+        del sys.argv[1]
     if len(sys.argv) > 1 and sys.argv[1] == "report":
         from pipeline.report import report_main
 

@@ -20,6 +20,9 @@ class Source(str, Enum):
     nemo = "nemo"
     megatron = "megatron"
     deepspeed = "deepspeed"
+    jax = "jax"  # Gemma 1/2 from an Orbax checkpoint (tensorstore) or a Flax msgpack file
+    modelopt = "modelopt"  # ModelOpt's unified HF export (hf_quant_config.json), converted with its own integers
+    trtllm = "trtllm"  # an existing TensorRT-LLM checkpoint directory (resharded, re-typed or quantized)
 
 
 class Dtype(str, Enum):
@@ -273,6 +276,9 @@ class PipelineConfig:
     progress: bool = True
     # Seconds to wait for another run computing the same artifact (its lock names it) before failing.
     lock_timeout: float = 21600.0
+    # Print and write plan.json (per rank tensors and bytes, convert peak RSS, cache disk, reused stages) and stop
+    # before any work (`trtllm-pipeline plan <overrides>` is the same).
+    dry_run: bool = False
 
 
 GROUPS = {

@@ -16,8 +16,6 @@ from pipeline.schemas import schema_errors
 
 def validate_checkpoint(directory: Path) -> list[str]:
     """All problems found, as lines; an empty list means the checkpoint is consistent."""
-    from pipeline.convert.registry import get_spec
-
     directory = Path(directory)
     config_path = directory / "config.json"
     if not config_path.is_file():
@@ -26,6 +24,16 @@ def validate_checkpoint(directory: Path) -> list[str]:
         cfg = json.loads(config_path.read_text())
     except json.JSONDecodeError as e:
         return [f"{config_path}: not valid JSON ({e})"]
+    return check_against_config(directory, cfg)
+
+
+def check_against_config(directory: Path, cfg: dict) -> list[str]:
+    """The problems of a checkpoint directory's rank files (and of `cfg`, its config) as lines."""
+    from pipeline.convert.registry import get_spec
+
+    config_path = directory / "config.json"
+    if not isinstance(cfg.get("mapping"), dict) or not isinstance(cfg.get("architecture"), str):
+        return [f"{config_path}: 'architecture' and 'mapping' are required"]
     problems = [f"{config_path}: {e}" for e in schema_errors(cfg, "checkpoint_config")]
     if problems:
         return problems

@@ -68,7 +68,9 @@ class Bound:
         return self.transform(tensor, cfg) if self.transform else tensor
 
 
-def _alternatives(spec: ArchSpec, canon: Canon) -> list[SourceName]:
+def _alternatives(spec: ArchSpec, canon: Canon, source: SourceModel | None = None) -> list[SourceName]:
+    if getattr(source, "canonical", False):  # the source holds canonical tensors already (a TensorRT-LLM checkpoint)
+        return [SourceName(canon.value)]
     entry = spec.source_names.get(canon) or ()
     default = spec.transforms.get(canon)
     return [a if isinstance(a, SourceName) else SourceName(a, default)
@@ -85,7 +87,7 @@ def bind(spec: ArchSpec, source: SourceModel, cfg: Mapping[str, Any], plans: lis
     """Canonical name -> its source tensor(s) for every canonical tensor the plan needs; fail on anything
     unaccounted, and check every shape (after transforms, per expert for stacked ones) before any data is read."""
     dims = Dims.from_config(cfg)
-    tied = spec.tied_embeddings(source.hf_config)
+    tied = not getattr(source, "canonical", False) and spec.tied_embeddings(source.hf_config)
     needed = {part for p in plans for t in p.tensors for part in t.parts}
     available = source.names()
     binding, missing = {}, []
@@ -96,7 +98,7 @@ def bind(spec: ArchSpec, source: SourceModel, cfg: Mapping[str, Any], plans: lis
             if name not in needed:
                 continue
             source_canon = Canon.VOCAB_EMBED if (canon is Canon.LM_HEAD and tied) else canon
-            alts = [(a, _expand(a, layer, dims.experts)) for a in _alternatives(spec, source_canon)]
+            alts = [(a, _expand(a, layer, dims.experts)) for a in _alternatives(spec, source_canon, source)]
             chosen = next(((a, n) for a, n in alts if n and n[0] in available
                            and all(j.format(layer=layer) in available for j in a.joined)), alts[0] if alts else None)
             absent = ([n for n in (*chosen[1], *(j.format(layer=layer) for j in chosen[0].joined)) if n not in available]
@@ -126,7 +128,8 @@ def bind(spec: ArchSpec, source: SourceModel, cfg: Mapping[str, Any], plans: lis
             binding[name] = bound
     if missing:
         raise PipelineError(f"{len(missing)} tensor(s) missing from the source, first: {missing[0]}")
-    _check_unmapped(spec, source, cfg, {n for b in binding.values() for n in (*b.names, *b.joined)}, tied)
+    if not getattr(source, "canonical", False):  # a checkpoint's quantized parts are read as stored, not bound
+        _check_unmapped(spec, source, cfg, {n for b in binding.values() for n in (*b.names, *b.joined)}, tied)
     return binding
 
 
@@ -153,6 +156,8 @@ class Prepared:
     config: dict[str, Any]
     plans: list[RankPlan]
     binding: dict[str, Bound]
+    # The quantization the checkpoint gets (a pre-quantized source's own algorithm and exclusions when it has one).
+    quantization: Mapping[str, Any] | None = None
 
     @property
     def bytes(self) -> int:
@@ -169,10 +174,15 @@ def prepare(source: SourceModel, dtype: str, mapping: MappingArgs, architecture:
     if mapping.pp_size > 1 and not spec.supports_pp:
         raise PipelineError(f"{spec.architecture}: TensorRT-LLM's model has no pipeline parallelism for this "
                             f"architecture; use mapping.pp_size=1 (got {mapping.pp_size})")
-    cfg = _trtllm_config(spec, source, dtype, mapping)
-    if quantization:
-        check_kv_cache_algo(quantization.get("kv_cache_quant_algo"))
-        cfg["quantization"] = quant_config(quantization)
+    if hasattr(source, "retarget"):  # an existing checkpoint: its config, retargeted (refusing what is not exact)
+        cfg = source.retarget(spec, dtype, mapping, quantization)
+    else:
+        cfg = _trtllm_config(spec, source, dtype, mapping)
+        if hasattr(source, "stored_quantization"):  # pre-quantized (ModelOpt): its algorithm and exclusions
+            quantization = source.stored_quantization(quantization, _stored_exclusions(spec, source, cfg, mapping))
+        if quantization:
+            check_kv_cache_algo(quantization.get("kv_cache_quant_algo"))
+            cfg["quantization"] = quant_config(quantization)
     where = getattr(source, "config_path", None) or "the source config"
     try:
         validate(cfg, "checkpoint_config", what="checkpoint config.json")
@@ -184,7 +194,7 @@ def prepare(source: SourceModel, dtype: str, mapping: MappingArgs, architecture:
                             f"{kv_heads} (each KV head serves a whole group of query heads)")
     plans = plan(cfg, spec.layout)
     binding = bind(spec, source, cfg, plans)
-    return Prepared(spec, cfg, plans, binding)
+    return Prepared(spec, cfg, plans, binding, quantization)
 
 
 def _trtllm_config(spec: ArchSpec, source: SourceModel, dtype: str, mapping: MappingArgs) -> dict[str, Any]:
@@ -224,6 +234,7 @@ def convert(
     refuses tensors holding NaN or Inf."""
     prepared = prepare(source, dtype, mapping, architecture, quantization)
     spec, cfg, plans, binding = prepared.spec, prepared.config, prepared.plans, prepared.binding
+    quantization = prepared.quantization
     if check_finite:
         source = _FiniteChecked(source)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -270,11 +281,15 @@ def _quantizer(spec, source, binding, cfg, quantization, stats_dir) -> TargetQua
     q = cfg["quantization"]
     if not (q.get("quant_algo") or q.get("kv_cache_quant_algo")):
         return None
-    need = needs_statistics(quantization, lambda: hasattr(source, "prequantized"))
+    # A quantized checkpoint source keeps its stored integers and scales: nothing to calibrate.
+    need = "none" if getattr(source, "quantized", False) else needs_statistics(quantization,
+                                                                               lambda: hasattr(source, "prequantized"))
     if need != "none" and stats_dir is None:
         raise PipelineError(f"quantization {q.get('quant_algo')} / kv {q.get('kv_cache_quant_algo')} needs "
                             "calibration statistics (run the calibrate stage)")
     scheme = get_scheme(q["quant_algo"]) if q.get("quant_algo") else None
+    # The written config's values (a kept quantization's group_size) over the recipe's.
+    quantization = {**(quantization or {}), **{k: v for k, v in q.items() if v is not None}}
     settings = Settings(dtype=DTYPES[cfg["dtype"]], group_size=int(quantization.get("group_size", 128)),
                         smoothquant_val=float(quantization.get("smoothquant_val", 0.5)),
                         gptq_damp=float(quantization.get("gptq_damp", 0.01)),
@@ -312,7 +327,12 @@ def _write_stage(stage, source, binding, cfg, ctx, out_dir, written, bar, quanti
         for i, head in enumerate(stage[0].tensors):
             if head.quant is not None:
                 settings = quantizer.settings
-                parts = [t.to(head.quant.torch_dtype(settings)) for t in quantizer.whole(head)]
+                if getattr(source, "quantized", False):  # stored integers and scales, taken as they are
+                    whole = source.quantized_whole(head, settings, lambda name: _stored_name(binding, name))
+                    _check_exact_cast(whole, head.quant.torch_dtype(settings), head.name)
+                else:
+                    whole = quantizer.whole(head)
+                parts = [t.to(head.quant.torch_dtype(settings)) for t in whole]
             else:
                 parts = [_read_canonical(binding[c.at(head.layer)], source, cfg, head.dtype) for c in head.canons]
             for p, w in zip(stage, writers):
@@ -333,6 +353,61 @@ def _write_stage(stage, source, binding, cfg, ctx, out_dir, written, bar, quanti
             w.abort()
         raise
     return nbytes
+
+
+def _stored_name(binding: dict[str, Bound], canonical: str) -> str:
+    """The source tensor a canonical tensor is read from, for sources that store it quantized."""
+    bound = binding[canonical]
+    if bound.stacked or bound.transform or bound.joined:
+        raise PipelineError(f"{bound.names[0]}: stored quantized, but this architecture transforms it on the way "
+                            "(fused, transposed or stacked source tensor); pre-quantized conversion is not supported")
+    return bound.names[0]
+
+
+def _check_exact_cast(tensors: list[torch.Tensor], dtype: torch.dtype, what: str) -> None:
+    for t in tensors:
+        if t.dtype != dtype and t.dtype.is_floating_point and not torch.equal(t.to(dtype).to(t.dtype), t):
+            raise PipelineError(f"{what}: the stored {t.dtype} values would be rounded in {dtype}; convert with the "
+                                "dtype the quantized checkpoint was exported in")
+
+
+def _stored_exclusions(spec: ArchSpec, source: SourceModel, cfg: Mapping[str, Any], mapping: MappingArgs) -> list[str]:
+    """exclude_modules (TensorRT-LLM names) for the linear layers a pre-quantized source left in float."""
+    from pipeline.quantize.schemes import DEFAULT_EXCLUDES, is_linear
+
+    dims = Dims.from_config(cfg)
+    tied = spec.tied_embeddings(source.hf_config)
+    available = source.names()
+    patterns = list(DEFAULT_EXCLUDES)
+    for target in spec.layout:
+        module = target.name[: -len(".weight")] if target.name.endswith(".weight") else None
+        if module is None or not target.present(cfg) or not is_linear(module):
+            continue
+        layers = list(range(dims.layers)) if "{layer}" in module else [None]
+        flags = {}
+        for layer in layers:
+            stored = []
+            for canon in target.parts:
+                canon = Canon.VOCAB_EMBED if (canon is Canon.LM_HEAD and tied) else canon
+                names = [a.template.format(layer=layer) for a in _alternatives(spec, canon) if "{expert}" not in a.template]
+                name = next((n for n in names if n in available), None)
+                stored.append(name is not None and source.is_quantized_weight(name))
+            if any(stored) and not all(stored):
+                raise PipelineError(f"{module.format(layer=layer)}: the source quantized only some of the layers it "
+                                    "fuses; TensorRT-LLM needs all or none")
+            flags[layer] = all(stored)
+        local = module.replace("transformer.layers.{layer}.", "")
+        if module == "lm_head" and flags[None]:
+            raise PipelineError("the source stores lm_head quantized; only float lm_head converts")
+        if not any(flags.values()):
+            if f"*{local}" not in patterns:
+                patterns.append(f"*{local}")
+        elif not all(flags.values()):
+            if mapping.pp_size > 1:
+                raise PipelineError(f"the source leaves {local} unquantized in some layers only; with pp_size > 1 "
+                                    "TensorRT-LLM's per-stage layer names cannot express that (use pp_size=1)")
+            patterns += [module.format(layer=layer) for layer, q in flags.items() if not q]
+    return patterns
 
 
 def _shard_any(parts: list[torch.Tensor], split, rank: int, ctx, name: str) -> torch.Tensor:

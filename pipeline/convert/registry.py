@@ -131,6 +131,11 @@ class ArchSpec:
     def trtllm_config(self, hf: Mapping[str, Any], dtype: str, mapping: MappingArgs) -> dict[str, Any]:
         raise NotImplementedError
 
+    def forced_mapping_fields(self, cfg: Mapping[str, Any], mapping: MappingArgs) -> dict[str, Any]:
+        """Config fields this family sets from the mapping whatever the recipe asked (for retargeting an existing
+        checkpoint to a new mapping: the same fields `trtllm_config` would force)."""
+        return {}
+
     def tied_embeddings(self, hf: Mapping[str, Any]) -> bool:
         """Whether the LM head is the input embedding (then it is read from VOCAB_EMBED)."""
         return bool(hf.get("tie_word_embeddings", False))

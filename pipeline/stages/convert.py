@@ -57,13 +57,19 @@ def convert_view(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def needs_calibration(config: dict[str, Any]) -> bool:
-    return needs_statistics(config.get("quantization"), lambda: source_is_prequantized(config["model"])) != "none"
+    need = needs_statistics(config.get("quantization"), lambda: source_is_prequantized(config["model"]))
+    # A quantized TensorRT-LLM checkpoint keeps its stored scales (a different algorithm is refused by convert).
+    return need != "none" and not _source_has(config["model"], "quantized")
 
 
 def source_is_prequantized(model: dict[str, Any]) -> bool:
+    return _source_has(model, "prequantized")
+
+
+def _source_has(model: dict[str, Any], attribute: str) -> bool:
     source = open_source(model["source"], resolve_model_path(model["path"], model["package"]))
     try:
-        return hasattr(source, "prequantized")
+        return bool(getattr(source, attribute, False))
     finally:
         source.close()
 

@@ -52,11 +52,15 @@ class GemmaSpec(ArchSpec):
         cfg.update(rope_fields(hf, 10000.0))
         return cfg
 
-    def _base_config(self, hf: Mapping[str, Any], dtype: str, mapping: MappingArgs) -> dict[str, Any]:
+    def forced_mapping_fields(self, cfg: Mapping[str, Any], mapping: MappingArgs) -> dict[str, Any]:
         tp = mapping.tp_size
-        if hf["vocab_size"] % tp:
+        if cfg["vocab_size"] % tp:
             raise PipelineError(f"{self.architecture}: TensorRT-LLM splits Gemma's vocabulary without padding; "
-                                f"vocab_size={hf['vocab_size']} is not divisible by tp_size={tp}")
+                                f"vocab_size={cfg['vocab_size']} is not divisible by tp_size={tp}")
+        return {"use_parallel_embedding": tp > 1, "embedding_sharding_dim": 0}
+
+    def _base_config(self, hf: Mapping[str, Any], dtype: str, mapping: MappingArgs) -> dict[str, Any]:
+        forced = self.forced_mapping_fields(hf, mapping)
         heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
         cfg = checkpoint_config(
             self.architecture, dtype, mapping, vocab_size=hf["vocab_size"],
@@ -68,8 +72,8 @@ class GemmaSpec(ArchSpec):
             position_embedding_type="rope_gpt_neox",
         )
         # Forced as TensorRT-LLM's Gemma forces it, whatever the recipe asked.
-        cfg.update(attn_bias=False, mlp_bias=False, inter_layernorms=self.inter_layernorms,
-                   use_parallel_embedding=tp > 1, embedding_sharding_dim=0, tie_word_embeddings=True)
+        cfg.update(attn_bias=False, mlp_bias=False, inter_layernorms=self.inter_layernorms, tie_word_embeddings=True,
+                   **forced)
         return cfg
 
 

@@ -52,7 +52,7 @@ def _signature(path: Path) -> tuple:
 
 def open_source(kind: str, path: Path) -> SourceModel:
     # Import the built-in sources so they register themselves.
-    from pipeline.convert.sources import gguf, hf  # noqa: F401
+    from pipeline.convert.sources import gguf, hf, jax, modelopt, trtllm  # noqa: F401
     from pipeline.convert.sources import deepspeed, megatron, nemo  # noqa: F401
 
     from pipeline.convert.sources.gptq import with_prequantized

@@ -137,6 +137,9 @@ def with_prequantized(source: SourceModel) -> SourceModel:
     method = str(qcfg.get("quant_method", "")).lower()
     if not method:
         return source
+    if method == "modelopt":
+        raise PipelineError("the source is a ModelOpt export (quant_method: modelopt): read it with "
+                            "model.source=modelopt, which keeps its integers and scales")
     if method != "gptq":
         raise PipelineError(f"the source is quantized with quant_method={method!r}; only GPTQ checkpoints convert "
                             "as they are (others: convert the float model with a quantization recipe)")
