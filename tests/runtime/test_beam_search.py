@@ -177,3 +177,23 @@ def test_default_model_four_beams_equal_transformers(smollm2_gguf, tmp_path):
             assert tokens == w_tokens, (i, j)
             score = out["cum_log_probs"][i, j].item() / (len(tokens) + w_ended)
             assert score == pytest.approx(w_score, abs=1e-3), (i, j)
+
+
+def test_beams_on_a_ring_cache_equal_transformers(tiny_models, tmp_path):
+    """Sliding-window layers keep a ring of window + max_input_len slots; generating past it wraps the ring, and
+    the beams' reordered caches must still hold each beam's own recent keys (gemma2: window 4, ring 4 + 12)."""
+    from transformers import AutoModelForCausalLM
+
+    engine = build_engine(tiny_models["gemma2_softcap"], tmp_path, max_beam_width=BEAMS, max_input_len=12)
+    prompts, new = PROMPTS[:2], 24  # 12 + 24 positions: the ring of 16 slots wraps twice
+    out = ModelRunner.from_dir(engine).generate([torch.tensor(p) for p in prompts], max_new_tokens=new, end_id=95,
+                                                 pad_id=0, num_beams=BEAMS, return_dict=True,
+                                                 output_cum_log_probs=True)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_models["gemma2_softcap"], dtype=torch.float32).eval()
+    for i, p in enumerate(prompts):
+        want = hf_beams(ref, p, 95, 1.0, 1, n=new)
+        for j, (w_tokens, _, w_score) in enumerate(want):
+            length = out["sequence_lengths"][i, j].item()
+            assert out["output_ids"][i, j, len(p): length].tolist() == w_tokens, (i, j)
+            got = out["cum_log_probs"][i, j].item() / (len(w_tokens) + (len(w_tokens) < new))
+            assert got == pytest.approx(w_score, abs=1e-4), (i, j)
