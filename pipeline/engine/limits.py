@@ -38,11 +38,18 @@ def model_max_seq_len(ckpt: Mapping[str, Any]) -> tuple[int, str]:
     return allowed, source
 
 
+def sequence_limits(build: Mapping[str, Any], ckpt: Mapping[str, Any]) -> tuple[int, int]:
+    """(max_input_len, max_seq_len): those the build config sets, the others derived from the model (unchecked).
+    The engine and the transformers reference truncate prompts with these same two numbers."""
+    allowed, _ = model_max_seq_len(ckpt)
+    max_seq_len = build.get("max_seq_len") or allowed
+    return int(build.get("max_input_len") or min(TRTLLM_BUILD_MAX_INPUT_LEN, max_seq_len)), int(max_seq_len)
+
+
 def resolve_limits(build: Mapping[str, Any], ckpt: Mapping[str, Any]) -> dict[str, Any]:
     """The engine's build_config: the limits set, the others derived from the model, then checked."""
     allowed, source = model_max_seq_len(ckpt)
-    max_seq_len = build.get("max_seq_len") or allowed
-    max_input_len = build.get("max_input_len") or min(TRTLLM_BUILD_MAX_INPUT_LEN, max_seq_len)
+    max_input_len, max_seq_len = sequence_limits(build, ckpt)
     limits = {
         "max_batch_size": int(build["max_batch_size"]),
         "max_input_len": int(max_input_len),

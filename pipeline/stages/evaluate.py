@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.evaluate.data import dataset_fingerprint
+from pipeline.evaluate.data import dataset_fingerprint, load_samples, load_text
 from pipeline.evaluate.engine_eval import run_engine_eval
 from pipeline.evaluate.ppl import perplexity
 from pipeline.evaluate.request import build_request, evaluate_fingerprint

@@ -66,9 +66,8 @@ def reference_stage(ctx: StageContext) -> dict[str, Any]:
         tokenizer = source.tokenizer()
         if tokenizer is None:
             raise PipelineError(f"the reference needs a tokenizer and the model at {model_cfg['path']} carries none")
-        max_seq_len = cfg["build"]["max_seq_len"] or source.hf_config.get("max_position_embeddings") or 2048
-        samples, request = build_request(ev, tokenizer, cfg["build"]["max_input_len"], max_seq_len,
-                                         count=ev["n_samples"])
+        max_input_len, max_seq_len = _sequence_limits(source, cfg)
+        samples, request = build_request(ev, tokenizer, max_input_len, max_seq_len, count=ev["n_samples"])
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # transformers' GGUF loading bars are not this run's progress
@@ -101,6 +100,17 @@ def reference_stage(ctx: StageContext) -> dict[str, Any]:
     if "ppl" in record:
         metrics["ppl"] = record["ppl"]
     return metrics
+
+
+def _sequence_limits(source, cfg: dict[str, Any]) -> tuple[int, int]:
+    """The prompt limits every engine built from this model with these build settings truncates to: limits left
+    unset are derived from the checkpoint config the converter would write (shapes only, no tensor data read)."""
+    from pipeline.convert.converter import prepare
+    from pipeline.convert.registry import MappingArgs
+    from pipeline.engine.limits import sequence_limits
+
+    ckpt = prepare(source, cfg["dtype"], MappingArgs(1, 1), cfg["model"]["architecture"]).config
+    return sequence_limits(cfg["build"], ckpt)
 
 
 def load_reference(artifact) -> dict[str, Any]:
