@@ -41,6 +41,7 @@ def invoke(args: list[str], temp_dir: Path | None = None) -> Invocation:
     if temp_dir is not None:
         tempfile.tempdir = str(temp_dir)
     code = 0
+    _detach_absl_handler()
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
@@ -58,3 +59,13 @@ def invoke(args: list[str], temp_dir: Path | None = None) -> Invocation:
                 root.addHandler(h)
         root.setLevel(saved_level)
     return Invocation(code, out.getvalue(), err.getvalue())
+
+
+def _detach_absl_handler() -> None:
+    """absl (imported by rouge_score) binds its handler to the sys.stderr of the moment it is imported: under pytest
+    that can be the capture stream of collection. Hydra's logging.config.dictConfig closes every existing handler,
+    and absl's would close that stream, breaking pytest's capture for the rest of the session; point it at the real
+    stderr, which absl never closes."""
+    absl_logging = sys.modules.get("absl.logging")
+    if absl_logging is not None:
+        absl_logging.get_absl_handler().python_handler.stream = sys.__stderr__
