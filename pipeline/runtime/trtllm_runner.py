@@ -55,13 +55,15 @@ class TrtllmRunner:
     def generate(self, batch_input_ids: Sequence[torch.Tensor], max_new_tokens: int, end_id: int, pad_id: int,
                  temperature: float = 1.0, top_k: int = 1, top_p: float = 0.0, num_beams: int = 1,
                  stop_words_list: Any = None, return_dict: bool = False, output_generation_logits: bool = False,
-                 random_seed: int | None = None, streaming: bool = False):
+                 random_seed: int | None = None, streaming: bool = False, length_penalty: float = 1.0,
+                 early_stopping: int = 1):
         if stop_words_list:
             raise PipelineError("generate: stop_words_list is not passed to TensorRT-LLM's runner by this adapter "
                                 "(its word-list encoding differs); stop on end_id instead")
         ids = [torch.as_tensor(x, dtype=torch.int32).reshape(-1) for x in batch_input_ids]
         kwargs = dict(max_new_tokens=max_new_tokens, end_id=end_id, pad_id=pad_id, temperature=temperature,
-                      top_k=top_k, top_p=top_p, num_beams=num_beams, return_dict=True,
+                      top_k=top_k, top_p=top_p, num_beams=num_beams, length_penalty=length_penalty,
+                      early_stopping=early_stopping, return_dict=True,
                       output_generation_logits=output_generation_logits, streaming=streaming)
         if random_seed is not None:
             kwargs["random_seed"] = random_seed
