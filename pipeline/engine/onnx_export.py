@@ -105,6 +105,7 @@ def load_cpu_engine_rank(path: Path) -> tuple[EngineModel, dict[str, Any]]:
     missing = model.load_weights(iter_tensors(path))
     if missing:
         raise PipelineError(f"{path} lacks tensors the runtime model needs, e.g. {missing[:3]}")
+    model.set_moe_formulation(sparse=False)  # every expert on every token: no data-dependent shapes to trace
     return model.eval(), meta
 
 
