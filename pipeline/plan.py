@@ -16,7 +16,6 @@ naming both numbers. The executor and the CLI call into this module; it runs no 
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import shutil
@@ -75,21 +74,10 @@ def _itemsize(dtype) -> int:
 
 
 def stage_keys(config: dict[str, Any]) -> list[tuple[str, str]]:
-    """(stage, cache key) of every stage the run needs, computed as the executor computes them."""
-    from pipeline.cache import cache_key
-    from pipeline.executor import _drop_keys, stages_to_run
+    """(stage, cache key) of every stage the run needs: the executor's own plan, so the keys cannot drift."""
+    from pipeline.executor import plan_pipeline
 
-    keys: dict[str, str] = {}
-    out = []
-    for spec in stages_to_run(list(config["stages"]), config):
-        stage_config = {k: copy.deepcopy(config[k]) for k in spec.reads}
-        if spec.view is not None:
-            stage_config = spec.view(stage_config)
-        external = spec.fingerprint(stage_config) if spec.fingerprint else None
-        inputs = {n: keys[n] for n in spec.upstream(config)}
-        keys[spec.name] = cache_key(spec.name, spec.version, _drop_keys(stage_config, spec.unkeyed), inputs, external)
-        out.append((spec.name, keys[spec.name]))
-    return out
+    return [(p.spec.name, p.key) for p in plan_pipeline(config, list(config["stages"]))]
 
 
 def make_plan(config: dict[str, Any]) -> dict[str, Any]:
