@@ -15,7 +15,7 @@ from tests.runtime.engines import build_engine
 PROMPTS = [[5, 17, 3, 9, 22, 41, 7], [11, 2], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 12]]
 BEAMS, NEW = 4, 8
 # End ids that end some beams of these prompts early on the tiny models (asserted below, so the end-token paths run).
-END_IDS = {"llama_gqa_untied": 4, "mixtral_4e_top2": 56}
+END_IDS = {"llama_gqa_untied": 4, "mixtral_4e_top2": 14}
 
 
 @pytest.fixture(scope="module")
