@@ -32,12 +32,7 @@ class DeepSpeedSource(MegatronFamilySource):
 
     def __init__(self, path: Path):
         self.root = resolve_iteration(path, "latest", "{}", "DeepSpeed")
-        self.container = Container(self.root)
-        try:
-            self._open()
-        except BaseException:
-            self.container.close()
-            raise
+        self._open_container(Container(self.root))
 
     def _open(self) -> None:
         c = self.container

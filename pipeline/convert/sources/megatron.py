@@ -13,13 +13,13 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
-import torch
 
 from pipeline.convert.sources import register_source
 from pipeline.convert.sources.base import SourceModel
 from pipeline.convert.sources.container import Container
 from pipeline.convert.sources.dist_checkpoint import open_dist_checkpoint
 from pipeline.convert.sources.megatron_weights import (
+    ContainerViewSource,
     HFView, MegatronArgs, MegatronWeights, Shard, ShardGrid, args_from_mapping, check_grid)
 from pipeline.convert.sources.safe_load import MEGATRON_ARGS_GLOBALS, load_torch
 from pipeline.errors import PipelineError
@@ -77,7 +77,7 @@ def tokenizer_vocab_size(args_ns: Any, root: Path) -> tuple[int | None, dict[str
     return None, {}
 
 
-class MegatronFamilySource(SourceModel):
+class MegatronFamilySource(ContainerViewSource, SourceModel):
     """Shared tail of the Megatron-LM and DeepSpeed sources: an HF view over merged shards."""
 
     format_name = "megatron"
@@ -86,18 +86,6 @@ class MegatronFamilySource(SourceModel):
         args.vocab_size, self._tok_files = tokenizer_vocab_size(args_ns, self.root)
         self.view = HFView(MegatronWeights(grid, args), args)
         self.hf_config = self.view.hf_config
-
-    def names(self) -> set[str]:
-        return self.view.names()
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.view.shape(name)
-
-    def read(self, name: str) -> torch.Tensor:
-        return self.view.read(name)
-
-    def where(self, name: str) -> str:
-        return self.view.where(name)
 
     def fingerprint(self) -> dict[str, Any]:
         return {**self.container.fingerprint(), "source": self.format_name}
@@ -143,12 +131,7 @@ class MegatronSource(MegatronFamilySource):
 
     def __init__(self, path: Path):
         self.root = resolve_iteration(path, TRACKER, "iter_{:07d}", "Megatron-LM")
-        self.container = Container(self.root)
-        try:
-            self._open()
-        except BaseException:
-            self.container.close()
-            raise
+        self._open_container(Container(self.root))
 
     def _open(self) -> None:
         c = self.container

@@ -534,3 +534,34 @@ class HFView:
 
     def where(self, name: str) -> str:
         return self.w.where(self.builders[name][0])
+
+
+class ContainerViewSource:
+    """The tail every Megatron-family source shares: open a container (closed again if opening fails) and present
+    the merged model through its `HFView` (`self.view`). Mixed in before `SourceModel`."""
+
+    container: Any
+    view: HFView
+
+    def _open_container(self, container: Any) -> None:
+        self.container = container
+        try:
+            self._open()
+        except BaseException:
+            container.close()
+            raise
+
+    def _open(self) -> None:
+        raise NotImplementedError
+
+    def names(self) -> set[str]:
+        return self.view.names()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.view.shape(name)
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.view.read(name)
+
+    def where(self, name: str) -> str:
+        return self.view.where(name)

@@ -18,7 +18,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
-import torch
 import yaml
 
 from pipeline.convert.sources import register_source
@@ -26,6 +25,7 @@ from pipeline.convert.sources.base import SourceModel
 from pipeline.convert.sources.container import Container
 from pipeline.convert.sources.dist_checkpoint import is_dist_checkpoint, open_dist_checkpoint
 from pipeline.convert.sources.megatron_weights import (
+    ContainerViewSource,
     HFView, MegatronArgs, MegatronWeights, Shard, ShardGrid, args_from_mapping, check_grid)
 from pipeline.convert.sources.safe_load import load_torch
 from pipeline.errors import PipelineError
@@ -50,14 +50,9 @@ def read_yaml(container: Container, name: str) -> dict[str, Any]:
 
 
 @register_source("nemo")
-class NemoSource(SourceModel):
+class NemoSource(ContainerViewSource, SourceModel):
     def __init__(self, path: Path):
-        self.container = Container(path)
-        try:
-            self._open()
-        except BaseException:
-            self.container.close()
-            raise
+        self._open_container(Container(path))
 
     def _open(self) -> None:
         c = self.container
@@ -185,18 +180,6 @@ class NemoSource(SourceModel):
         return None
 
     # -- SourceModel -------------------------------------------------------------------------------------------
-    def names(self) -> set[str]:
-        return self.view.names()
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.view.shape(name)
-
-    def read(self, name: str) -> torch.Tensor:
-        return self.view.read(name)
-
-    def where(self, name: str) -> str:
-        return self.view.where(name)
-
     def fingerprint(self) -> dict[str, Any]:
         return {**self.container.fingerprint(content=(self.config_name,)), "source": "nemo"}
 
