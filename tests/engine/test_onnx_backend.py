@@ -120,10 +120,8 @@ def test_tensor_parallel_onnx_engine_under_mpirun(exported, tmp_path, tp, pp):
     from tests.runtime.test_multirank import generate_on_ranks
 
     single_rank = exported("llama_gqa_untied")
-    ckpt = make_checkpoint(single_rank["ckpt"].parent / "llama_gqa_untied", tmp_path / "ckpt", tp=tp, pp=pp)
-    get_backend("cpu").build(ckpt, tmp_path / "cpu", BUILD)
-    engine = tmp_path / "onnx"
-    metrics = get_backend("onnx").build(ckpt, engine, {**BUILD, "backend": "onnx"})
+    built = exported("llama_gqa_untied", tp, pp)
+    engine, metrics = built["onnx"], built["metrics"]
     layers = TINY_MODELS["llama_gqa_untied"][1]["num_hidden_layers"]
     assert metrics["onnx_op_census"]["AllReduce"] == 2 * layers * tp  # attention output and MLP down, every rank
     graphs = json.loads((engine / "graphs.json").read_text())
@@ -136,7 +134,7 @@ def test_tensor_parallel_onnx_engine_under_mpirun(exported, tmp_path, tp, pp):
             assert [s["collective"] for s in entry["segments"]["logits"] if "collective" in s] == ["all_gather"]
     assert not list(engine.glob("rank*.step.onnx"))  # only the segments remain
     single = generate_on_ranks(single_rank["onnx"], tmp_path / "out1", 1)[0]
-    cpu = generate_on_ranks(tmp_path / "cpu", tmp_path / "out_cpu", tp * pp, "torch")
+    cpu = generate_on_ranks(built["cpu"], tmp_path / "out_cpu", tp * pp, "torch")
     for rank, result in enumerate(generate_on_ranks(engine, tmp_path / "out", tp * pp)):
         assert torch.equal(result["output_ids"], single["output_ids"]), rank
         assert torch.equal(result["output_ids"], cpu[rank]["output_ids"]), rank
