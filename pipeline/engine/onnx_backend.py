@@ -73,7 +73,7 @@ def export_engine(checkpoint_dir: Path, engine_dir: Path, build_config: dict[str
         ranks, census = [], Counter()
         for rank in range(config["pretrained_config"]["mapping"]["world_size"]):
             model, meta = load_cpu_engine_rank(staging / f"rank{rank}.engine")
-            refused = unsupported_features(model.args, meta["mapping"])
+            refused = unsupported_features(model.args)
             if refused:
                 raise PipelineError(f"build.backend={backend} cannot export this engine: " + "; ".join(refused))
             manifest = export_rank(model, meta["limits"], engine_dir, rank)

@@ -9,6 +9,10 @@ position, attention is SDPA (exported as ONNX `Attention`), so TensorRT's parser
 and attention layers. Attention runs over the whole static cache with the causal (or sliding-window) mask built
 from the positions, so there is no data-dependent control flow.
 
+Under tensor parallelism the runtime's collectives (all-reduce after the row-parallel projections, all-gather of
+vocabulary-parallel logits) are traced as marker nodes (`CollectiveMarkers`), at which onnx_segments then cuts each
+graph into segments the runtime runs with the collectives between them.
+
 What the export does not cover is refused by name before anything is exported (`unsupported_features`).
 """
 
@@ -39,7 +43,7 @@ EXTERNAL_DATA_BYTES = 1 << 30  # models above this keep their weights beside the
 
 
 
-def unsupported_features(args: ModelArgs, world: dict[str, int]) -> list[str]:
+def unsupported_features(args: ModelArgs) -> list[str]:
     """Features of this engine the ONNX export does not express (yet), each named for the error message."""
     problems = []
     if args.act_quant:

@@ -1,6 +1,7 @@
 """build.backend=onnx: the runtime's modules exported per rank, run by onnxruntime behind ModelRunner, against the cpu
 backend on the same checkpoint (prefill and decode over a ragged batch: logits within 1e-4 in float32, identical
-greedy tokens over 16 steps); the graphs' checks, census and profiles; refusals; cache key; pipeline parallelism.
+greedy tokens over 16 steps); the graphs' checks, census and profiles; refusals; cache key; pipeline and tensor
+parallelism under mpirun.
 
 Exporting costs seconds per graph, so CI runs a set of architectures covering every structural variant of the
 runtime (GQA, both RoPE styles and partial rotary, learned positions, LayerNorm and RMSNorm, sequential, parallel and
