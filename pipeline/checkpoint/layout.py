@@ -172,6 +172,22 @@ BLOOM_LAYOUT: tuple[Target, ...] = (
 )
 
 
+# TensorRT-LLM's MPTForCausalLM: LayerNorms without bias (input_layernorm, post_layernorm, ln_f), fused qkv, plain
+# MLP fc -> gelu -> proj, ALiBi (no position table), bias-free linears (the only form TensorRT-LLM's MPT conversion
+# writes), lm_head tied to the embedding (written whole).
+MPT_LAYOUT: tuple[Target, ...] = (
+    GPT_LAYOUT[0],
+    Target(_layer("input_layernorm.weight"), (Canon.ATTN_NORM,), Split.REPLICATE),
+    Target(_layer("attention.qkv.weight"), (Canon.ATTN_Q, Canon.ATTN_K, Canon.ATTN_V), Split.QKV_HEADS),
+    Target(_layer("attention.dense.weight"), (Canon.ATTN_OUT,), Split.ROW),
+    Target(_layer("post_layernorm.weight"), (Canon.MLP_NORM,), Split.REPLICATE),
+    Target(_layer("mlp.fc.weight"), (Canon.MLP_ACT_IN,), Split.COLUMN),
+    Target(_layer("mlp.proj.weight"), (Canon.MLP_OUT,), Split.ROW),
+    Target("transformer.ln_f.weight", (Canon.FINAL_NORM,), Split.REPLICATE, Place.LAST_STAGE),
+    Target("lm_head.weight", (Canon.LM_HEAD,), Split.VOCAB, Place.LAST_STAGE),
+)
+
+
 def _with_bias(weight: str, canon: Canon, split: Split) -> tuple[Target, Target]:
     bias_canon = Canon(canon.value.replace(".weight", ".bias"))
     return (Target(_layer(f"{weight}.weight"), (canon,), split),
