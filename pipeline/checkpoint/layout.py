@@ -120,6 +120,15 @@ def _without_dense_bias(layout: tuple[Target, ...]) -> tuple[Target, ...]:
     return tuple(t for t in layout if t.name != _layer("attention.dense.bias"))
 
 
+# TensorRT-LLM's Phi3ForCausalLM: Llama's names, but one fused gated `mlp.fc` = [up (linear); gate (activated)]
+# (hidden_act swiglu: silu on the second half), each tp rank holding its slice of each half, and no `mlp.gate`.
+PHI3_LAYOUT: tuple[Target, ...] = tuple(
+    Target(t.name, (Canon.MLP_LINEAR_IN, Canon.MLP_ACT_IN), Split.COLUMN) if t.name == _layer("mlp.fc.weight") else t
+    for t in LLAMA_LAYOUT
+    if not t.name.startswith(_layer("mlp.gate")) and t.name != _layer("mlp.fc.bias")
+)
+
+
 # TensorRT-LLM's QWenForCausalLM for qwen2: like Llama, but attn_bias covers q/k/v only (o_proj has no bias).
 QWEN2_LAYOUT: tuple[Target, ...] = _without_dense_bias(LLAMA_LAYOUT)
 

@@ -63,6 +63,12 @@ GATED_DECODER: tuple[EngineTensor, ...] = (
     EngineTensor("lm_head", ("lm_head.weight",), stage="last"),
 )
 
+# Phi-3: GATED_DECODER with TensorRT-LLM's one fused gated fc ([up; gate] rows, see ModelArgs.fc_linear_first).
+PHI3_DECODER: tuple[EngineTensor, ...] = tuple(
+    EngineTensor(t.name, (_layer("mlp.fc.weight"),)) if t.name == "layers.{j}.mlp.fc_gate_weight" else t
+    for t in GATED_DECODER if t.name != "layers.{j}.mlp.fc_gate_bias"
+)
+
 # Mixtral: GATED_DECODER's attention with a mixture-of-experts MLP: the float32 router and the stacked experts
 # (fc = [w3; w1] per expert, proj) as the checkpoint holds them.
 MOE_DECODER: tuple[EngineTensor, ...] = (
@@ -183,9 +189,11 @@ class RuntimeFamily:
     scale_embedding: bool = False  # multiply embeddings by sqrt(hidden_size) (Gemma)
     embedding_norm: bool = False  # a norm right after the embedding (BLOOM)
     norm_bias: bool = True  # LayerNorms with a bias (MPT's have none)
+    fc_linear_first: bool = False  # the fused gated fc is [linear; activated] (Phi-3)
 
 
 GATED_RMS = RuntimeFamily(GATED_DECODER, norm_type="rms", gated_mlp=True)
+PHI3 = RuntimeFamily(PHI3_DECODER, norm_type="rms", gated_mlp=True, fc_linear_first=True)
 MOE_RMS = RuntimeFamily(MOE_DECODER, norm_type="rms", gated_mlp=True)
 GEMMA = RuntimeFamily(GATED_DECODER, norm_type="rms", gated_mlp=True, scale_embedding=True)
 GEMMA2 = RuntimeFamily(SANDWICH_DECODER, norm_type="rms", gated_mlp=True, residual="sandwich", scale_embedding=True)
@@ -202,7 +210,7 @@ RUNTIME_LAYOUTS: dict[str, RuntimeFamily] = {
     "LlamaForCausalLM": GATED_RMS,
     "MistralForCausalLM": GATED_RMS,
     "Qwen2ForCausalLM": GATED_RMS,
-    "Phi3ForCausalLM": GATED_RMS,
+    "Phi3ForCausalLM": PHI3,
     "MixtralForCausalLM": MOE_RMS,
     "GPTForCausalLM": GPT,
     "GPTNeoXForCausalLM": NEOX,
@@ -217,7 +225,17 @@ RUNTIME_LAYOUTS: dict[str, RuntimeFamily] = {
     "MPTForCausalLM": MPT,
     "MptForCausalLM": MPT,
 }
-SUPPORTED_POSITIONS = {"rope_gpt_neox", "rope_gptj", "learned_absolute", "alibi", "alibi_with_scale"}
+SUPPORTED_POSITIONS = {"rope_gpt_neox", "rope_gptj", "long_rope", "learned_absolute", "alibi", "alibi_with_scale"}
+
+
+def rotary_scaling(ckpt: dict[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint's rope scaling as the runtime computes it: `rotary_scaling`, or TensorRT-LLM's long_rope
+    fields (Phi-3: short/long factors and the original length beside position_embedding_type long_rope)."""
+    if ckpt.get("position_embedding_type") != "long_rope":
+        return ckpt.get("rotary_scaling")
+    return {"type": "longrope", "short_factor": ckpt["longrope_scaling_short_factors"],
+            "long_factor": ckpt["longrope_scaling_long_factors"],
+            "original_max_position_embeddings": ckpt["original_max_position_embeddings"]}
 
 
 def model_args(ckpt: dict[str, Any], tp_rank: int, pp_rank: int, names: set[str], family: RuntimeFamily) -> ModelArgs:
@@ -245,7 +263,7 @@ def model_args(ckpt: dict[str, Any], tp_rank: int, pp_rank: int, names: set[str]
         rotary_dim=0 if learned or alibi else int(ckpt.get("rotary_embedding_dim") or ckpt.get("rotary_dim")
                                          or head_size * float(ckpt.get("rotary_pct", 1.0))),
         rotary_base=float(ckpt.get("rotary_base", ckpt.get("rotary_emb_base", 10000.0))),
-        rotary_scaling=ckpt.get("rotary_scaling"),
+        rotary_scaling=rotary_scaling(ckpt),
         rope_max_positions=int(ckpt.get("max_position_embeddings") or 2048),
         qkv_bias="transformer.layers.0.attention.qkv.bias" in names,
         dense_bias="transformer.layers.0.attention.dense.bias" in names,
@@ -289,6 +307,7 @@ def model_args(ckpt: dict[str, Any], tp_rank: int, pp_rank: int, names: set[str]
         alibi_bias_max=float(ckpt.get("alibi_bias_max") or 8.0),
         norm_bias=family.norm_bias,
         clip_qkv=float(ckpt.get("clip_qkv") or 0.0),
+        fc_linear_first=family.fc_linear_first,
     )
 
 

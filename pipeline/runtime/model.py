@@ -92,6 +92,7 @@ class ModelArgs:
     norm_bias: bool = True  # LayerNorms carry a bias (MPT's do not)
     clip_qkv: float = 0.0  # clamp the fused qkv projection to [-clip_qkv, clip_qkv] (0: none; MPT)
     embedding_norm: bool = False  # a norm right after the embedding (BLOOM's word_embeddings_layernorm)
+    fc_linear_first: bool = False  # the fused gated fc holds [linear; activated] (Phi-3's swiglu), not [act; linear]
 
     def is_sliding(self, layer: int) -> bool:
         if self.sliding_window <= 0 or layer < self.first_sliding_layer:
@@ -376,6 +377,7 @@ class GatedMLP(nn.Module):
     def __init__(self, args: ModelArgs, d: Dist, linear: TorchKernel):
         super().__init__()
         self.d, self.linear = d, linear
+        self.linear_first = args.fc_linear_first
         h, inner = args.hidden_size, args.intermediate_size // args.tp_size
         self.act = ACTIVATIONS[args.hidden_act]
         self.fc_gate_weight = nn.Parameter(torch.empty(2 * inner, h))
@@ -385,6 +387,8 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fc, gate = self.linear(x, self.fc_gate_weight, self.fc_gate_bias).chunk(2, dim=-1)
+        if self.linear_first:  # fixed per model (Phi-3: [up; gate], silu on the second half)
+            fc, gate = gate, fc
         y = tp_all_reduce(self.linear(self.act(fc) * gate, self.proj_weight), self.d)
         return y if self.proj_bias is None else y + self.proj_bias
 
