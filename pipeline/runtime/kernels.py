@@ -5,7 +5,10 @@ reads fastest) and then computes x @ w.T (+ b). Measured on this project's 2-cor
 (`python benchmarks/decode_speed.py`, SmolLM2-135M fp32): torch's default F.linear goes through MKL, whose sgemv
 streams weights at ~16 GB/s there; numpy's OpenBLAS reaches ~38 GB/s at batch 1 but slows at batch 8 (it repacks the
 weight on every call); oneDNN with pre-packed weights is close to OpenBLAS at batch 1 and twice as fast at batch 8.
-So `auto` is `onednn` where torch has it, else `torch`. Exporters (ONNX/TensorRT) use `torch`: the kernel is a
+So `auto` is `onednn` where torch has it, else `torch`. OpenBLAS's GEMV speed in isolation does not carry into the
+engine: with `blas` as the kernel a SmolLM2 fp32 decode step took 265 ms against oneDNN's 51 (torch profile, same
+command), the time going to the torch (OpenMP) ops that follow each BLAS call, whose threads contend with
+OpenBLAS's own pool. Exporters (ONNX/TensorRT) use `torch`: the kernel is a
 constructor argument of the model, never a global.
 """
 

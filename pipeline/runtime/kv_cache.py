@@ -45,17 +45,19 @@ class KVCache(nn.Module):
         """Write k, v ([B, kv_heads, T, D]) at each sequence's positions input_pos ([B, T]); return this batch's
         keys and values for cache positions [0, kv_len) (dequantized when the cache is quantized); a ring cache
         writes slots input_pos % size and returns slots [0, min(kv_len, size))."""
-        b = k.shape[0]
-        rows = torch.arange(b, device=input_pos.device).unsqueeze(1).expand_as(input_pos)
+        b, heads, t, d = k.shape
         if self.ring:  # fixed per layer
             input_pos = torch.remainder(input_pos, self.k.shape[2])
             kv_len = min(kv_len, self.k.shape[2])
         if self.quant:
             k, v = _quantize(k, scale, self.quant), _quantize(v, scale, self.quant)
-        # Advanced indices on dims 0 and 2 put the indexed dims first: the values are laid out [B, T, heads, D].
-        self.k[rows, :, input_pos] = k.transpose(1, 2)
-        self.v[rows, :, input_pos] = v.transpose(1, 2)
-        k_all, v_all = self.k[:b, :, :kv_len], self.v[:b, :, :kv_len]
+        # One in-place scatter per tensor along the position dim: each sequence's rows at its own positions. (An
+        # advanced-index assignment over rows and positions costs several times more per decode step.)
+        index = input_pos[:, None, :, None].expand(b, heads, t, d)
+        k_rows, v_rows = self.k[:b], self.v[:b]
+        k_rows.scatter_(2, index, k)
+        v_rows.scatter_(2, index, v)
+        k_all, v_all = k_rows[:, :, :kv_len], v_rows[:, :, :kv_len]
         if self.quant:
             k_all = (k_all.float() * scale).to(self.dtype)
             v_all = (v_all.float() * scale).to(self.dtype)

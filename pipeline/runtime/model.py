@@ -240,6 +240,9 @@ def rope_for_positions(args: ModelArgs, input_pos: torch.Tensor) -> tuple[torch.
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE. x: [B, heads, T, D]; cos/sin: [B, 1, T, R], R <= D (partial rotary leaves the rest)."""
     r = cos.shape[-1]
+    if r == x.shape[-1]:  # static (the head size): full rotary needs no pass-through part
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
     x_rot, x_pass = x[..., :r], x[..., r:]
     x1, x2 = x_rot.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
@@ -349,14 +352,14 @@ class Attention(nn.Module):
         qkv = self.linear(x, self.qkv_weight, self.qkv_bias)
         if a.clip_qkv:  # fixed per model (MPT); elementwise, so each tp rank clamps its own columns
             qkv = qkv.clamp(-a.clip_qkv, a.clip_qkv)
-        q, k, v = qkv.split([a.local_heads * a.head_size, a.local_kv_heads * a.head_size, a.local_kv_heads * a.head_size], -1)
-        q = q.view(b, t, a.local_heads, a.head_size).transpose(1, 2)
-        k = k.view(b, t, a.local_kv_heads, a.head_size).transpose(1, 2)
+        heads = qkv.view(b, t, a.local_heads + 2 * a.local_kv_heads, a.head_size).transpose(1, 2)  # [B, h, T, D]
+        qk, v = heads.split([a.local_heads + a.local_kv_heads, a.local_kv_heads], 1)
         if a.qk_norm:  # fixed per model (Gemma3): per-head RMSNorm before RoPE
-            q, k = self.q_norm(q), self.k_norm(k)
-        if a.rotary_dim:  # fixed per model: rotary models rotate q and k, learned-position models do not
-            q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
-        v = v.view(b, t, a.local_kv_heads, a.head_size).transpose(1, 2)
+            q, k = qk.split([a.local_heads, a.local_kv_heads], 1)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], 1)
+        if a.rotary_dim:  # fixed per model: rotary models rotate q and k (one call for both), learned-position ones not
+            qk = self.rope(qk, cos, sin)
+        q, k = qk.split([a.local_heads, a.local_kv_heads], 1)
         k_all, v_all = cache.update(input_pos, k, v, kv_len, self.kv_scale)
         if a.attn_softcap:  # fixed per model (Gemma2)
             y = softcapped_attention(q, k_all, v_all, mask, self.scale, a.attn_softcap)

@@ -356,6 +356,8 @@ class ModelRunner:
     def _stopped(out, seq_lengths, input_lengths, stop_words) -> torch.Tensor:
         stopped = torch.zeros(len(seq_lengths), dtype=torch.bool)
         for i, words in enumerate(stop_words):
+            if not words:  # the request's settings: nothing to compare (and no copy of the tokens per step)
+                continue
             generated = out[i, 0, input_lengths[i]: seq_lengths[i]].tolist()
             stopped[i] = any(len(w) <= len(generated) and generated[len(generated) - len(w):] == w for w in words)
         return stopped
