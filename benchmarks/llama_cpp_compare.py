@@ -63,8 +63,8 @@ def gguf_tensor_bytes(path: Path) -> int:
 
 
 def llama_bench(bench: Path, models: list[Path], threads: int, n: int, reps: int) -> dict[str, float]:
-    cmd = [str(bench), "-m", ",".join(map(str, models)), "-t", str(threads), "-p", "0", "-n", str(n), "-r", str(reps),
-           "-o", "json"]
+    cmd = [str(bench), *[a for m in models for a in ("-m", str(m))], "-t", str(threads), "-p", "0", "-n", str(n),
+           "-r", str(reps), "-o", "json"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return {Path(r["model_filename"]).name: float(r["avg_ts"]) for r in json.loads(out)}
 
