@@ -71,13 +71,22 @@ def unavailable_reason() -> str | None:
 
 
 def build(verbose: bool = False):
-    """Compile (or find the cached build of) the kernels and import them. Raises on failure."""
+    """Compile (or find the cached build of) the kernels and import them. Raises on failure.
+
+    One process builds at a time, under an flock of the build directory (released by the kernel when a builder dies).
+    torch's own build lock is a plain file that a killed build leaves behind, after which every later build would
+    wait for it forever: holding the flock, no one else is building, so such a file is stale and is removed."""
+    import fcntl
+
     import torch.utils.cpp_extension as ext
 
     directory = build_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    return ext.load(name=_module_name(), sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
-                    build_directory=str(directory), verbose=verbose)
+    with open(directory / "build.flock", "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        (directory / "lock").unlink(missing_ok=True)
+        return ext.load(name=_module_name(), sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
+                        build_directory=str(directory), verbose=verbose)
 
 
 @functools.cache
