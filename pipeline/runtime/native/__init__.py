@@ -21,8 +21,8 @@ import sys
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("quant_gemm.cpp")
-CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off"]
-LDFLAGS = ["-fopenmp"]
+CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off")
+LDFLAGS = ("-fopenmp",)
 DISABLE_ENV = "TRTLLM_PIPELINE_NATIVE"  # "0": never build or load the compiled kernels
 
 
@@ -85,8 +85,9 @@ def build(verbose: bool = False):
     with open(directory / "build.flock", "w") as guard:
         fcntl.flock(guard, fcntl.LOCK_EX)
         (directory / "lock").unlink(missing_ok=True)
-        return ext.load(name=_module_name(), sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
-                        build_directory=str(directory), verbose=verbose)
+        # copies of the flags: torch's builder appends to the lists it is given (and the tag hashes them)
+        return ext.load(name=_module_name(), sources=[str(SOURCE)], extra_cflags=list(CFLAGS),
+                        extra_ldflags=list(LDFLAGS), build_directory=str(directory), verbose=verbose)
 
 
 @functools.cache
