@@ -92,6 +92,10 @@ TINY_MODELS = {
                                                   num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1,
                                                   num_local_experts=8, num_experts_per_tok=1,
                                                   max_position_embeddings=128, tie_word_embeddings=False)),
+    # MPT: ALiBi with 6 heads (not a power of two: tp2 gives each rank 3 slopes), bias-free LayerNorms, and a
+    # clip_qkv small enough that about a fifth of the fused projection's values are clamped.
+    "mpt": ("MptConfig", dict(vocab_size=97, d_model=48, n_heads=6, n_layers=3, max_seq_len=128,
+                              attn_config={"clip_qkv": 0.15}, bos_token_id=0, eos_token_id=0)),
 }
 
 MODEL_CLASSES = {"LlamaConfig": "LlamaForCausalLM", "MistralConfig": "MistralForCausalLM", "Qwen2Config": "Qwen2ForCausalLM",
@@ -99,7 +103,8 @@ MODEL_CLASSES = {"LlamaConfig": "LlamaForCausalLM", "MistralConfig": "MistralFor
                  "GPTNeoXConfig": "GPTNeoXForCausalLM", "PhiConfig": "PhiForCausalLM", "GPTJConfig": "GPTJForCausalLM",
                  "GemmaConfig": "GemmaForCausalLM", "Gemma2Config": "Gemma2ForCausalLM",
                  "Gemma3TextConfig": "Gemma3ForCausalLM", "OPTConfig": "OPTForCausalLM",
-                 "FalconConfig": "FalconForCausalLM", "MixtralConfig": "MixtralForCausalLM"}
+                 "FalconConfig": "FalconForCausalLM", "MixtralConfig": "MixtralForCausalLM",
+                 "MptConfig": "MptForCausalLM"}
 
 
 def mpi_launcher() -> str | None:

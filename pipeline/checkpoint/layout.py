@@ -120,6 +120,15 @@ def _without_dense_bias(layout: tuple[Target, ...]) -> tuple[Target, ...]:
     return tuple(t for t in layout if t.name != _layer("attention.dense.bias"))
 
 
+# TensorRT-LLM's Phi3ForCausalLM: Llama's names, but one fused gated `mlp.fc` = [up (linear); gate (activated)]
+# (hidden_act swiglu: silu on the second half), each tp rank holding its slice of each half, and no `mlp.gate`.
+PHI3_LAYOUT: tuple[Target, ...] = tuple(
+    Target(t.name, (Canon.MLP_LINEAR_IN, Canon.MLP_ACT_IN), Split.COLUMN) if t.name == _layer("mlp.fc.weight") else t
+    for t in LLAMA_LAYOUT
+    if not t.name.startswith(_layer("mlp.gate")) and t.name != _layer("mlp.fc.bias")
+)
+
+
 # TensorRT-LLM's QWenForCausalLM for qwen2: like Llama, but attn_bias covers q/k/v only (o_proj has no bias).
 QWEN2_LAYOUT: tuple[Target, ...] = _without_dense_bias(LLAMA_LAYOUT)
 
@@ -169,6 +178,22 @@ BLOOM_LAYOUT: tuple[Target, ...] = (
     Target("transformer.ln_embed.weight", (Canon.EMBED_NORM,), Split.REPLICATE, Place.FIRST_STAGE),
     Target("transformer.ln_embed.bias", (Canon.EMBED_NORM_BIAS,), Split.REPLICATE, Place.FIRST_STAGE),
     *(t for t in GPT_LAYOUT[2:]),
+)
+
+
+# TensorRT-LLM's MPTForCausalLM: LayerNorms without bias (input_layernorm, post_layernorm, ln_f), fused qkv, plain
+# MLP fc -> gelu -> proj, ALiBi (no position table), bias-free linears (the only form TensorRT-LLM's MPT conversion
+# writes), lm_head tied to the embedding (written whole).
+MPT_LAYOUT: tuple[Target, ...] = (
+    GPT_LAYOUT[0],
+    Target(_layer("input_layernorm.weight"), (Canon.ATTN_NORM,), Split.REPLICATE),
+    Target(_layer("attention.qkv.weight"), (Canon.ATTN_Q, Canon.ATTN_K, Canon.ATTN_V), Split.QKV_HEADS),
+    Target(_layer("attention.dense.weight"), (Canon.ATTN_OUT,), Split.ROW),
+    Target(_layer("post_layernorm.weight"), (Canon.MLP_NORM,), Split.REPLICATE),
+    Target(_layer("mlp.fc.weight"), (Canon.MLP_ACT_IN,), Split.COLUMN),
+    Target(_layer("mlp.proj.weight"), (Canon.MLP_OUT,), Split.ROW),
+    Target("transformer.ln_f.weight", (Canon.FINAL_NORM,), Split.REPLICATE, Place.LAST_STAGE),
+    Target("lm_head.weight", (Canon.LM_HEAD,), Split.VOCAB, Place.LAST_STAGE),
 )
 
 

@@ -36,6 +36,8 @@ ARCH_MODULES: dict[str, str] = {
     "FalconForCausalLM": "pipeline.convert.archs.falcon",
     "RWForCausalLM": "pipeline.convert.archs.falcon",
     "MixtralForCausalLM": "pipeline.convert.archs.mixtral",
+    "MptForCausalLM": "pipeline.convert.archs.mpt",
+    "MPTForCausalLM": "pipeline.convert.archs.mpt",
 }
 
 # TensorRT-LLM architecture names that differ from every source name -> a source architecture with the same

@@ -36,6 +36,9 @@ class EngineTensor:
     parts: tuple[str, ...]
     optional: bool = False  # biases exist only when the checkpoint has them
     stage: str = "layer"  # "first" (embedding), "layer" (per local layer) or "last" (final norm, head)
+    # A condition on the checkpoint config (None: always): the tensor is required when it holds and never read
+    # otherwise (a learned position table only with position_embedding_type learned_absolute).
+    when: Callable[[dict[str, Any]], bool] | None = None
 
 
 def _layer(name: str) -> str:
@@ -60,6 +63,12 @@ GATED_DECODER: tuple[EngineTensor, ...] = (
     EngineTensor("lm_head", ("lm_head.weight",), stage="last"),
 )
 
+# Phi-3: GATED_DECODER with TensorRT-LLM's one fused gated fc ([up; gate] rows, see ModelArgs.fc_linear_first).
+PHI3_DECODER: tuple[EngineTensor, ...] = tuple(
+    EngineTensor(t.name, (_layer("mlp.fc.weight"),)) if t.name == "layers.{j}.mlp.fc_gate_weight" else t
+    for t in GATED_DECODER if t.name != "layers.{j}.mlp.fc_gate_bias"
+)
+
 # Mixtral: GATED_DECODER's attention with a mixture-of-experts MLP: the float32 router and the stacked experts
 # (fc = [w3; w1] per expert, proj) as the checkpoint holds them.
 MOE_DECODER: tuple[EngineTensor, ...] = (
@@ -79,10 +88,16 @@ SANDWICH_DECODER: tuple[EngineTensor, ...] = (
     EngineTensor("layers.{j}.mlp_post_norm.weight", (_layer("post_feedforward_layernorm.weight"),)),
 )
 
-# GPT-2 style: LayerNorm with bias, learned absolute positions, plain MLP (TensorRT-LLM's GPTForCausalLM).
+def learned_positions(ckpt: dict[str, Any]) -> bool:
+    return ckpt.get("position_embedding_type", "learned_absolute") == "learned_absolute"
+
+
+# GPT-2 style: LayerNorm with bias, plain MLP (TensorRT-LLM's GPTForCausalLM); learned absolute positions, or none
+# with ALiBi (Megatron/NeMo GPT with position_embedding_type=alibi), as TensorRT-LLM's GPTEmbedding decides.
 GPT_DECODER: tuple[EngineTensor, ...] = (
     EngineTensor("embed.weight", ("transformer.vocab_embedding.weight",), stage="first"),
-    EngineTensor("pos_embed.weight", ("transformer.position_embedding.weight",), stage="first"),
+    EngineTensor("pos_embed.weight", ("transformer.position_embedding.weight",), stage="first",
+                 when=learned_positions),
     EngineTensor("layers.{j}.attn_norm.weight", (_layer("input_layernorm.weight"),)),
     EngineTensor("layers.{j}.attn_norm.bias", (_layer("input_layernorm.bias"),)),
     EngineTensor("layers.{j}.attn.qkv_weight", (_layer("attention.qkv.weight"),)),
@@ -110,6 +125,14 @@ BLOOM_DECODER: tuple[EngineTensor, ...] = (
     *(t for t in GPT_DECODER[2:] if not t.name.startswith("final_norm")),
     EngineTensor("final_norm.weight", ("transformer.ln_f.weight",), stage="last"),
     EngineTensor("final_norm.bias", ("transformer.ln_f.bias",), stage="last"),
+)
+
+
+# MPT: GPT's tensors without norm biases or a position table; linear biases never written (see archs/mpt.py).
+MPT_DECODER: tuple[EngineTensor, ...] = (
+    GPT_DECODER[0],
+    *(t for t in GPT_DECODER[2:] if not t.name.endswith("norm.bias") and not t.name.startswith("final_norm")),
+    EngineTensor("final_norm.weight", ("transformer.ln_f.weight",), stage="last"),
 )
 
 
@@ -165,9 +188,12 @@ class RuntimeFamily:
     mlp_bias_before_reduce: bool = False
     scale_embedding: bool = False  # multiply embeddings by sqrt(hidden_size) (Gemma)
     embedding_norm: bool = False  # a norm right after the embedding (BLOOM)
+    norm_bias: bool = True  # LayerNorms with a bias (MPT's have none)
+    fc_linear_first: bool = False  # the fused gated fc is [linear; activated] (Phi-3)
 
 
 GATED_RMS = RuntimeFamily(GATED_DECODER, norm_type="rms", gated_mlp=True)
+PHI3 = RuntimeFamily(PHI3_DECODER, norm_type="rms", gated_mlp=True, fc_linear_first=True)
 MOE_RMS = RuntimeFamily(MOE_DECODER, norm_type="rms", gated_mlp=True)
 GEMMA = RuntimeFamily(GATED_DECODER, norm_type="rms", gated_mlp=True, scale_embedding=True)
 GEMMA2 = RuntimeFamily(SANDWICH_DECODER, norm_type="rms", gated_mlp=True, residual="sandwich", scale_embedding=True)
@@ -176,6 +202,7 @@ BLOOM = RuntimeFamily(BLOOM_DECODER, norm_type="layer", gated_mlp=False, embeddi
 NEOX = RuntimeFamily(NEOX_DECODER, norm_type="layer", gated_mlp=False, residual="parallel")
 PHI = RuntimeFamily(PHI_DECODER, norm_type="layer", gated_mlp=False, residual="parallel_shared_norm")
 FALCON = RuntimeFamily(FALCON_DECODER, norm_type="layer", gated_mlp=False, residual=falcon_residual)
+MPT = RuntimeFamily(MPT_DECODER, norm_type="layer", gated_mlp=False, norm_bias=False)
 GPTJ = RuntimeFamily(PHI_DECODER, norm_type="layer", gated_mlp=False, residual="parallel_shared_norm",
                      rope_style="gptj", mlp_bias_before_reduce=True)
 
@@ -183,7 +210,7 @@ RUNTIME_LAYOUTS: dict[str, RuntimeFamily] = {
     "LlamaForCausalLM": GATED_RMS,
     "MistralForCausalLM": GATED_RMS,
     "Qwen2ForCausalLM": GATED_RMS,
-    "Phi3ForCausalLM": GATED_RMS,
+    "Phi3ForCausalLM": PHI3,
     "MixtralForCausalLM": MOE_RMS,
     "GPTForCausalLM": GPT,
     "GPTNeoXForCausalLM": NEOX,
@@ -195,8 +222,20 @@ RUNTIME_LAYOUTS: dict[str, RuntimeFamily] = {
     "OPTForCausalLM": GPT,  # post-norm when do_layer_norm_before is false (see model_args)
     "FalconForCausalLM": FALCON,
     "BloomForCausalLM": BLOOM,
+    "MPTForCausalLM": MPT,
+    "MptForCausalLM": MPT,
 }
-SUPPORTED_POSITIONS = {"rope_gpt_neox", "rope_gptj", "learned_absolute", "alibi", "alibi_with_scale"}
+SUPPORTED_POSITIONS = {"rope_gpt_neox", "rope_gptj", "long_rope", "learned_absolute", "alibi", "alibi_with_scale"}
+
+
+def rotary_scaling(ckpt: dict[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint's rope scaling as the runtime computes it: `rotary_scaling`, or TensorRT-LLM's long_rope
+    fields (Phi-3: short/long factors and the original length beside position_embedding_type long_rope)."""
+    if ckpt.get("position_embedding_type") != "long_rope":
+        return ckpt.get("rotary_scaling")
+    return {"type": "longrope", "short_factor": ckpt["longrope_scaling_short_factors"],
+            "long_factor": ckpt["longrope_scaling_long_factors"],
+            "original_max_position_embeddings": ckpt["original_max_position_embeddings"]}
 
 
 def model_args(ckpt: dict[str, Any], tp_rank: int, pp_rank: int, names: set[str], family: RuntimeFamily) -> ModelArgs:
@@ -224,7 +263,7 @@ def model_args(ckpt: dict[str, Any], tp_rank: int, pp_rank: int, names: set[str]
         rotary_dim=0 if learned or alibi else int(ckpt.get("rotary_embedding_dim") or ckpt.get("rotary_dim")
                                          or head_size * float(ckpt.get("rotary_pct", 1.0))),
         rotary_base=float(ckpt.get("rotary_base", ckpt.get("rotary_emb_base", 10000.0))),
-        rotary_scaling=ckpt.get("rotary_scaling"),
+        rotary_scaling=rotary_scaling(ckpt),
         rope_max_positions=int(ckpt.get("max_position_embeddings") or 2048),
         qkv_bias="transformer.layers.0.attention.qkv.bias" in names,
         dense_bias="transformer.layers.0.attention.dense.bias" in names,
@@ -265,6 +304,10 @@ def model_args(ckpt: dict[str, Any], tp_rank: int, pp_rank: int, names: set[str]
         alibi=alibi,
         embedding_norm=family.embedding_norm,
         alibi_scale=head_size ** -0.5 if positions == "alibi_with_scale" else 1.0,
+        alibi_bias_max=float(ckpt.get("alibi_bias_max") or 8.0),
+        norm_bias=family.norm_bias,
+        clip_qkv=float(ckpt.get("clip_qkv") or 0.0),
+        fc_linear_first=family.fc_linear_first,
     )
 
 
@@ -333,6 +376,8 @@ class CpuBackend:
             plan = []
             for t, j in _instances(family.tensors + QUANT_TENSORS, len(args.layers), pp_rank,
                                    ckpt["mapping"]["pp_size"]):
+                if t.when is not None and not t.when(ckpt):
+                    continue
                 parts = [p.format(j=j) for p in t.parts]
                 missing = [p for p in parts if p not in names]
                 if missing and not t.optional:

@@ -9,15 +9,16 @@ error, named with where the bound comes from.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 from pipeline.errors import PipelineError
 
-# Rope scaling kinds the CPU runtime computes. TensorRT-LLM applies the factor to max_seq_len deduction for the
-# kinds that stretch a short model (longrope and llama3 carry their own original length: their
-# max_position_embeddings is already the long one).
+# Rope scaling kinds the CPU runtime computes. trtllm-build (_init_max_seq_len) multiplies max_position_embeddings
+# by the scaling's `factor` for every kind but these (longrope and llama3 carry their own original length: their
+# max_position_embeddings is already the long one), rounding up.
 SUPPORTED_ROPE_SCALING = {"none", "default", "linear", "dynamic", "llama3", "yarn", "longrope"}
-FACTOR_EXTENDS_CONTEXT = {"linear", "dynamic", "yarn"}
+FACTOR_KEEPS_CONTEXT = {"su", "longrope", "llama3"}
 TRTLLM_BUILD_MAX_INPUT_LEN = 1024  # trtllm-build's --max_input_len default
 
 
@@ -31,8 +32,8 @@ def model_max_seq_len(ckpt: Mapping[str, Any]) -> tuple[int, str]:
     mpe = ckpt.get("max_position_embeddings")
     source = f"max_position_embeddings={mpe}" if mpe else "no max_position_embeddings: 2048"
     kind = rope_kind(ckpt)
-    factor = float((ckpt.get("rotary_scaling") or {}).get("factor", 1.0)) if kind in FACTOR_EXTENDS_CONTEXT else 1.0
-    allowed = int((mpe or 2048) * factor)
+    factor = float((ckpt.get("rotary_scaling") or {}).get("factor", 1.0)) if kind not in FACTOR_KEEPS_CONTEXT else 1.0
+    allowed = math.ceil((mpe or 2048) * factor)
     if factor != 1.0:
         source += f" x {kind} rope scaling factor {factor:g} = {allowed}"
     return allowed, source

@@ -51,10 +51,6 @@ def checkpoint_refusals(ckpt: dict[str, Any], backend: str = "onnx") -> list[str
     if ckpt.get("dtype") == "bfloat16" and backend == "onnx":
         problems.append("dtype=bfloat16 (onnxruntime's Python buffers have no bfloat16; use float32 or float16, "
                         "or build.backend=tensorrt)")
-    tp = ckpt.get("mapping", {}).get("tp_size", 1)
-    if tp > 1:
-        problems.append(f"tensor parallelism (tp_size={tp}): the exported graphs hold no all-reduce; use tp_size=1 "
-                        "(pipeline parallelism is supported)")
     return problems
 
 
@@ -77,7 +73,7 @@ def export_engine(checkpoint_dir: Path, engine_dir: Path, build_config: dict[str
         ranks, census = [], Counter()
         for rank in range(config["pretrained_config"]["mapping"]["world_size"]):
             model, meta = load_cpu_engine_rank(staging / f"rank{rank}.engine")
-            refused = unsupported_features(model.args, meta["mapping"])
+            refused = unsupported_features(model.args)
             if refused:
                 raise PipelineError(f"build.backend={backend} cannot export this engine: " + "; ".join(refused))
             manifest = export_rank(model, meta["limits"], engine_dir, rank)

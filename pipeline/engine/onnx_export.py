@@ -9,6 +9,10 @@ position, attention is SDPA (exported as ONNX `Attention`), so TensorRT's parser
 and attention layers. Attention runs over the whole static cache with the causal (or sliding-window) mask built
 from the positions, so there is no data-dependent control flow.
 
+Under tensor parallelism the runtime's collectives (all-reduce after the row-parallel projections, all-gather of
+vocabulary-parallel logits) are traced as marker nodes (`CollectiveMarkers`), at which onnx_segments then cuts each
+graph into segments the runtime runs with the collectives between them.
+
 What the export does not cover is refused by name before anything is exported (`unsupported_features`).
 """
 
@@ -24,6 +28,7 @@ import torch
 from torch import nn
 
 from pipeline.checkpoint.safetensors_stream import iter_tensors, read_header
+from pipeline.engine.onnx_segments import COLLECTIVE_DOMAIN, split_at_collectives
 from pipeline.errors import PipelineError
 from pipeline.runtime.kernels import TorchKernel
 from pipeline.runtime.model import DTYPES, EngineModel, ModelArgs
@@ -36,17 +41,35 @@ FORBIDDEN_OPS = {"If", "Loop", "Scan", "NonZero", "Unique", "Compress"}
 EXTERNAL_DATA_BYTES = 1 << 30  # models above this keep their weights beside the graph (protobuf's 2 GB limit)
 
 
-def unsupported_features(args: ModelArgs, world: dict[str, int]) -> list[str]:
+
+
+def unsupported_features(args: ModelArgs) -> list[str]:
     """Features of this engine the ONNX export does not express (yet), each named for the error message."""
     problems = []
-    if world["tp_size"] > 1:
-        problems.append(f"tensor parallelism (tp_size={world['tp_size']}): the exported graphs hold no all-reduce; "
-                        "use tp_size=1 (pipeline parallelism is supported)")
     if args.act_quant:
         problems.append(f"activation quantization ({args.act_quant})")
     if args.kv_cache_quant:
         problems.append(f"a quantized KV cache ({args.kv_cache_quant})")
     return problems
+
+
+class CollectiveMarkers:
+    """Dist.collectives while exporting a tp rank: each TP collective of the runtime becomes one marker node
+    (`trtllm_pipeline::AllReduce`, `trtllm_pipeline::AllGather` with its axis) of the traced graph, where the
+    runtime's torch.distributed call would be. onnx_segments cuts the graph at these nodes."""
+
+    def __init__(self, tp_size: int):
+        self.tp_size = tp_size
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.onnx.ops.symbolic(f"{COLLECTIVE_DOMAIN}::AllReduce", (x,), {"tp_size": self.tp_size},
+                                       dtype=x.dtype, shape=x.shape, version=1)
+
+    def all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        axis = dim % x.dim()
+        shape = [n * self.tp_size if i == axis else n for i, n in enumerate(x.shape)]
+        return torch.onnx.ops.symbolic(f"{COLLECTIVE_DOMAIN}::AllGather", (x,), {"axis": axis, "tp_size": self.tp_size},
+                                       dtype=x.dtype, shape=shape, version=1)
 
 
 class _ExportCache:
@@ -101,6 +124,8 @@ def load_cpu_engine_rank(path: Path) -> tuple[EngineModel, dict[str, Any]]:
     meta = json.loads(read_header(path)[0]["__metadata__"]["engine"])
     args, limits, mapping = ModelArgs(**meta["model"]), meta["limits"], meta["mapping"]
     d = Dist(meta["rank"], mapping["tp_size"], mapping["pp_size"])
+    if d.tp_size > 1:
+        d.collectives = CollectiveMarkers(d.tp_size)
     model = EngineModel(args, d, 1, limits["max_seq_len"], TorchKernel())
     missing = model.load_weights(iter_tensors(path))
     if missing:
@@ -152,8 +177,12 @@ def export_rank(model: EngineModel, limits: dict[str, Any], out_dir: Path, rank:
             h = torch.zeros(b, t, a.hidden_size, dtype=dtype)
             _export(LogitsGraph(model).eval(), (h,), out_dir / files["logits"], ["hidden"], ["logits"],
                     {"h": {0: batch, 1: seq}}, census)
-    return {"rank": rank, "files": files, "inputs": inputs, "outputs": outputs, "op_census": dict(sorted(census.items())),
-            "model": asdict(a)}
+    manifest = {"rank": rank, "files": files, "inputs": inputs, "outputs": outputs,
+                "op_census": dict(sorted(census.items())), "model": asdict(a)}
+    if d.tp_size > 1:  # each graph cut at its collectives; the runtime performs them between the segments
+        manifest["segments"] = {graph: split_at_collectives(out_dir / file) for graph, file in files.items()}
+        manifest["files"] = {}
+    return manifest
 
 
 def _export(module: nn.Module, example: tuple, path: Path, inputs: list[str], outputs: list[str], dynamic: dict,

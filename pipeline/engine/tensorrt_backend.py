@@ -12,20 +12,22 @@ Per rank and graph (`step`, `logits`) one plan, `rank{N}.{graph}.plan`, beside t
 
 The cache key holds the TensorRT version and the target compute capability (see `environment`).
 
-Tensor parallelism: the chosen design is one engine per rank with TensorRT's own collective
-(IDistCollectiveLayer, TensorRT >= 10.16) inserted after parsing at the row-parallel points, rather than splitting
-each layer into engine segments with the all-reduce done outside (2L+1 launches per token). It needs all-reduce
-markers in the export, which the export does not emit yet, so tp_size > 1 is refused by name, as the onnx backend
-refuses it. Pipeline parallelism works: one engine set per stage, hidden states handed over by the runtime.
+Tensor parallelism: one engine per rank and segment. The export cuts each tp rank's graphs at the row-parallel
+all-reduce (and vocabulary all-gather) points into segments (pipeline/engine/onnx_segments.py); this backend builds
+a plan per segment (`rank{N}.step.seg{K}.plan`, profiles from the segment inputs' recorded dimensions) and the
+runtime performs the collectives between engine segments, as the onnx runtime does. Chosen over TensorRT's in-engine
+collective (IDistCollectiveLayer) because the same files run and are verified on a CPU through onnxruntime, and it
+needs neither TensorRT >= 10.16's preview collectives, an SM80+ GPU, nor NCCL communicator plumbing; it costs
+2 x layers + 1 launches per token per rank (docs/BACKENDS.md). Pipeline parallelism: one engine set per stage,
+hidden states handed over by the runtime.
 
 Refused by name (see docs/BACKENDS.md): quantized checkpoints (not exported yet; among them, GPTQ with real
 zero-points and per-token SmoothQuant have no TensorRT equivalent at all), INT8/FP8 KV caches (TensorRT's KV-cache
-update is float32/float16/bfloat16 only), tensor parallelism.
+update is float32/float16/bfloat16 only).
 """
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import json
 import platform
 import time
@@ -93,6 +95,40 @@ def graph_shapes(entry: dict[str, Any], graph: str, limits: dict[str, Any]) -> l
     return result
 
 
+def segment_shapes(inputs: list[dict[str, Any]], graph: str, limits: dict[str, Any]) -> list[dict[str, tuple]]:
+    """Per optimization profile, (min, opt, max) shapes of a tp segment's inputs (see onnx_segments): their
+    dimensions as the export recorded them, `batch` and `seq` (or expressions of them) from the limits' phases."""
+    from pipeline.engine.onnx_export import profiles
+
+    phases = profiles(limits)
+    if graph == "logits":
+        phases = {"all": phases["context"]}
+    result = []
+    for dims in phases.values():
+        shapes = {}
+        for spec in inputs:
+            if all(isinstance(n, int) for n in spec["shape"]):
+                continue  # static: nothing for a profile to say
+            shapes[spec["name"]] = tuple(tuple(_dim(n, dims["batch"][i], dims["seq"][i], spec["name"])
+                                               for n in spec["shape"]) for i in range(3))
+        result.append(shapes)
+    return result
+
+
+def _dim(value: int | str, batch: int, seq: int, name: str) -> int:
+    """A recorded dimension: a number, or an arithmetic expression of the symbolic `batch` and `seq`."""
+    import ast
+
+    if isinstance(value, int):
+        return value
+    allowed = (ast.Expression, ast.BinOp, ast.Add, ast.Sub, ast.Mult, ast.FloorDiv, ast.Constant, ast.Name, ast.Load)
+    tree = ast.parse(value, mode="eval")
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    if not all(isinstance(n, allowed) for n in ast.walk(tree)) or not names <= {"batch", "seq"}:
+        raise PipelineError(f"segment input {name} has a dimension {value!r} the profiles cannot bound")
+    return int(eval(compile(tree, name, "eval"), {"__builtins__": {}}, {"batch": batch, "seq": seq}))
+
+
 def _first_stage(entry: dict[str, Any]) -> bool:
     return entry["model"]["layers"][0] == 0 if entry["model"]["layers"] else True
 
@@ -157,13 +193,17 @@ def build_plans(engine_dir: Path, trt, flavour: str, compute_capability: str | N
     limits, dtype = config["build_config"], config["pretrained_config"]["dtype"]
     built = []
     for entry in graphs["ranks"]:
-        for graph, onnx_file in entry["files"].items():
-            shapes = graph_shapes(entry, graph, limits)
+        todo = [(graph, None, onnx_file, graph_shapes(entry, graph, limits))
+                for graph, onnx_file in entry["files"].items()]
+        todo += [(graph, k, item["segment"], segment_shapes(item["inputs"], graph, limits))
+                 for graph, plan in (entry.get("segments") or {}).items()
+                 for k, item in enumerate(plan) if "segment" in item]
+        for graph, position, onnx_file, shapes in todo:
             started = time.perf_counter()
             plan, info = build_plan(trt, engine_dir / onnx_file, shapes, dtype, compute_capability, flavour)
             name = onnx_file.replace(".onnx", ".plan")
             (engine_dir / name).write_bytes(plan)
-            built.append({"rank": entry["rank"], "graph": graph, "onnx": onnx_file, "plan": name,
+            built.append({"rank": entry["rank"], "graph": graph, "position": position, "onnx": onnx_file, "plan": name,
                           "plan_bytes": len(plan), "seconds": round(time.perf_counter() - started, 3),
                           "profiles": [{k: [list(s) for s in v] for k, v in p.items()} for p in shapes], **info})
     manifest = {"tensorrt": trt.__version__, "flavour": flavour, "compute_capability": compute_capability,

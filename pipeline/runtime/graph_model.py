@@ -52,7 +52,7 @@ def allocate_caches(args: ModelArgs, max_batch: int, max_seq: int, device: str =
             for _ in args.layers]
 
 
-_NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
+_NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.bool: np.bool_}
 
 
 class OnnxStageModel:
@@ -73,10 +73,16 @@ class OnnxStageModel:
         options.log_severity_level = 3  # warnings such as TensorScatter's copy notice stay off the console
         available = ort.get_available_providers()
         providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        self.step_session = ort.InferenceSession(str(engine_dir / entry["files"]["step"]), options, providers=providers)
+        self.dtype = DTYPES[self.args.dtype]
+        segments = entry.get("segments") or {}
+        self.step_segments = (OnnxSegments(ort, engine_dir, segments["step"], options, providers, d)
+                              if "step" in segments else None)
+        self.logits_segments = (OnnxSegments(ort, engine_dir, segments["logits"], options, providers, d)
+                                if "logits" in segments else None)
+        self.step_session = (None if self.step_segments else
+                             ort.InferenceSession(str(engine_dir / entry["files"]["step"]), options, providers=providers))
         self.logits_session = (ort.InferenceSession(str(engine_dir / entry["files"]["logits"]), options,
                                                     providers=providers) if "logits" in entry["files"] else None)
-        self.dtype = DTYPES[self.args.dtype]
 
     def eval(self) -> "OnnxStageModel":
         return self
@@ -87,6 +93,13 @@ class OnnxStageModel:
         b, t = input_pos.shape
         x = x.contiguous() if self.d.is_first_stage else x.to(self.dtype).contiguous()
         positions = input_pos.to(torch.int64).contiguous()
+        if self.step_segments is not None:  # tensor parallel: segments with the all-reduces between them
+            env = {"x": x, "positions": positions}
+            present = {}
+            for j, c in enumerate(self.caches):
+                env[f"past_key_{j}"] = present[f"present_key_{j}"] = c.k[:b]
+                env[f"past_value_{j}"] = present[f"present_value_{j}"] = c.v[:b]
+            return self.step_segments.run(env, present)["hidden"]
         hidden = torch.empty(b, t, self.args.hidden_size, dtype=self.dtype)
         binding = self.step_session.io_binding()
         _bind(binding.bind_input, "x", x)
@@ -100,10 +113,52 @@ class OnnxStageModel:
         return hidden
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
+        if self.logits_segments is not None:
+            return self.logits_segments.run({"hidden": h.to(self.dtype).contiguous()}, {})["logits"]
         if self.logits_session is None:
             raise PipelineError(f"rank {self.d.rank} is not the last pipeline stage and has no logits graph")
         out = self.logits_session.run(None, {"hidden": h.to(self.dtype).contiguous().numpy()})[0]
         return torch.from_numpy(out)
+
+
+class OnnxSegments:
+    """A tp rank's graph cut at its collectives (see pipeline/engine/onnx_segments.py): onnxruntime runs each
+    segment, torch.distributed performs each collective over the tp group, as the cpu runtime does."""
+
+    def __init__(self, ort, engine_dir: Path, plan: list[dict[str, Any]], options, providers: list[str], d: Dist):
+        self.d, self.plan = d, plan
+        self.sessions = [ort.InferenceSession(str(engine_dir / item["segment"]), options, providers=providers)
+                         if "segment" in item else None for item in plan]
+
+    def run(self, env: dict[str, torch.Tensor], bound: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Run every segment and collective in order; `env` holds the graph inputs and receives every tensor a
+        segment or collective makes; outputs named in `bound` are written into those buffers (the KV caches)."""
+        for item, session in zip(self.plan, self.sessions):
+            if session is None:
+                env[item["output"]] = _collective(item, env[item["input"]], self.d)
+                continue
+            binding = session.io_binding()
+            for spec in item["inputs"]:
+                _bind(binding.bind_input, spec["name"], env[spec["name"]].contiguous())
+            for spec in item["outputs"]:
+                if spec["name"] in bound:
+                    _bind(binding.bind_output, spec["name"], bound[spec["name"]])
+                else:
+                    binding.bind_output(spec["name"], "cpu")
+            session.run_with_iobinding(binding)
+            for spec, value in zip(item["outputs"], binding.get_outputs()):
+                env[spec["name"]] = bound.get(spec["name"])
+                if env[spec["name"]] is None:
+                    env[spec["name"]] = torch.from_numpy(value.numpy())
+        return env
+
+
+def _collective(item: dict[str, Any], x: torch.Tensor, d: Dist) -> torch.Tensor:
+    from pipeline.runtime.parallel import tp_all_gather, tp_all_reduce
+
+    if item["collective"] == "all_reduce":
+        return tp_all_reduce(x.clone(), d)
+    return tp_all_gather(x, d, item["axis"])
 
 
 def _bind(bind, name: str, t: torch.Tensor) -> None:

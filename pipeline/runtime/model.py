@@ -88,7 +88,11 @@ class ModelArgs:
     # (TensorRT-LLM's alibi: 1; alibi_with_scale (Falcon): the query scaling 1/sqrt(head_size)).
     alibi: bool = False
     alibi_scale: float = 1.0
+    alibi_bias_max: float = 8.0  # the slopes' exponent range (MPT's alibi_bias_max)
+    norm_bias: bool = True  # LayerNorms carry a bias (MPT's do not)
+    clip_qkv: float = 0.0  # clamp the fused qkv projection to [-clip_qkv, clip_qkv] (0: none; MPT)
     embedding_norm: bool = False  # a norm right after the embedding (BLOOM's word_embeddings_layernorm)
+    fc_linear_first: bool = False  # the fused gated fc holds [linear; activated] (Phi-3's swiglu), not [act; linear]
 
     def is_sliding(self, layer: int) -> bool:
         if self.sliding_window <= 0 or layer < self.first_sliding_layer:
@@ -242,14 +246,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
 
 
-def alibi_slopes(num_heads: int) -> torch.Tensor:
-    """BLOOM's ALiBi slopes [num_heads], float32: a geometric series for the largest power of two of heads, and for
-    the remaining heads every other term of the series of twice that many."""
+def alibi_slopes(num_heads: int, bias_max: float = 8.0) -> torch.Tensor:
+    """ALiBi slopes [num_heads], float32, as BLOOM and TensorRT-LLM compute them: a geometric series
+    2^(-bias_max * i / n) for the largest power of two n of heads, and for the remaining heads every other term of
+    the series of 2n (MPT's `alibi_bias_max` is bias_max; everyone else uses 8)."""
     closest = 2 ** math.floor(math.log2(num_heads))
-    base = 2.0 ** (-(2.0 ** -(math.log2(closest) - 3)))
+    base = 2.0 ** (-bias_max / closest)
     slopes = torch.pow(torch.tensor(base, dtype=torch.float32), torch.arange(1, 1 + closest, dtype=torch.int32))
     if closest != num_heads:
-        extra_base = 2.0 ** (-(2.0 ** -(math.log2(2 * closest) - 3)))
+        extra_base = 2.0 ** (-bias_max / (2 * closest))
         extra = torch.arange(1, 1 + 2 * min(closest, num_heads - closest), 2, dtype=torch.int32)
         slopes = torch.cat([slopes, torch.pow(torch.tensor(extra_base, dtype=torch.float32), extra)])
     return slopes
@@ -298,18 +303,20 @@ class RMSNorm(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, bias: bool = True):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim))
-        self.bias = nn.Parameter(torch.empty(dim))
+        self.bias = nn.Parameter(torch.empty(dim)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
 
 
 def make_norm(args: "ModelArgs") -> nn.Module:
-    return (LayerNorm if args.norm_type == "layer" else RMSNorm)(args.hidden_size, args.norm_eps)
+    if args.norm_type == "layer":
+        return LayerNorm(args.hidden_size, args.norm_eps, args.norm_bias)
+    return RMSNorm(args.hidden_size, args.norm_eps)
 
 
 def _bias(enabled: bool, size: int) -> nn.Parameter | None:
@@ -340,6 +347,8 @@ class Attention(nn.Module):
         a = self.args
         b, t, _ = x.shape
         qkv = self.linear(x, self.qkv_weight, self.qkv_bias)
+        if a.clip_qkv:  # fixed per model (MPT); elementwise, so each tp rank clamps its own columns
+            qkv = qkv.clamp(-a.clip_qkv, a.clip_qkv)
         q, k, v = qkv.split([a.local_heads * a.head_size, a.local_kv_heads * a.head_size, a.local_kv_heads * a.head_size], -1)
         q = q.view(b, t, a.local_heads, a.head_size).transpose(1, 2)
         k = k.view(b, t, a.local_kv_heads, a.head_size).transpose(1, 2)
@@ -368,6 +377,7 @@ class GatedMLP(nn.Module):
     def __init__(self, args: ModelArgs, d: Dist, linear: TorchKernel):
         super().__init__()
         self.d, self.linear = d, linear
+        self.linear_first = args.fc_linear_first
         h, inner = args.hidden_size, args.intermediate_size // args.tp_size
         self.act = ACTIVATIONS[args.hidden_act]
         self.fc_gate_weight = nn.Parameter(torch.empty(2 * inner, h))
@@ -377,6 +387,8 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fc, gate = self.linear(x, self.fc_gate_weight, self.fc_gate_bias).chunk(2, dim=-1)
+        if self.linear_first:  # fixed per model (Phi-3: [up; gate], silu on the second half)
+            fc, gate = gate, fc
         y = tp_all_reduce(self.linear(self.act(fc) * gate, self.proj_weight), self.d)
         return y if self.proj_bias is None else y + self.proj_bias
 
@@ -577,7 +589,7 @@ class EngineModel(nn.Module):
         self.sliding = [args.is_sliding(g) for g in args.layers]  # fixed per layer
         if args.alibi:  # this rank's heads' slopes (TP splits them by head), scaled once here
             local = slice(d.tp_rank * args.local_heads, (d.tp_rank + 1) * args.local_heads)
-            self.register_buffer("alibi_slopes", alibi_slopes(args.num_heads)[local] * args.alibi_scale,
+            self.register_buffer("alibi_slopes", alibi_slopes(args.num_heads, args.alibi_bias_max)[local] * args.alibi_scale,
                                  persistent=False)
         if d.is_last_stage:
             self.final_norm = make_norm(args) if args.final_norm else nn.Identity()

@@ -29,6 +29,9 @@ class Dist:
     pp_size: int = 1
     tp_group: Any = None
     groups: dict = field(default_factory=dict)
+    # Stands in for torch.distributed in the TP collectives when set: the ONNX export records each collective as a
+    # graph node there (pipeline/engine/onnx_export.py), where the runtime later performs it between graph segments.
+    collectives: Any = None
 
     @property
     def world_size(self) -> int:
@@ -147,6 +150,8 @@ def tp_all_reduce(x: torch.Tensor, d: Dist) -> torch.Tensor:
     """Sum partial results of a row-parallel layer over the tensor-parallel group."""
     if d.tp_size == 1:
         return x
+    if d.collectives is not None:
+        return d.collectives.all_reduce(x)
     dist.all_reduce(x, group=d.tp_group)
     return x
 
@@ -155,6 +160,8 @@ def tp_all_gather(x: torch.Tensor, d: Dist, dim: int) -> torch.Tensor:
     """Concatenate each tp rank's slice along `dim` (vocab-parallel logits, column-sharded embeddings)."""
     if d.tp_size == 1:
         return x
+    if d.collectives is not None:
+        return d.collectives.all_gather(x, dim)
     parts = [torch.empty_like(x) for _ in range(d.tp_size)]
     dist.all_gather(parts, x.contiguous(), group=d.tp_group)
     return torch.cat(parts, dim=dim)

@@ -4,7 +4,8 @@ torch CUDA tensors are the I/O buffers; the KV caches are allocated once and bou
 present output of each layer (TensorRT's KV-cache update writes in place: the engine aliases them). The step engine
 has one execution context per optimization profile (context: prefill; generation: one token per sequence), so no
 profile switch happens between steps. Hidden states leave a stage on the CPU for the MPI hand-over between pipeline
-stages; logits come back as float32 on the CPU, as the cpu runtime returns them.
+stages; logits come back as float32 on the CPU, as the cpu runtime returns them. Tensor-parallel engines are engine
+segments with the collectives between them (TrtSegments; see pipeline/engine/onnx_segments.py for why).
 """
 
 from __future__ import annotations
@@ -64,9 +65,16 @@ class TrtStageModel:
         limits = config["build_config"]
         self.caches = allocate_caches(self.args, limits["max_batch_size"], limits["max_seq_len"], "cuda")
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        plans = {p["graph"]: p["plan"] for p in manifest["plans"] if p["rank"] == d.rank}
-        self.step_engine = self._load(engine_dir / plans["step"])
-        self.step_contexts = [self._context(self.step_engine, i) for i in range(self.step_engine.num_optimization_profiles)]
+        mine = [p for p in manifest["plans"] if p["rank"] == d.rank]
+        plans = {p["graph"]: p["plan"] for p in mine if p.get("position") is None}
+        segment_plans = {(p["graph"], p["position"]): p["plan"] for p in mine if p.get("position") is not None}
+        segments = entry.get("segments") or {}
+        self.step_segments, self.logits_segments = (
+            TrtSegments(self, engine_dir, segments[g], {k: f for (graph, k), f in segment_plans.items() if graph == g})
+            if g in segments else None for g in ("step", "logits"))
+        self.step_engine = self._load(engine_dir / plans["step"]) if "step" in plans else None
+        self.step_contexts = ([self._context(self.step_engine, i)
+                               for i in range(self.step_engine.num_optimization_profiles)] if self.step_engine else [])
         self.logits_engine = self._load(engine_dir / plans["logits"]) if "logits" in plans else None
         self.logits_context = self._context(self.logits_engine, 0) if self.logits_engine else None
 
@@ -86,9 +94,16 @@ class TrtStageModel:
 
     def step(self, x: torch.Tensor, input_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
         b, t = input_pos.shape
-        context = self.step_contexts[GENERATION if t == 1 and len(self.step_contexts) > 1 else CONTEXT]
         x = x.to(self.device) if self.d.is_first_stage else x.to(self.device, self.dtype)
         buffers = {"x": x.contiguous(), "positions": input_pos.to(self.device, torch.int64).contiguous()}
+        if self.step_segments is not None:  # tensor parallel: engine segments, the collectives between them
+            present = {}
+            for j, c in enumerate(self.caches):
+                buffers[f"past_key_{j}"] = present[f"present_key_{j}"] = c.k[:b]
+                buffers[f"past_value_{j}"] = present[f"present_value_{j}"] = c.v[:b]
+            hidden = self.step_segments.run(buffers, present, decode=t == 1)["hidden"]
+            return hidden if self.d.is_last_stage else hidden.cpu()
+        context = self.step_contexts[GENERATION if t == 1 and len(self.step_contexts) > 1 else CONTEXT]
         hidden = torch.empty(b, t, self.args.hidden_size, dtype=self.dtype, device=self.device)
         outputs = {"hidden": hidden}
         for j, c in enumerate(self.caches):
@@ -99,12 +114,59 @@ class TrtStageModel:
         return hidden if self.d.is_last_stage else hidden.cpu()
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
+        if self.logits_segments is not None:
+            h = h.to(self.device, self.dtype).contiguous()
+            return self.logits_segments.run({"hidden": h}, {}, decode=False)["logits"].float().cpu()
         if self.logits_context is None:
             raise PipelineError(f"rank {self.d.rank} is not the last pipeline stage and has no logits engine")
         h = h.to(self.device, self.dtype).contiguous()
         out = torch.empty(*h.shape[:-1], self.args.vocab_size, dtype=torch.float32, device=self.device)
         _execute(self.logits_context, {"hidden": h}, {"logits": out})
         return out.cpu()
+
+
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                 "int64": torch.int64, "int32": torch.int32, "bool": torch.bool}
+
+
+class TrtSegments:
+    """A tp rank's graph as engine segments (one plan per segment of pipeline/engine/onnx_segments.py, one
+    execution context per profile); the collectives between them go over the runtime's tp group (torch.distributed
+    gloo, through host memory, as the cpu runtime does)."""
+
+    def __init__(self, stage: "TrtStageModel", engine_dir: Path, plan: list[dict[str, Any]], files: dict[int, str]):
+        self.stage, self.plan, self.parts = stage, plan, []
+        for k, item in enumerate(plan):
+            if "segment" not in item:
+                self.parts.append(None)
+                continue
+            engine = stage._load(engine_dir / files[k])
+            self.parts.append([stage._context(engine, i) for i in range(engine.num_optimization_profiles)])
+
+    def run(self, env: dict[str, torch.Tensor], bound: dict[str, torch.Tensor], decode: bool) -> dict:
+        from pipeline.runtime.parallel import tp_all_gather, tp_all_reduce
+
+        device = self.stage.device
+        for item, contexts in zip(self.plan, self.parts):
+            if contexts is None:
+                x = env[item["input"]].cpu()
+                y = (tp_all_reduce(x, self.stage.d) if item["collective"] == "all_reduce"
+                     else tp_all_gather(x, self.stage.d, item["axis"]))
+                env[item["output"]] = y.to(device)
+                continue
+            context = contexts[GENERATION if decode and len(contexts) > 1 else CONTEXT]
+            inputs = {spec["name"]: env[spec["name"]].contiguous() for spec in item["inputs"]}
+            for name, t in inputs.items():
+                context.set_input_shape(name, tuple(t.shape))
+            outputs = {}
+            for spec in item["outputs"]:
+                t = bound.get(spec["name"])
+                if t is None:
+                    shape = tuple(context.get_tensor_shape(spec["name"]))
+                    t = torch.empty(shape, dtype=_TORCH_DTYPES[spec["dtype"]], device=device)
+                outputs[spec["name"]] = env[spec["name"]] = t
+            _execute(context, inputs, outputs)
+        return env
 
 
 def _execute(context, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:

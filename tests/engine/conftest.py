@@ -12,15 +12,18 @@ from tests.engine.checkpoints import BUILD, make_checkpoint
 
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory):
-    built: dict[str, dict] = {}
+    """exported(arch, tp=1, pp=1) -> {ckpt, cpu, onnx, metrics}: the checkpoint with that mapping and both engines."""
+    built: dict[tuple, dict] = {}
 
-    def get(arch: str) -> dict:
-        if arch not in built:
-            root = tmp_path_factory.mktemp(arch)
-            ckpt = make_checkpoint(make_tiny_model(root, arch), root / "ckpt")
+    def get(arch: str, tp: int = 1, pp: int = 1) -> dict:
+        key = (arch, tp, pp)
+        if key not in built:
+            root = tmp_path_factory.mktemp(f"{arch}_tp{tp}pp{pp}")
+            model = built[(arch, 1, 1)]["ckpt"].parent / arch if (arch, 1, 1) in built else make_tiny_model(root, arch)
+            ckpt = make_checkpoint(model, root / "ckpt", tp=tp, pp=pp)
             get_backend("cpu").build(ckpt, root / "cpu", BUILD)
             metrics = get_backend("onnx").build(ckpt, root / "onnx", {**BUILD, "backend": "onnx"})
-            built[arch] = {"ckpt": ckpt, "cpu": root / "cpu", "onnx": root / "onnx", "metrics": metrics}
-        return built[arch]
+            built[key] = {"ckpt": ckpt, "cpu": root / "cpu", "onnx": root / "onnx", "metrics": metrics}
+        return built[key]
 
     return get

@@ -1,6 +1,7 @@
 """build.backend=onnx: the runtime's modules exported per rank, run by onnxruntime behind ModelRunner, against the cpu
 backend on the same checkpoint (prefill and decode over a ragged batch: logits within 1e-4 in float32, identical
-greedy tokens over 16 steps); the graphs' checks, census and profiles; refusals; cache key; pipeline parallelism.
+greedy tokens over 16 steps); the graphs' checks, census and profiles; refusals; cache key; pipeline and tensor
+parallelism under mpirun.
 
 Exporting costs seconds per graph, so CI runs a set of architectures covering every structural variant of the
 runtime (GQA, both RoPE styles and partial rotary, learned positions, LayerNorm and RMSNorm, sequential, parallel and
@@ -80,12 +81,12 @@ def test_refusals_name_what_the_export_does_not_cover():
     quant = checkpoint_refusals({**base, "quantization": {"quant_algo": "W8A16", "kv_cache_quant_algo": "INT8"}})
     assert "quant_algo=W8A16" in quant[0] and "kv_cache_quant_algo=INT8" in quant[1]
     assert "dtype=bfloat16" in checkpoint_refusals({**base, "dtype": "bfloat16"})[0]
-    assert "tensor parallelism (tp_size=2)" in checkpoint_refusals({**base, "mapping": {"tp_size": 2}})[0]
+    assert checkpoint_refusals({**base, "mapping": {"tp_size": 2, "pp_size": 2}}) == []
 
 
-def test_tp_checkpoint_is_refused_before_any_work(tmp_path):
-    ckpt = make_checkpoint(make_tiny_model(tmp_path, "llama_mha_tied"), tmp_path / "ckpt", tp=2)
-    with pytest.raises(PipelineError, match=r"build.backend=onnx cannot export.*tensor parallelism \(tp_size=2\)"):
+def test_refused_checkpoint_leaves_no_engine(tmp_path):
+    ckpt = make_checkpoint(make_tiny_model(tmp_path, "llama_mha_tied"), tmp_path / "ckpt", dtype="bfloat16")
+    with pytest.raises(PipelineError, match=r"build.backend=onnx cannot export.*dtype=bfloat16"):
         get_backend("onnx").build(ckpt, tmp_path / "engine", {**BUILD, "backend": "onnx"})
     assert not (tmp_path / "engine").exists()
 
@@ -110,3 +111,34 @@ def test_pipeline_parallel_onnx_engine_under_mpirun_equals_single_rank(exported,
     for result in generate_on_ranks(engine, tmp_path / "out2", 2):
         assert torch.equal(result["output_ids"], single["output_ids"]), MPI_PROMPTS
         assert (result["generation_logits"] - single["generation_logits"]).abs().max() < 1e-5
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not installed (pip install mpi4py mpich)")
+@pytest.mark.parametrize("tp,pp", [(2, 1), (2, 2)] if os.environ.get("TRTLLM_PIPELINE_ALL_ARCHS") else [(2, 1)])
+def test_tensor_parallel_onnx_engine_under_mpirun(exported, tmp_path, tp, pp):
+    """Each tp rank's graphs are cut at the all-reduce / all-gather points into segments; the runtime performs the
+    collectives between them. Equal to the cpu backend's engine of the same mapping and to single rank."""
+    from tests.runtime.test_multirank import generate_on_ranks
+
+    single_rank = exported("llama_gqa_untied")
+    built = exported("llama_gqa_untied", tp, pp)
+    engine, metrics = built["onnx"], built["metrics"]
+    layers = TINY_MODELS["llama_gqa_untied"][1]["num_hidden_layers"]
+    assert metrics["onnx_op_census"]["AllReduce"] == 2 * layers * tp  # attention output and MLP down, every rank
+    graphs = json.loads((engine / "graphs.json").read_text())
+    for entry in graphs["ranks"]:
+        step = entry["segments"]["step"]
+        assert [s["collective"] for s in step if "collective" in s] == ["all_reduce"] * 2 * len(entry["model"]["layers"])
+        assert not any(i["dtype"] == "int64" and all(isinstance(n, int) for n in i["shape"])
+                       for s in step if "segment" in s for i in s["inputs"])  # shape tensors are recomputed
+        if "logits" in entry["segments"]:
+            assert [s["collective"] for s in entry["segments"]["logits"] if "collective" in s] == ["all_gather"]
+    assert not list(engine.glob("rank*.step.onnx"))  # only the segments remain
+    single = generate_on_ranks(single_rank["onnx"], tmp_path / "out1", 1)[0]
+    cpu = generate_on_ranks(built["cpu"], tmp_path / "out_cpu", tp * pp, "torch")
+    for rank, result in enumerate(generate_on_ranks(engine, tmp_path / "out", tp * pp)):
+        assert torch.equal(result["output_ids"], single["output_ids"]), rank
+        assert torch.equal(result["output_ids"], cpu[rank]["output_ids"]), rank
+        for key in ("context_logits", "generation_logits"):
+            assert (result[key] - single[key]).abs().max() < 1e-4, (rank, key)
+            assert (result[key] - cpu[rank][key]).abs().max() < 1e-4, (rank, key)

@@ -12,7 +12,7 @@ import types
 import pytest
 
 from pipeline.engine import tensorrt_backend
-from pipeline.engine.tensorrt_backend import build_plans, graph_shapes
+from pipeline.engine.tensorrt_backend import build_plans, graph_shapes, segment_shapes
 from pipeline.errors import PipelineError
 from pipeline.stages.build import backend_environment
 from tests.engine.checkpoints import BUILD
@@ -81,5 +81,42 @@ def test_structural_tensorrt_rtx_parse_and_build(exported, arch):
     # soft-capped scores (Gemma2) are computed with plain ops; every other architecture uses fused attention
     assert step["layer_census"].get("ATTENTION_INPUT", 0) == (0 if arch == "gemma2_softcap" else layers)
     assert len(step["profiles"]) == 2 and all(p["plan_bytes"] > 0 for p in manifest["plans"])
+    for p in manifest["plans"]:
+        (engine / p["plan"]).unlink()
+
+
+def test_profile_shapes_of_tensor_parallel_segments():
+    inputs = [{"name": "x", "dtype": "int64", "shape": ["batch", "seq"]},
+              {"name": "past_key_0", "dtype": "float32", "shape": ["batch", 2, 64, 8]},
+              {"name": "mask", "dtype": "bool", "shape": ["batch", 1, "seq", 64]},
+              {"name": "packed", "dtype": "float32", "shape": ["batch*seq", 64]},
+              {"name": "table", "dtype": "float32", "shape": [64, 8]}]
+    limits = {"max_batch_size": 4, "max_input_len": 32, "max_seq_len": 64, "max_num_tokens": 64}
+    context, generation = segment_shapes(inputs, "step", limits)
+    assert context["x"] == ((1, 1), (4, 16), (4, 32)) and generation["x"] == ((1, 1), (4, 1), (4, 1))
+    assert context["past_key_0"] == ((1, 2, 64, 8), (4, 2, 64, 8), (4, 2, 64, 8))
+    assert context["packed"] == ((1, 64), (64, 64), (128, 64)) and "table" not in context  # static: no profile
+    (logits,) = segment_shapes(inputs[:1], "logits", limits)
+    assert logits["x"][2] == (4, 32)
+    with pytest.raises(PipelineError, match="dimension 'len\\(x\\)'"):
+        segment_shapes([{"name": "y", "dtype": "float32", "shape": ["len(x)"]}], "step", limits)
+
+
+def test_structural_tensorrt_rtx_build_of_tensor_parallel_segments(exported):
+    """STRUCTURAL check of a tp2 engine: one plan per segment, every segment parses and builds; the KV-cache updates
+    and attentions of each rank's layers are all there."""
+    trt = pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed: "
+                                                     "pip install 'trtllm-pipeline[tensorrt-rtx]'")
+    engine = exported("llama_gqa_untied", tp=2)["onnx"]
+    manifest = build_plans(engine, trt, "tensorrt-rtx", "8.9")
+    layers = 3
+    for rank in (0, 1):
+        plans = [p for p in manifest["plans"] if p["rank"] == rank]
+        step = [p for p in plans if p["graph"] == "step"]
+        assert [p["position"] for p in step] == list(range(0, 2 * 2 * layers + 1, 2))  # segments between collectives
+        assert sum(p["layer_census"].get("KV_CACHE_UPDATE", 0) for p in step) == 2 * layers
+        assert sum(p["layer_census"].get("ATTENTION_INPUT", 0) for p in step) == layers
+        assert all(len(p["profiles"]) == 2 for p in step) and all(p["plan_bytes"] > 0 for p in plans)
+        assert [p["position"] for p in plans if p["graph"] == "logits"] == [0, 2]
     for p in manifest["plans"]:
         (engine / p["plan"]).unlink()

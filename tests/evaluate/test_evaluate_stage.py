@@ -99,3 +99,18 @@ def test_multirank_evaluation_equals_single_rank(tiny_with_tokenizer, tmp_path):
     assert two.metrics["engine_ppl"] == pytest.approx(one.metrics["engine_ppl"], rel=1e-5)
     rows = lambda o: [json.loads(x)["engine"] for x in (o.artifact / "outputs.jsonl").read_text().splitlines()]  # noqa: E731
     assert rows(one) == rows(two)
+
+
+def test_beam_search_evaluation_equals_transformers_and_tp2_equals_tp1(tiny_with_tokenizer, tmp_path):
+    """evaluate.num_beams=2: the engine's best beam equals transformers' num_beams generate on every sample, and a
+    tp2 engine evaluates to the same outputs."""
+    common = ["model=hf_local", f"model.path={tiny_with_tokenizer}", "progress=false", "evaluate=tldr",
+              "evaluate.max_ite=2", "evaluate.batch_size=2", "evaluate.output_len=8", "build.max_input_len=96",
+              "build.max_seq_len=128", "build.smoke_test_tokens=0", "evaluate.max_input_length=96",
+              "evaluate.test_hf=true", "evaluate.num_beams=2", "build.max_beam_width=2"]
+    one = run_pipeline(compose_recipe(common), tmp_path, ["evaluate"], progress=False).stages[-1]
+    report = json.loads((one.artifact / "report.json").read_text())
+    assert report["n"] == 4 and report["agreement"]["identical_fraction"] == 1.0
+    two = run_pipeline(compose_recipe([*common, "mapping.tp_size=2"]), tmp_path, ["evaluate"], progress=False).stages[-1]
+    rows = lambda o: [json.loads(x)["engine"] for x in (o.artifact / "outputs.jsonl").read_text().splitlines()]  # noqa: E731
+    assert rows(one) == rows(two)

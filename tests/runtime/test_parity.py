@@ -11,7 +11,7 @@ from tests.runtime.engines import build_engine
 PROMPTS = [[5, 17, 3, 9, 22, 41, 7], [11, 2], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 12], [8, 8, 8, 1]]
 MODELS = ["llama_gqa_untied", "llama_mha_tied", "mistral_mqa", "qwen2_bias", "gpt2", "gpt_bigcode_mqa", "gpt_neox", "phi", "gptj", "gemma", "gemma2_softcap",
           "gemma2_no_softcap", "gemma3", "opt_pre_norm", "opt_post_norm", "opt_proj",
-          "falcon_mha_sequential", "falcon_mqa_parallel", "falcon_new_arch", "mixtral_4e_top2", "mixtral_8e_top1_mqa"]
+          "falcon_mha_sequential", "falcon_mqa_parallel", "falcon_new_arch", "mixtral_4e_top2", "mixtral_8e_top1_mqa", "mpt"]
 
 
 def hf_model(model_dir, dtype=torch.float32):

@@ -44,6 +44,11 @@ def test_unset_limits_follow_the_model_as_trtllm_build_derives_them():
     # longrope and llama3 configs already state the long length: their factor does not multiply it
     for kind in ("longrope", "llama3"):
         assert model_max_seq_len({"max_position_embeddings": 512, "rotary_scaling": {"type": kind, "factor": 4.0}})[0] == 512
+    # yarn (type or rope_type) stretches it, rounded up as trtllm-build's math.ceil(max_position_embeddings x factor)
+    for key in ("type", "rope_type"):
+        yarn = {"max_position_embeddings": 2047, "rotary_scaling": {key: "yarn", "factor": 2.5,
+                                                                   "original_max_position_embeddings": 2047}}
+        assert resolve_limits(unset, yarn)["max_seq_len"] == 5118
 
 
 def test_explicit_limit_errors_say_once_where_the_bound_comes_from():
