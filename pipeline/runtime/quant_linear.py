@@ -5,11 +5,18 @@ activation quantization the algorithm implies (INT8 or FP8 fake-quantization wit
 the values an INT8/FP8 GEMM would see). The weight path is either
 - `exact`: W dequantized once at load (q * scale + zero, in float32) and multiplied by the float kernel: the
   reference dequantization of the checkpoint, to float rounding; or
-- `fast`: torch's CPU weight-only kernels on the integer values (`_weight_int8pack_mm` for per-channel int8,
-  `_weight_int4pack_mm_for_cpu` for int4 in groups), which multiply in bfloat16 (these kernels are fast only with
-  16-bit activations, as TensorRT-LLM's weight-only GEMMs are): about 2.5x faster than float32 oneDNN at batch 1.
-Weights the fast kernels cannot take (FP8 values, per-channel int8 with zero points, group sizes outside 32..256)
-use the exact path.
+- `native` (float32 engines): the compiled kernels of pipeline.runtime.native on the stored integer/FP8 values
+  (int8, int4 repacked once into 32-value blocks, FP8 e4m3 bytes), every format, zero points and group sizes: each
+  weight dequantized exactly as the reference does (q * scale, then + zero) and multiplied with float32
+  activations, accumulated in float32; prequant and activation fake-quantization fused in. It reads the weights as
+  stored (1 byte, or half a byte, per weight) and uses each decoded block for up to 8 rows (batch 8 reads the
+  weights once); or
+- `fast` (16-bit engines, or where the compiled kernels are unavailable): torch's CPU weight-only kernels on the
+  integer values (`_weight_int8pack_mm` for per-channel int8, `_weight_int4pack_mm_for_cpu` for int4 in groups),
+  which multiply in bfloat16 (fast only with 16-bit activations, as TensorRT-LLM's weight-only GEMMs are). Weights
+  they cannot take (FP8 values, per-channel int8 with zero points, group sizes outside 32..256) use the exact path.
+Which of these runs is the kernel's choice (`fast_quantized` of pipeline.runtime.kernels): the `torch` kernel, which
+the exporters use, always takes the exact path.
 """
 
 from __future__ import annotations
@@ -21,6 +28,9 @@ from pipeline.quantize.numerics import dequantize_groups, fake_quant_fp8, fake_q
 
 INT4_GROUPS = (256, 128, 64, 32)  # group sizes the CPU int4 kernel takes
 FAST_DTYPE = torch.bfloat16
+NATIVE_FORMATS = {8: 0, 4: 1, 0: 2}  # bits -> the compiled kernel's storage format (int8, int4 blocks, fp8)
+NATIVE_ACT = {None: 0, "int8": 1, "fp8": 2}
+NATIVE_BLOCK = 32  # int4 values per 16-byte block of the compiled kernel
 
 
 class QuantLinear:
@@ -29,8 +39,12 @@ class QuantLinear:
         self.act_scale = w.act_scale
         self.act = {"int8": fake_quant_int8, "fp8": fake_quant_fp8}.get(act_quant) if w.act_scale is not None else None
         self.out_features = w.q.shape[0]
-        self.mode = self._fast_mode(w) if fast else None
-        if self.mode == "int8":
+        self.mode = None
+        if fast:
+            self.mode = "native" if dtype == torch.float32 and _native() is not None else self._fast_mode(w)
+        if self.mode == "native":
+            self._prepare_native(w, act_quant)
+        elif self.mode == "int8":
             self.q, self.scale = w.q.contiguous(), w.scale[:, 0].to(FAST_DTYPE)
         elif self.mode == "int4":
             self._prepare_int4(w)
@@ -62,7 +76,23 @@ class QuantLinear:
         self.group = group
         self.scale_zero = torch.stack([scale.t(), zero.t()], dim=-1).contiguous().to(FAST_DTYPE)
 
+    def _prepare_native(self, w: EngineQuant, act_quant: str | None) -> None:
+        self.in_features = w.q.shape[1]
+        self.format = NATIVE_FORMATS[w.bits]
+        if w.bits == 4:
+            self.packed = pack_int4_blocks(w.q)
+        else:
+            self.packed = w.q.contiguous().view(torch.int8 if w.bits == 8 else torch.uint8)
+        self.scale = w.scale.float().contiguous()
+        self.zero = None if w.zero is None else w.zero.float().contiguous()
+        self.native_act = NATIVE_ACT.get(act_quant, 0) if w.act_scale is not None else 0
+        self.native_prequant = None if w.prequant is None else w.prequant.float().contiguous()
+        self.native_act_scale = None if w.act_scale is None else w.act_scale.float().reshape(1).contiguous()
+
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.mode == "native":
+            return _native().quant_linear(x, self.packed, self.format, self.in_features, self.scale, self.zero, bias,
+                                          self.native_prequant, self.native_act_scale, self.native_act)
         if self.prequant is not None:
             x = x * self.prequant
         if self.act is not None:
@@ -83,3 +113,20 @@ def _int4_group(w: EngineQuant) -> int | None:
     """The largest kernel group size that tiles each of the weight's scale groups exactly."""
     width = w.q.shape[1] // w.scale.shape[1]
     return next((g for g in INT4_GROUPS if width % g == 0), None)
+
+
+def pack_int4_blocks(q: torch.Tensor) -> torch.Tensor:
+    """(out, in) int4 values -> (out, ceil(in / 32) * 16) uint8 for the compiled kernel: per block of 32 values, byte
+    j holds value j + 8 in its low nibble and value j + 16 + 8 in its high nibble (the input padded with zeros)."""
+    out, width = q.shape
+    padded = -(-width // NATIVE_BLOCK) * NATIVE_BLOCK
+    u = torch.full((out, padded), 8, dtype=torch.uint8)
+    u[:, :width] = (q.to(torch.int16) + 8).to(torch.uint8)
+    u = u.reshape(out, padded // NATIVE_BLOCK, 2, NATIVE_BLOCK // 2)
+    return (u[:, :, 0] | (u[:, :, 1] << 4)).reshape(out, padded // 2).contiguous()
+
+
+def _native():
+    from pipeline.runtime import native
+
+    return native.load()

@@ -102,13 +102,35 @@ def test_weight_only_engine_equals_reference_dequantization(engines, tmp_path, a
 
 
 @pytest.mark.parametrize("algo", ["W8A16", "W4A16", "W4A16_AWQ", "W4A16_GPTQ"])
-def test_fast_integer_kernels_match_the_exact_path(engines, algo):
+def test_fast_integer_kernels_match_the_exact_path(engines, algo, monkeypatch):
+    """torch's bfloat16 weight-only kernels (what runs without the compiled kernels, or in 16-bit engines)."""
+    import pipeline.runtime.quant_linear as quant_linear
+
+    monkeypatch.setattr(quant_linear, "_native", lambda: None)
     engine = engines(algo)
     exact, fast = generate(engine, "torch"), generate(engine, "auto")
     scale = exact["context_logits"].abs().max().item()
     # bfloat16 activations in the integer kernels: ~2^-8 relative per product, accumulated in float32
     assert (fast["context_logits"] - exact["context_logits"]).abs().max().item() < 0.02 * scale
     assert (fast["output_ids"] == exact["output_ids"]).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("algo", ["W8A16", "W4A16", "W4A16_AWQ", "W4A16_GPTQ", "W8A8_SQ_PER_CHANNEL", "FP8",
+                                  "W4A8_AWQ"])
+def test_compiled_kernels_match_the_exact_path(engines, algo):
+    """The compiled kernels (float32 engines' default) compute the exact path's numbers: same dequantized weights,
+    same activation quantization, float32 accumulation in another order."""
+    from pipeline.runtime import native
+
+    if native.unavailable_reason() is not None:
+        pytest.skip(f"compiled kernels unavailable here: {native.unavailable_reason()}")
+    engine = engines(algo)
+    runner = ModelRunner.from_dir(engine, kernel="auto")
+    assert runner.model.layers[0].mlp.proj_weight.mode == "native"
+    exact, fast = generate(engine, "torch"), generate(engine, "auto")
+    scale = exact["context_logits"].abs().max().item()
+    assert (fast["context_logits"] - exact["context_logits"]).abs().max().item() < 1e-4 * scale
+    assert torch.equal(fast["output_ids"], exact["output_ids"])
 
 
 @pytest.mark.parametrize("algo,act", [("W8A8_SQ_PER_CHANNEL", "int8"), ("FP8", "fp8"), ("W4A8_AWQ", "fp8")])

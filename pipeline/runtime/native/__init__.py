@@ -1,0 +1,106 @@
+"""The CPU engine's compiled kernels: weight-only quantized GEMV / small GEMM (`quant_gemm.cpp`, AVX2 + FMA + F16C).
+
+The module is compiled from this package's own source by torch's extension builder (torch.utils.cpp_extension, the
+compiler and flags torch itself expects), once: `python -m pipeline.runtime.native build` (scripts/setup.sh runs it
+after installing), or on first use when an engine is loaded. It is cached under a directory named by a hash of the
+source, the torch version and the flags, so an upgrade rebuilds and concurrent processes share one build (torch's
+builder locks the directory). Where it cannot be built or loaded (no C++ compiler, a CPU without AVX2/FMA, a failed
+compile), `load()` returns None after one line on stderr and the engine keeps torch's kernels.
+
+The cache directory: $TRTLLM_PIPELINE_NATIVE_DIR if set, else `<sys.prefix>/var/trtllm-pipeline/native` (the virtual
+environment's own tree) when writable, else `~/.cache/trtllm-pipeline/native`.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import sys
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("quant_gemm.cpp")
+CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off")
+LDFLAGS = ("-fopenmp",)
+DISABLE_ENV = "TRTLLM_PIPELINE_NATIVE"  # "0": never build or load the compiled kernels
+
+
+def _tag() -> str:
+    import torch
+
+    h = hashlib.sha256(SOURCE.read_bytes())
+    h.update(f"{torch.__version__}|{sys.version_info[:2]}|{' '.join(CFLAGS + LDFLAGS)}".encode())
+    return h.hexdigest()[:12]
+
+
+def cache_root() -> Path:
+    if os.environ.get("TRTLLM_PIPELINE_NATIVE_DIR"):
+        return Path(os.environ["TRTLLM_PIPELINE_NATIVE_DIR"])
+    in_env = Path(sys.prefix) / "var" / "trtllm-pipeline" / "native"
+    try:
+        in_env.mkdir(parents=True, exist_ok=True)
+        if os.access(in_env, os.W_OK):
+            return in_env
+    except OSError:
+        pass
+    return Path.home() / ".cache" / "trtllm-pipeline" / "native"
+
+
+def build_dir() -> Path:
+    return cache_root() / _tag()
+
+
+def _module_name() -> str:
+    return f"trtllm_pipeline_quant_gemm_{_tag()}"
+
+
+def unavailable_reason() -> str | None:
+    """Why the compiled kernels cannot be used here, before trying to build them (None: they can)."""
+    import torch
+
+    if os.environ.get(DISABLE_ENV) == "0":
+        return f"{DISABLE_ENV}=0"
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return f"the CPU lacks AVX2/FMA (torch reports {torch.backends.cpu.get_cpu_capability()})"
+    built = list(build_dir().glob(f"{_module_name()}*.so"))
+    compiler = os.environ.get("CXX", "c++")
+    if not built and shutil.which(compiler) is None:
+        return f"no C++ compiler ({compiler}) to build them"
+    return None
+
+
+def build(verbose: bool = False):
+    """Compile (or find the cached build of) the kernels and import them. Raises on failure.
+
+    One process builds at a time, under an flock of the build directory (released by the kernel when a builder dies).
+    torch's own build lock is a plain file that a killed build leaves behind, after which every later build would
+    wait for it forever: holding the flock, no one else is building, so such a file is stale and is removed."""
+    import fcntl
+
+    import torch.utils.cpp_extension as ext
+
+    directory = build_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "build.flock", "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        (directory / "lock").unlink(missing_ok=True)
+        # copies of the flags: torch's builder appends to the lists it is given (and the tag hashes them)
+        return ext.load(name=_module_name(), sources=[str(SOURCE)], extra_cflags=list(CFLAGS),
+                        extra_ldflags=list(LDFLAGS), build_directory=str(directory), verbose=verbose)
+
+
+@functools.cache
+def load():
+    """The compiled kernel module, built on first use; None (after one line on stderr) where it cannot be."""
+    reason = unavailable_reason()
+    if reason is None:
+        try:
+            if not list(build_dir().glob(f"{_module_name()}*.so")):
+                print(f"building the quantized CPU kernels into {build_dir()} (once, about a minute)", file=sys.stderr)
+            return build()
+        except Exception as e:  # a compiler error, a missing header: the torch kernels still work
+            reason = f"building them failed ({str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__})"
+    if os.environ.get(DISABLE_ENV) != "0":
+        print(f"note: compiled quantized kernels unavailable: {reason}; using torch's kernels", file=sys.stderr)
+    return None

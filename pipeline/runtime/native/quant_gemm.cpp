@@ -1,0 +1,248 @@
+// Weight-only quantized GEMV / small GEMM for the CPU engine (AVX2 + FMA + F16C), float32 activations.
+//
+// y[m, n] = sum_k x'[m, k] * w[n, k] (+ bias[n]) with w[n, k] = q[n, k] * scale[n, g] (+ zero[n, g]), g = k / group:
+// each weight is dequantized exactly as the reference does (one float multiply, then one add; no fused rounding:
+// the module is built with -ffp-contract=off) and multiplied with float32 activations, accumulated in float32.
+// x' is x, optionally multiplied by `prequant` (AWQ/SmoothQuant factors) and fake-quantized per tensor with
+// `act_scale` (INT8: round half to even, clamp to [-128, 127]; FP8 e4m3: clamp to +-448, round to nearest even),
+// which is what the engine's Python path computes.
+//
+// Storage formats (prepared once at load by pipeline.runtime.native):
+//   0 int8: (N, K) int8 values.
+//   1 int4: (N, ceil(K / 32) * 16) uint8, blocks of 32 values per 16 bytes: byte j of a block holds value j + 8 in
+//           its low nibble and value j + 16 + 8 in its high nibble (values stored with an offset of 8, unsigned).
+//   2 fp8:  (N, K) float8_e4m3fn bits.
+//   3 f32:  (N, K) float32 (with scale 1: a plain GEMV).
+// Rows are independent: the work is split over output rows (at::parallel_for), and each decoded block of weights
+// is used for up to 8 activation rows before the next block is read (batch 8 reads the weights once).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace {
+
+constexpr int kBlock = 32;     // values per vector step (4 AVX registers of 8 floats)
+constexpr int kMaxRows = 8;    // activation rows per pass over the weights
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+struct Int8Row {
+  using T = int8_t;
+  const int8_t* p;
+  static constexpr float kUnit = 1.0f;
+  inline void decode(int64_t k, __m256 w[4]) const {
+    for (int c = 0; c < 4; ++c)
+      w[c] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + k + 8 * c))));
+  }
+  inline float at(int64_t k) const { return static_cast<float>(p[k]); }
+};
+
+struct Int4Row {
+  using T = uint8_t;
+  const uint8_t* p;
+  static constexpr float kUnit = 1.0f;
+  inline void decode(int64_t k, __m256 w[4]) const {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + k / 2));
+    const __m128i mask = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
+    const __m128i lo = _mm_sub_epi8(_mm_and_si128(b, mask), eight);
+    const __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), mask), eight);
+    w[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
+    w[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)));
+    w[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
+    w[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
+  }
+  inline float at(int64_t k) const {
+    const int64_t j = k % kBlock;
+    const uint8_t b = p[(k - j) / 2 + (j & 15)];
+    return static_cast<float>((j < 16 ? (b & 15) : (b >> 4)) - 8);
+  }
+};
+
+// e4m3 -> fp16 bits: sign-extend the byte to 16 bits and shift left by 7: sign lands on bit 15, exponent and mantissa
+// on bits 7..13 (fp16 exponent bias 15 vs 7: the half value is the e4m3 value * 2^-8, exactly, subnormals included);
+// bit 14 then holds a copy of the sign and is cleared. The 2^8 goes into the scale (a power of two: exact).
+struct Fp8Row {
+  using T = uint8_t;
+  const uint8_t* p;
+  static constexpr float kUnit = 256.0f;
+  inline void decode(int64_t k, __m256 w[4]) const {
+    const __m128i keep = _mm_set1_epi16(static_cast<short>(0xBFFF));
+    for (int c = 0; c < 4; ++c) {
+      const __m128i b = _mm_cvtepi8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + k + 8 * c)));
+      w[c] = _mm256_cvtph_ps(_mm_and_si128(_mm_slli_epi16(b, 7), keep));
+    }
+  }
+  inline float at(int64_t k) const {
+    return static_cast<float>(c10::Float8_e4m3fn(p[k], c10::Float8_e4m3fn::from_bits())) / kUnit;
+  }
+};
+
+// Float32 weights (format 3, scale 1): the same streaming loop as a plain GEMV, for measurement against oneDNN.
+struct F32Row {
+  using T = float;
+  const float* p;
+  static constexpr float kUnit = 1.0f;
+  inline void decode(int64_t k, __m256 w[4]) const {
+    for (int c = 0; c < 4; ++c) w[c] = _mm256_loadu_ps(p + k + 8 * c);
+  }
+  inline float at(int64_t k) const { return p[k]; }
+};
+
+struct Problem {
+  const float* x;      // (m, k) activations, row stride k
+  int64_t m, k, n, group, groups;
+  const float* scale;  // (n, groups)
+  const float* zero;   // (n, groups) or null
+  const float* bias;   // (n,) or null
+  float* y;            // (m, n)
+};
+
+// Rows [n0, n1) of the output for activation rows [m0, m0 + B).
+template <int B, class Row>
+void rows_kernel(const Problem& P, const typename Row::T* base, int64_t stride, int64_t m0, int64_t n0, int64_t n1) {
+  constexpr int kChains = B >= 4 ? 1 : 4;  // independent accumulators per activation row (hide FMA latency)
+  const float* x = P.x + m0 * P.k;
+  for (int64_t n = n0; n < n1; ++n) {
+    const Row row{base + n * stride};
+    __m256 acc[B][kChains];
+    float tail[B];
+    for (int b = 0; b < B; ++b) {
+      tail[b] = 0.f;
+      for (int c = 0; c < kChains; ++c) acc[b][c] = _mm256_setzero_ps();
+    }
+    for (int64_t g = 0; g < P.groups; ++g) {
+      const int64_t k0 = g * P.group, k1 = k0 + P.group;
+      const float s = P.scale[n * P.groups + g];
+      const float z = P.zero ? P.zero[n * P.groups + g] : 0.f;
+      const __m256 vs = _mm256_set1_ps(s * Row::kUnit), vz = _mm256_set1_ps(z);
+      int64_t k = k0;
+      if (k0 % kBlock == 0) {
+        for (; k + kBlock <= k1; k += kBlock) {
+          __m256 w[4];
+          row.decode(k, w);
+          for (int c = 0; c < 4; ++c) {
+            w[c] = _mm256_mul_ps(w[c], vs);
+            if (P.zero) w[c] = _mm256_add_ps(w[c], vz);
+            for (int b = 0; b < B; ++b)
+              acc[b][c % kChains] = _mm256_fmadd_ps(w[c], _mm256_loadu_ps(x + b * P.k + k + 8 * c), acc[b][c % kChains]);
+          }
+        }
+      }
+      for (; k < k1; ++k) {
+        float w = row.at(k) * (s * Row::kUnit);
+        if (P.zero) w = w + z;
+        for (int b = 0; b < B; ++b) tail[b] += w * x[b * P.k + k];
+      }
+    }
+    for (int b = 0; b < B; ++b) {
+      __m256 a = acc[b][0];
+      for (int c = 1; c < kChains; ++c) a = _mm256_add_ps(a, acc[b][c]);
+      P.y[(m0 + b) * P.n + n] = hsum(a) + tail[b] + (P.bias ? P.bias[n] : 0.f);
+    }
+  }
+}
+
+template <class Row>
+void run(const Problem& P, const typename Row::T* w, int64_t stride) {
+  // Enough rows per task that each thread streams a long contiguous stretch of weights.
+  const int64_t grain = std::max<int64_t>(16, P.n / (4 * at::get_num_threads()));
+  for (int64_t m0 = 0; m0 < P.m; m0 += kMaxRows) {
+    const int64_t mb = std::min<int64_t>(kMaxRows, P.m - m0);
+    at::parallel_for(0, P.n, grain, [&](int64_t n0, int64_t n1) {
+      switch (mb) {
+        case 1: rows_kernel<1, Row>(P, w, stride, m0, n0, n1); break;
+        case 2: rows_kernel<2, Row>(P, w, stride, m0, n0, n1); break;
+        case 3: rows_kernel<3, Row>(P, w, stride, m0, n0, n1); break;
+        case 4: rows_kernel<4, Row>(P, w, stride, m0, n0, n1); break;
+        case 5: rows_kernel<5, Row>(P, w, stride, m0, n0, n1); break;
+        case 6: rows_kernel<6, Row>(P, w, stride, m0, n0, n1); break;
+        case 7: rows_kernel<7, Row>(P, w, stride, m0, n0, n1); break;
+        default: rows_kernel<8, Row>(P, w, stride, m0, n0, n1); break;
+      }
+    });
+  }
+}
+
+// x * prequant, then the activation fake quantization, as the engine's Python path computes them.
+at::Tensor prepare_activations(const at::Tensor& x, const c10::optional<at::Tensor>& prequant,
+                               const c10::optional<at::Tensor>& act_scale, int64_t act_kind) {
+  const bool pre = prequant.has_value() && prequant->defined();
+  const bool act = act_kind != 0 && act_scale.has_value() && act_scale->defined();
+  if (!pre && !act) return x;
+  at::Tensor out = x.clone();
+  float* d = out.data_ptr<float>();
+  const int64_t m = out.size(0), k = out.size(1);
+  const float* f = pre ? prequant->data_ptr<float>() : nullptr;
+  const float s = act ? act_scale->data_ptr<float>()[0] : 1.f;
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < k; ++j) {
+      float v = d[i * k + j];
+      if (pre) v = v * f[j];
+      if (act_kind == 1) {
+        v = std::min(std::max(std::nearbyint(v / s), -128.f), 127.f) * s;
+      } else if (act_kind == 2) {
+        v = std::min(std::max(v / s, -448.f), 448.f);
+        v = static_cast<float>(c10::Float8_e4m3fn(v)) * s;
+      }
+      d[i * k + j] = v;
+    }
+  }
+  return out;
+}
+
+at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& weight, int64_t format, int64_t in_features,
+                        const at::Tensor& scale, const c10::optional<at::Tensor>& zero,
+                        const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& prequant,
+                        const c10::optional<at::Tensor>& act_scale, int64_t act_kind) {
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat, "quant_linear: float32 activations expected");
+  TORCH_CHECK(x_in.size(-1) == in_features, "quant_linear: activations have ", x_in.size(-1), " features, weight ",
+              in_features);
+  TORCH_CHECK(weight.is_contiguous() && scale.is_contiguous() && scale.scalar_type() == at::kFloat,
+              "quant_linear: contiguous weight and float32 scale expected");
+  const int64_t n = weight.size(0), groups = scale.size(1);
+  TORCH_CHECK(scale.size(0) == n && groups > 0 && in_features % groups == 0, "quant_linear: scale shape");
+  auto sizes = x_in.sizes().vec();
+  at::Tensor x = prepare_activations(x_in.reshape({-1, in_features}).contiguous(), prequant, act_scale, act_kind);
+  sizes.back() = n;
+  at::Tensor y = at::empty({x.size(0), n}, x.options());
+  const bool has_zero = zero.has_value() && zero->defined();
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_zero) TORCH_CHECK(zero->is_contiguous() && zero->sizes() == scale.sizes(), "quant_linear: zero shape");
+  at::Tensor b = has_bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  Problem P{x.data_ptr<float>(), x.size(0), in_features, n, in_features / groups, groups, scale.data_ptr<float>(),
+            has_zero ? zero->data_ptr<float>() : nullptr, has_bias ? b.data_ptr<float>() : nullptr,
+            y.data_ptr<float>()};
+  const int64_t stride = weight.size(1);
+  if (format == 0) {
+    TORCH_CHECK(weight.scalar_type() == at::kChar && stride == in_features, "quant_linear: int8 weight layout");
+    run<Int8Row>(P, weight.data_ptr<int8_t>(), stride);
+  } else if (format == 1) {
+    TORCH_CHECK(weight.scalar_type() == at::kByte && stride == (in_features + kBlock - 1) / kBlock * (kBlock / 2),
+                "quant_linear: int4 weight layout");
+    run<Int4Row>(P, weight.data_ptr<uint8_t>(), stride);
+  } else if (format == 3) {
+    TORCH_CHECK(weight.scalar_type() == at::kFloat && stride == in_features, "quant_linear: float32 weight layout");
+    run<F32Row>(P, weight.data_ptr<float>(), stride);
+  } else {
+    TORCH_CHECK(format == 2 && weight.scalar_type() == at::kByte && stride == in_features,
+                "quant_linear: fp8 weight layout");
+    run<Fp8Row>(P, weight.data_ptr<uint8_t>(), stride);
+  }
+  return y.reshape(sizes);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("quant_linear", &quant_linear, "weight-only quantized linear (see quant_gemm.cpp)");
+  m.def("prepare_activations", &prepare_activations, "x * prequant, then INT8/FP8 fake quantization");
+}

@@ -1,0 +1,115 @@
+"""The compiled quantized kernels (pipeline.runtime.native) compute the reference: the weights dequantized exactly
+(q * scale + zero, pipeline.quantize.numerics) times the activations after prequant and INT8/FP8 fake quantization,
+on awkward shapes (odd group counts, tp-split widths, widths not multiples of the SIMD width, batch 1..11); and a
+machine without a compiler falls back to torch's kernels with one line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.quantize.engine_format import EngineQuant
+from pipeline.quantize.numerics import dequantize_groups, fake_quant_fp8, fake_quant_int8
+from pipeline.runtime import native
+from pipeline.runtime.kernels import OneDnnKernel, TorchKernel
+from pipeline.runtime.quant_linear import QuantLinear
+
+BITS = {"int8": 8, "int4": 4, "fp8": 0}
+# (out, in, groups): odd group counts (9 groups of 64), tp-split widths (288 = 576 / 2, 768 = 1536 / 2), widths not a
+# multiple of 8 or 32 (20, 40 in groups of 8, 48 in groups of 16), one group per row.
+SHAPES = [(13, 20, 1), (17, 40, 5), (5, 48, 3), (33, 288, 9), (96, 576, 9), (64, 768, 1), (31, 96, 3)]
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    reason = native.unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"compiled kernels unavailable here: {reason}")
+    module = native.load()  # a compiler is here: a failed build is a failure, not a skip
+    assert module is not None
+    return module
+
+
+def quantized(fmt: str, n: int, k: int, groups: int, zero: bool, act: str | None) -> EngineQuant:
+    g = torch.Generator().manual_seed(n * 1000 + k)
+    if fmt == "int8":
+        q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    elif fmt == "int4":
+        q = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=g)
+    else:
+        q = (torch.randn(n, k, generator=g) * 60).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return EngineQuant(q, torch.rand(n, groups, generator=g) * 0.01 + 1e-3, BITS[fmt],
+                       zero=torch.randn(n, groups, generator=g) * 0.01 if zero else None,
+                       prequant=torch.rand(k, generator=g) + 0.5 if act else None,
+                       act_scale=torch.tensor([0.04]) if act else None)
+
+
+def reference(w: EngineQuant, x: torch.Tensor, act: str | None, bias: torch.Tensor | None) -> torch.Tensor:
+    weight = dequantize_groups(w.q.float() if w.bits == 0 else w.q, w.scale, w.zero)
+    if w.prequant is not None:
+        x = x * w.prequant
+    if act:
+        x = {"int8": fake_quant_int8, "fp8": fake_quant_fp8}[act](x, w.act_scale)
+    y = x.double() @ weight.double().T
+    return y if bias is None else y + bias.double()
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "fp8"])
+@pytest.mark.parametrize("zero,act", [(False, None), (True, None), (False, "int8"), (True, "fp8")])
+def test_native_kernel_equals_reference_dequantization(kernels, fmt, zero, act):
+    for n, k, groups in SHAPES:
+        w = quantized(fmt, n, k, groups, zero, act)
+        linear = QuantLinear(w, act, torch.float32, True, OneDnnKernel())
+        assert linear.mode == "native"
+        bias = torch.randn(n) if zero else None
+        for batch in (1, 2, 3, 5, 8, 11):
+            x = torch.randn(batch, 2, k) if batch == 3 else torch.randn(batch, k)  # 3: a (B, T, K) input
+            got = linear(x, bias)
+            want = reference(w, x, act, bias)
+            assert got.shape == (*x.shape[:-1], n)
+            # float32 accumulation in another order than float64's: a few units of float32 rounding
+            err = (got.double() - want).abs().max().item()
+            assert err <= 2e-6 * want.abs().max().item(), (n, k, groups, batch, err)
+
+
+def test_fp8_decoding_covers_every_byte(kernels):
+    """Each e4m3 byte (normals, subnormals, both zeros, +-448) decodes to its value: y = x @ W^T with x = identity."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes[(codes & 0x7F) == 0x7F] = 0  # the two NaN codes: never in a checkpoint (values saturate to +-448)
+    q = codes.view(torch.float8_e4m3fn).reshape(1, 256)
+    w = EngineQuant(q, torch.tensor([[0.75]]), 0)
+    got = QuantLinear(w, None, torch.float32, True, OneDnnKernel())(torch.eye(256))
+    assert torch.equal(got[:, 0], q.float()[0] * 0.75)
+
+
+def test_int4_padding_and_torch_kernel_stay_on_the_exact_path(kernels):
+    w = quantized("int4", 3, 20, 1, False, None)
+    assert QuantLinear(w, None, torch.float32, False, TorchKernel()).mode is None  # what the exporters run
+    assert QuantLinear(w, None, torch.bfloat16, True, OneDnnKernel()).mode != "native"  # float32 engines only
+
+
+def test_missing_compiler_falls_back_with_one_line(monkeypatch, tmp_path, capsys):
+    """No compiler and no cached build: one notice, and the linear runs torch's kernels with the same result."""
+    monkeypatch.setenv("TRTLLM_PIPELINE_NATIVE_DIR", str(tmp_path / "empty"))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    native.load.cache_clear()
+    try:
+        assert native.load() is None
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "no C++ compiler" in err[0] and "using torch's kernels" in err[0], err
+        w = quantized("int8", 16, 64, 1, False, None)
+        linear = QuantLinear(w, None, torch.float32, True, OneDnnKernel())
+        assert linear.mode == "int8"  # torch's packed int8 kernel
+        x = torch.randn(2, 64)
+        want = reference(w, x, None, None)
+        assert (linear(x).double() - want).abs().max().item() < 0.02 * want.abs().max().item()
+    finally:
+        monkeypatch.undo()
+        native.load.cache_clear()
+
+
+def test_a_build_killed_midway_does_not_block_the_next(kernels):
+    """torch's build lock file left by a killed build is stale under our flock: the next load proceeds."""
+    (native.build_dir() / "lock").write_text("")
+    assert native.build() is not None
+    assert not (native.build_dir() / "lock").exists()
