@@ -54,7 +54,9 @@ def make_point(root: Path, name: str, quant: str | None, rouge1: list[float], tp
     }
     metrics = {"convert": {"bytes": engine_bytes}, "build": {"engine_bytes": engine_bytes},
                "evaluate": {"n": len(rouge1), "engine_rouge1": mean, "engine_tokens_per_second": tps,
-                            "kld_mean": 0.01, "top1_agreement": 0.97,
+                            "kld_mean": 0.01, "top1_agreement": 0.97, "decode_max_batch": 8,
+                            "decode_tps_batch_1": tps / 2, "decode_tps_batch_n": tps * 3,
+                            "ttft_batch_1_seconds": 0.05, "ttft_batch_n_seconds": 0.3,
                             "rouge1_vs_hf": {"mean": 0.0, "ci_low": 0.0, "ci_high": 0.0, "sd": 0.0, "n": len(rouge1)}}}
     (run / "run.json").write_text(json.dumps({"stages": stages, "metrics": metrics}))
     return run
@@ -81,6 +83,15 @@ def test_rows_for_computed_reused_and_failed_points(sweep):
     assert rows["quantization=w4a16"]["engine_bytes"] == 100 and rows["quantization=w4a16"]["rouge1_ci"] == [20.0, 40.0]
 
 
+def test_rows_carry_decode_speed_at_batch_1_and_batch_n(sweep):
+    rows = {r["point"]: r for r in build_rows([load_point(p) for p in find_points([sweep])])}
+    w4 = rows["quantization=w4a16"]
+    assert (w4["decode_tps_b1"], w4["decode_tps_bn"], w4["max_batch"]) == (9.0, 54.0, 8)
+    assert (w4["ttft_b1_s"], w4["ttft_bn_s"]) == (0.05, 0.3)
+    failed = rows["quantization=fp8"]
+    assert failed["decode_tps_b1"] is None and failed["decode_tps_bn"] is None
+
+
 def test_points_are_compared_with_the_unquantized_point(sweep):
     rows = {r["point"]: r for r in build_rows([load_point(p) for p in find_points([sweep])])}
     w4 = rows["quantization=w4a16"]
@@ -96,6 +107,10 @@ def test_pareto_front():
     rows = [{"rouge1": 40, "tokens_per_second": 10, "engine_bytes": 400}, {"rouge1": 39, "tokens_per_second": 14, "engine_bytes": 200},
             {"rouge1": 30, "tokens_per_second": 12, "engine_bytes": 300}, {"rouge1": None, "tokens_per_second": None, "engine_bytes": None}]
     assert pareto_front(rows) == [0, 1]  # point 2 is beaten by point 1 on every axis
+    # with the probe's batch-1 decode speed on every point, the front is judged on it
+    probed = [{**r, "decode_tps_b1": b1} for r, b1 in zip(rows, (10, 9, 20, None))]
+    probed[3]["tokens_per_second"] = None
+    assert pareto_front(probed) == [0, 1, 2]
 
 
 def test_report_files_schema_and_png(sweep):
@@ -105,6 +120,7 @@ def test_report_files_schema_and_png(sweep):
     assert files["png"].stat().st_size > 5000 and files["png"].read_bytes()[:4] == b"\x89PNG"
     md = files["md"].read_text()
     assert "| quantization=fp8 | failed |" in md and "FP8 needs calibration data" in md
+    assert "decode_tps_b1 | decode_tps_bn | max_batch | ttft_b1_s" in md and "| 9 | 54 | 8 | 0.05 |" in md
     assert len(files["csv"].read_text().splitlines()) == 5
     broken = {**doc, "rows": [{**doc["rows"][0], "status": "failed", "error": None}]}
     assert schema_errors(broken, "sweep_report")
