@@ -304,6 +304,15 @@ def sweep_size(task_overrides: list[str]) -> int | None:
         return None
 
 
+def sweep_total(hydra_cfg: dict[str, Any]) -> int | None:
+    """Points of a multirun from its hydra config: the command line's sweep overrides and the recipe's
+    hydra.sweeper.params, a key given on the command line replacing the recipe's (as the basic sweeper does)."""
+    params = (hydra_cfg.get("sweeper") or {}).get("params") or {}
+    task = (hydra_cfg.get("overrides") or {}).get("task") or []
+    given = {o.split("=", 1)[0].lstrip("+~") for o in task}
+    return sweep_size([*task, *(f"{k}={v}" for k, v in params.items() if k not in given)])
+
+
 try:
     from hydra.experimental.callback import Callback
 except ImportError:  # pragma: no cover - hydra-core < 1.1
@@ -327,10 +336,7 @@ class SweepReport(Callback):
         total = None
         multirun = sweep_dir / "multirun.yaml"  # the sweep as launched: command-line and recipe sweep parameters
         if multirun.is_file():
-            hydra_cfg = (yaml.safe_load(multirun.read_text()) or {}).get("hydra", {})
-            params = hydra_cfg.get("sweeper", {}).get("params") or {}
-            total = sweep_size([*hydra_cfg.get("overrides", {}).get("task", []),
-                                *(f"{k}={v}" for k, v in params.items())])
+            total = sweep_total((yaml.safe_load(multirun.read_text()) or {}).get("hydra", {}))
         print(f"sweep: {done}/{total or '?'} points done ({hc.job.override_dirname or 'base'} finished)", flush=True)
 
     def on_multirun_end(self, config, **kwargs) -> None:

@@ -66,7 +66,7 @@ def test_parallel_multirank_points_may_not_oversubscribe(monkeypatch):
     assert os.environ["TRTLLM_PIPELINE_CORES"] == "2"  # each point's ranks share its half of the machine
 
 
-def _parallel_sweep(tmp_path, launcher_args: list[str]):
+def _parallel_sweep(tmp_path, launcher_args: list[str], env: dict[str, str] | None = None):
     """A 4-point build sweep of a tiny model under a parallel launcher: every point's checkpoint is the same artifact."""
     import torch
 
@@ -77,8 +77,8 @@ def _parallel_sweep(tmp_path, launcher_args: list[str]):
             "model=hf_local", f"model.path={model}", "stages=[build]", "progress=false", f"cache_dir={cache}",
             f"hydra.sweep.dir={sweep_dir}", "build.max_input_len=32", "build.max_seq_len=64",
             "build.smoke_test_tokens=0,2", "build.max_batch_size=2,4"]
-    proc = subprocess.run(args, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
-                          timeout=900, cwd=tmp_path)
+    proc = subprocess.run(args, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, capture_output=True,
+                          text=True, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(p.read_text()) for p in sweep_dir.glob("*/run.json")]
     assert len(records) == 4
@@ -105,7 +105,8 @@ def test_ray_local_cluster_computes_each_shared_artifact_once(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_ray_launcher", reason="hydra-ray-launcher is the optional `ray` extra "
                         "(pip install -e .[ray], in an environment of its own: it pins cloudpickle==2.2.1)")
     _parallel_sweep(tmp_path, ["hydra/launcher=ray", "++hydra.launcher.ray.init.num_cpus=2",
-                               "++hydra.launcher.ray.init.include_dashboard=false"])
+                               "++hydra.launcher.ray.init.include_dashboard=false"],
+                    env={"RAY_raylet_start_wait_time_s": "300"})  # a busy 2-core machine starts its raylet slowly
 
 
 def test_ray_local_cluster_counts_as_parallel_points(monkeypatch):

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from pipeline.evaluate.stats import paired_bootstrap, verdict
-from pipeline.report import SweepReport, build_rows, changed_overrides, find_points, load_point, pareto_front, sweep_size, write_report
+from pipeline.report import SweepReport, build_rows, changed_overrides, find_points, load_point, pareto_front, sweep_size, sweep_total, write_report
 from pipeline.schemas import schema_errors
 
 REPO = Path(__file__).resolve().parents[2]
@@ -130,6 +130,10 @@ def test_changed_overrides_and_sweep_size():
     points = [{"overrides": ["+sweep=a", "x=1", "y=2"]}, {"overrides": ["+sweep=a", "x=2", "y=2"]}]
     assert changed_overrides(points) == ["x=1", "x=2"]
     assert sweep_size(["quantization=none,w8a16,fp8", "mapping.tp_size=1,3", "dtype=float32"]) == 6
+    recipe = {"sweeper": {"params": {"quantization": "none,w8a16,fp8", "quantization.kv_cache_quant_algo": "null,INT8"}}}
+    assert sweep_total({**recipe, "overrides": {"task": ["+sweep=q"]}}) == 6
+    # a key swept (or fixed) on the command line replaces the recipe's values for it
+    assert sweep_total({**recipe, "overrides": {"task": ["quantization=none,fp8", "quantization.kv_cache_quant_algo=null"]}}) == 2
 
 
 def test_report_cli(sweep, tmp_path):
