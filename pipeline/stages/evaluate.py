@@ -8,7 +8,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from pipeline.errors import PipelineError
 from pipeline.evaluate.data import dataset_fingerprint, load_samples, load_text
