@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.quantize.numerics import group_view, int_range, symmetric_per_group
+from pipeline.quantize.numerics import group_view, int_range
 
 
 @dataclass
@@ -49,18 +49,26 @@ def awq_scales(weight: torch.Tensor, stats: InputStats, group_size: int, grid: i
     if stats.hessian is None:
         raise PipelineError(f"{what}: AWQ needs Hessian statistics; the calibration artifact has none")
     x_mean = stats.absmean.float().clamp(min=1e-4)
+    weight = weight.float()
+    hessian = stats.hessian.float()
     best, best_err = torch.ones_like(x_mean), float("inf")
     for i in range(grid):
         alpha = i / grid
         s = x_mean.pow(alpha)
         s = s / (s.max() * s.min()).sqrt()
         s = s.to(scale_dtype).float()  # the stored prequant factor is 1 / s in the model dtype
-        q, scale = symmetric_per_group(weight * s, 4, group_size, scale_dtype, what)
-        deq = (group_view(q.float(), group_size, what) * scale.unsqueeze(-1)).reshape(weight.shape) / s
-        err = output_error(deq - weight, stats.hessian)
+        err = output_error(_group_dequantized(weight * s, group_size, scale_dtype, what).div_(s).sub_(weight), hessian)
         if err < best_err:
             best, best_err = s, err
     return best
+
+
+def _group_dequantized(w: torch.Tensor, group_size: int, scale_dtype: torch.dtype, what: str) -> torch.Tensor:
+    """What `symmetric_per_group(w, 4, ...)` dequantizes to (q * scale), without the int8 round trip."""
+    g = group_view(w, group_size, what)
+    scale = g.abs().amax(dim=-1, keepdim=True).div_(7)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale).to(scale_dtype).float()
+    return g.div(scale).round_().clamp_(-8, 7).mul_(scale).reshape(w.shape)
 
 
 def gptq_quantize(weight: torch.Tensor, stats: InputStats, bits: int, group_size: int, damp: float,
@@ -87,29 +95,32 @@ def gptq_quantize(weight: torch.Tensor, stats: InputStats, bits: int, group_size
                             f"{damp} ({e}); raise quantization.gptq_damp or calibrate on more tokens") from None
     umax = (1 << bits) - 1
     groups = cols // group_size
-    q_u = torch.zeros(rows, cols, dtype=torch.int16)
-    scale = torch.zeros(rows, groups, dtype=torch.float64)
-    zero = torch.zeros(rows, groups, dtype=torch.float64)
+    # Work on W^T so that a column of W is one contiguous row: the per-column updates below touch contiguous memory.
+    wt = w.t().contiguous()
+    q_u = torch.empty(cols, rows, dtype=torch.float64)
+    scale = torch.empty(groups, rows, dtype=torch.float64)
+    zero = torch.empty(groups, rows, dtype=torch.float64)
     for start in range(0, cols, block):
         end = min(start + block, cols)
-        wb = w[:, start:end].clone()
-        errs = torch.zeros_like(wb)
+        wb = wt[start:end]  # updated in place; columns from `end` on get this block's errors in one GEMM below
+        errs = torch.empty(end - start, rows, dtype=torch.float64)
         hb = hinv[start:end, start:end]
         for j in range(end - start):
             col = start + j
-            if col % group_size == 0:
-                g = col // group_size
-                gw = torch.cat([wb[:, j:], w[:, end:]], dim=1)[:, :group_size]
-                s, z = _asymmetric_grid(gw, umax, scale_dtype)
-                scale[:, g], zero[:, g] = s, z
             g = col // group_size
-            s, z = scale[:, g], zero[:, g]
-            qc = torch.clamp(torch.round(wb[:, j] / s) + z, 0, umax)
-            q_u[:, col] = qc.to(torch.int16)
-            err = (wb[:, j] - (qc - z) * s) / hb[j, j]
-            wb[:, j:] -= err.unsqueeze(1) * hb[j, j:].unsqueeze(0)
-            errs[:, j] = err
-        w[:, end:] -= errs @ hinv[start:end, end:]
+            if col % group_size == 0:
+                # the group's columns as they stand now: updated within this block, not yet beyond it
+                scale[g], zero[g] = _asymmetric_grid(wt[col:col + group_size].t(), umax, scale_dtype)
+            s, z = scale[g], zero[g]
+            x = wb[j]
+            qc = torch.clamp(torch.round(x / s) + z, 0, umax)
+            q_u[col] = qc
+            err = (x - (qc - z) * s) / hb[j, j]
+            wb[j + 1:] -= hb[j, j + 1:].unsqueeze(1) * err
+            errs[j] = err
+        wt[end:] -= hinv[start:end, end:].t() @ errs
+    q_u = q_u.t().to(torch.int16)
+    scale, zero = scale.t(), zero.t()
     offset = 1 << (bits - 1)
     q_signed = (q_u - offset).to(torch.int8)
     # w ~ (q_u - z) * s = (q_u - offset) * s + (offset - z) * s

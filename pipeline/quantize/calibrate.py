@@ -37,29 +37,39 @@ STATS_KEYS = {"qkv_weight": "attention.qkv", "dense_weight": "attention.dense", 
               "fc_weight": "mlp.fc", "proj_weight": "mlp.proj"}
 
 
+# Column blocks of the Hessian's lower triangle: (blocks + 1) / (2 blocks) of the full x^T x product's work.
+HESSIAN_BLOCKS = 4
+
+
 class _Accumulator:
     def __init__(self, width: int, hessian: bool):
         self.absmax = torch.zeros(width, dtype=torch.float32)
         self.abssum = torch.zeros(width, dtype=torch.float64)
         self.hessian = torch.zeros(width, width, dtype=torch.float64) if hessian else None
+        bounds = [width * i // HESSIAN_BLOCKS for i in range(HESSIAN_BLOCKS + 1)]
+        self.blocks = [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
         self.output_absmax = 0.0
         self.tokens = 0
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         rows = x.reshape(-1, x.shape[-1]).float()
-        self.absmax = torch.maximum(self.absmax, rows.abs().amax(dim=0))
-        self.abssum += rows.abs().sum(dim=0, dtype=torch.float64)
+        mag = rows.abs()
+        torch.maximum(self.absmax, mag.amax(dim=0), out=self.absmax)
+        self.abssum += mag.sum(dim=0, dtype=torch.float64)
         if self.hessian is not None:
-            r = rows.double()
-            self.hessian += r.t() @ r
-        self.output_absmax = max(self.output_absmax, float(y.abs().max()))
+            # x^T x is symmetric: only the blocks on and below the diagonal are computed (float32 GEMMs, summed
+            # across batches in float64); `tensors` mirrors the upper triangle.
+            for a, b in self.blocks:
+                self.hessian[a:, a:b] += rows[:, a:].t() @ rows[:, a:b]
+        self.output_absmax = max(self.output_absmax, float(y.abs().amax()))
         self.tokens += rows.shape[0]
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         out = {f"{prefix}.absmax": self.absmax, f"{prefix}.absmean": (self.abssum / max(self.tokens, 1)).float(),
                f"{prefix}.output_absmax": torch.tensor(self.output_absmax)}
         if self.hessian is not None:
-            out[f"{prefix}.hessian"] = self.hessian.float()
+            lower = self.hessian.tril()
+            out[f"{prefix}.hessian"] = (lower + lower.tril(-1).t()).float()
         return out
 
 

@@ -1,0 +1,87 @@
+"""The fast forms of the calibration statistics, the AWQ search and GPTQ compute what the plain definitions compute."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.quantize.algorithms import InputStats, _asymmetric_grid, awq_scales, gptq_quantize, output_error
+from pipeline.quantize.calibrate import _Accumulator
+from pipeline.quantize.numerics import group_view, symmetric_per_group
+
+
+def _stats(cols: int, seed: int = 0) -> tuple[torch.Tensor, InputStats]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(512, cols, generator=g) * (torch.rand(cols, generator=g) * 3) ** 2
+    h = (x.double().t() @ x.double()).float()
+    return x, InputStats(absmax=x.abs().amax(0), absmean=x.abs().mean(0), hessian=h, tokens=x.shape[0])
+
+
+def test_hessian_lower_blocks_equal_the_full_product():
+    x, _ = _stats(70)
+    acc = _Accumulator(70, hessian=True)
+    for part in x.split(100):
+        acc.add(part, part[:, :3])
+    h = acc.tensors("m")["m.hessian"]
+    ref = x.double().t() @ x.double()
+    assert torch.equal(h, h.t())
+    assert torch.allclose(h.double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+def _awq_reference(weight, stats, group_size, grid):
+    best, best_err = None, float("inf")
+    x_mean = stats.absmean.float().clamp(min=1e-4)
+    for i in range(grid):
+        s = x_mean.pow(i / grid)
+        s = (s / (s.max() * s.min()).sqrt()).float()
+        q, scale = symmetric_per_group(weight * s, 4, group_size, torch.float32)
+        deq = (group_view(q.float(), group_size, "w") * scale.unsqueeze(-1)).reshape(weight.shape) / s
+        err = output_error(deq - weight, stats.hessian)
+        if err < best_err:
+            best, best_err = s, err
+    return best
+
+
+def test_awq_search_equals_the_plain_loop():
+    _, stats = _stats(96)
+    w = torch.randn(40, 96, generator=torch.Generator().manual_seed(1)) * 0.05
+    assert torch.equal(awq_scales(w, stats, 32, 20, torch.float32, "w"), _awq_reference(w, stats, 32, 20))
+
+
+def _gptq_reference(weight, stats, bits, group_size, damp, block):
+    """Column by column in the (out, in) layout, as the GPTQ paper writes it (lazy batches of `block` columns)."""
+    rows, cols = weight.shape
+    w, h = weight.double().clone(), stats.hessian.double().clone()
+    h += torch.eye(cols, dtype=h.dtype) * damp * torch.diag(h).mean()
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    umax = (1 << bits) - 1
+    q = torch.zeros(rows, cols, dtype=torch.int16)
+    scale = torch.zeros(rows, cols // group_size, dtype=torch.float64)
+    zero = torch.zeros_like(scale)
+    for start in range(0, cols, block):
+        end = min(start + block, cols)
+        wb, errs, hb = w[:, start:end].clone(), torch.zeros(rows, end - start, dtype=torch.float64), hinv[start:end, start:end]
+        for j in range(end - start):
+            col, g = start + j, (start + j) // group_size
+            if col % group_size == 0:
+                scale[:, g], zero[:, g] = _asymmetric_grid(torch.cat([wb[:, j:], w[:, end:]], 1)[:, :group_size],
+                                                           umax, torch.float32)
+            s, z = scale[:, g], zero[:, g]
+            qc = torch.clamp(torch.round(wb[:, j] / s) + z, 0, umax)
+            q[:, col] = qc.to(torch.int16)
+            err = (wb[:, j] - (qc - z) * s) / hb[j, j]
+            wb[:, j:] -= err.unsqueeze(1) * hb[j, j:].unsqueeze(0)
+            errs[:, j] = err
+        w[:, end:] -= errs @ hinv[start:end, end:]
+    offset = 1 << (bits - 1)
+    return (q - offset).to(torch.int8), scale.float(), ((offset - zero) * scale).float()
+
+
+def test_gptq_equals_the_column_by_column_reference():
+    _, stats = _stats(96, seed=2)
+    w = torch.randn(24, 96, generator=torch.Generator().manual_seed(3)) * 0.05
+    # groups of 32 inside blocks of 64, and groups of 48 that straddle a block boundary (48 -> 64)
+    for group_size, block in ((32, 64), (48, 64)):
+        got = gptq_quantize(w, stats, 4, group_size, 0.01, torch.float32, "w", block=block)
+        ref = _gptq_reference(w, stats, 4, group_size, 0.01, block)
+        for a, b in zip(got, ref):
+            assert torch.equal(a, b)
