@@ -77,17 +77,29 @@ def unknown_keys(config: dict, schema: type, prefix: str = "") -> list[str]:
 
 
 def parallel_workers() -> int:
-    """Points the launcher runs at once on this machine (joblib's n_jobs; 1 for the basic launcher and for launchers
-    that give each point its own allocation, such as Slurm and Ray)."""
+    """Points the launcher runs at once on this machine (launcher_workers of Hydra's launcher config)."""
     try:
         launcher = HydraConfig.get().launcher
     except ValueError:  # not under Hydra (tests call run_recipe directly)
         return 1
-    n_jobs = launcher.get("n_jobs") if "joblib" in str(launcher.get("_target_", "")) else None
-    if n_jobs is None:
-        return 1
+    return launcher_workers(launcher)
+
+
+def launcher_workers(launcher) -> int:
+    """joblib's n_jobs (-1: all cores); for Ray on a local cluster (no address: `ray.init()` starts one on this
+    machine), its CPUs over each point's `remote.num_cpus`; 1 for the basic launcher and for launchers that give each
+    point its own allocation (Slurm, a Ray cluster)."""
+    target = str(launcher.get("_target_", ""))
     cores = os.cpu_count() or 1
-    return max(1, cores + 1 + int(n_jobs) if int(n_jobs) < 0 else int(n_jobs))  # joblib: -1 = all cores
+    if "joblib" in target and launcher.get("n_jobs") is not None:
+        n_jobs = int(launcher.get("n_jobs"))
+        return max(1, cores + 1 + n_jobs if n_jobs < 0 else n_jobs)
+    if "ray_launcher" in target:
+        ray = launcher.get("ray") or {}
+        init, remote = ray.get("init") or {}, ray.get("remote") or {}
+        if init.get("address") is None:
+            return max(1, int(init.get("num_cpus") or cores) // max(1, int(remote.get("num_cpus") or 1)))
+    return 1
 
 
 def claim_cores(config: dict, workers: int) -> None:
@@ -100,8 +112,9 @@ def claim_cores(config: dict, workers: int) -> None:
     if workers * world > cores:
         raise PipelineError(f"{workers} parallel points x {world} ranks (tp{config['mapping']['tp_size']} "
                             f"pp{config['mapping']['pp_size']}) need {workers * world} cores and this machine has "
-                            f"{cores}: lower hydra.launcher.n_jobs to {max(1, cores // world)} or run multi-rank points "
-                            "with the basic launcher")
+                            f"{cores}: lower hydra.launcher.n_jobs to {max(1, cores // world)} (Ray: raise "
+                            f"hydra.launcher.ray.remote.num_cpus to {world}) or run multi-rank points with the basic "
+                            "launcher")
     os.environ["TRTLLM_PIPELINE_CORES"] = str(max(1, cores // workers))
     import torch
 

@@ -197,6 +197,11 @@ class PromptTemplate(str, Enum):
     chat = "chat"  # the tokenizer's chat template with a system and a user message
 
 
+class KlReference(str, Enum):
+    full = "full"  # every token's log-prob, uint16-quantized (exact KL up to 2.4e-4 nats per log-prob)
+    topk = "topk"  # the top 64 log-probs and the rest's mass (a lower bound of KL; for very large vocabularies)
+
+
 class GateKind(str, Enum):
     threshold = "threshold"  # summarize.py's: ROUGE-1 above a threshold, perplexity below one
     statistical = "statistical"  # the paired interval against transformers, KL divergence, top-1 agreement
@@ -254,6 +259,13 @@ class EvaluateConfig:
     min_top1_agreement: Optional[float] = None
     # Prompts per transformers batch for the reference (greedy only; left-padded and masked). 1 = one at a time.
     reference_batch_size: int = 8
+    # How the reference stores its distributions on the perplexity windows for KL divergence (pipeline.evaluate.stats):
+    # `full` (exact; 2 bytes x vocabulary per token) or `topk` (a lower bound; 256 bytes per token).
+    kl_reference: KlReference = KlReference.full
+    # After the evaluation, a speed probe: time to first token and decode tokens/s at batch 1 and at the engine's
+    # max_batch_size, over speed_steps decode steps from a prompt of speed_prompt_len tokens (0 steps: no probe).
+    speed_steps: int = 16
+    speed_prompt_len: int = 128
 
 
 @dataclass

@@ -21,11 +21,16 @@ from pipeline.schemas import validate
 log = logging.getLogger(__name__)
 
 ERROR_FILE = "error.json"  # written into a point's run directory when it fails (pipeline/cli.py)
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # 2: decode speed at batch 1 and at the engine's max batch, time to first token of each
 DEFAULT_MAX_DROP = 1.0
 COLUMNS = ("point", "status", "rouge1", "rouge1_ci", "rouge2", "rougeL", "ppl", "vs", "rouge1_diff", "rouge1_diff_ci",
            "verdict", "kld_mean", "kld_p99", "top1_agreement", "ppl_ratio", "checkpoint_bytes", "engine_bytes",
-           "convert_s", "build_s", "evaluate_s", "batch_size", "tokens_per_second", "ttft_s", "error")
+           "convert_s", "build_s", "evaluate_s", "batch_size", "tokens_per_second", "ttft_s", "decode_tps_b1",
+           "decode_tps_bn", "max_batch", "ttft_b1_s", "ttft_bn_s", "error")
+# The speed probe's metrics (pipeline/evaluate/speed.py, via the evaluate stage's headline) -> report columns.
+SPEED_COLUMNS = {"decode_tps_b1": "decode_tps_batch_1", "decode_tps_bn": "decode_tps_batch_n",
+                 "max_batch": "decode_max_batch", "ttft_b1_s": "ttft_batch_1_seconds",
+                 "ttft_bn_s": "ttft_batch_n_seconds"}
 
 
 def find_points(paths: list[Path]) -> list[Path]:
@@ -115,6 +120,7 @@ def build_rows(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for key in ("rouge1", "rouge2", "rougeL", "ppl", "tokens_per_second"):
             row[key] = ev.get(f"engine_{key}")
         row["ttft_s"] = ev.get("engine_ttft_seconds")
+        row.update({column: ev.get(metric) for column, metric in SPEED_COLUMNS.items()})
         for key in ("kld_mean", "kld_p99", "top1_agreement", "ppl_ratio"):
             row[key] = ev.get(key)
         row["rouge1_ci"] = _engine_ci(stages.get("evaluate"))
@@ -153,11 +159,19 @@ def _compare(row: dict[str, Any], point: dict[str, Any], points: list[dict[str, 
                    verdict=verdict(diff, delta))
 
 
+def speed_axis(rows: list[dict[str, Any]]) -> str:
+    """The speed the front and the plot use: decode tokens/s at batch 1 when every point with a speed has it (the
+    probe, same prompt for all), else the evaluation's own tokens/s at evaluate.batch_size."""
+    timed = [r for r in rows if r["tokens_per_second"] is not None or r.get("decode_tps_b1") is not None]
+    return "decode_tps_b1" if timed and all(r.get("decode_tps_b1") is not None for r in timed) else "tokens_per_second"
+
+
 def pareto_front(rows: list[dict[str, Any]]) -> list[int]:
-    """Indices of the points no other point beats on every axis: ROUGE-1 (higher), tokens/s (higher), engine size
-    (lower), and strictly on one."""
-    pts = [(i, r["rouge1"], r["tokens_per_second"], r["engine_bytes"]) for i, r in enumerate(rows)
-           if None not in (r["rouge1"], r["tokens_per_second"], r["engine_bytes"])]
+    """Indices of the points no other point beats on every axis: ROUGE-1 (higher), tokens/s (higher; speed_axis),
+    engine size (lower), and strictly on one."""
+    speed = speed_axis(rows)
+    pts = [(i, r["rouge1"], r[speed], r["engine_bytes"]) for i, r in enumerate(rows)
+           if None not in (r["rouge1"], r[speed], r["engine_bytes"])]
 
     def dominates(a, b):
         return a[1] >= b[1] and a[2] >= b[2] and a[3] <= b[3] and (a[1] > b[1] or a[2] > b[2] or a[3] < b[3])
@@ -207,13 +221,15 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 MD_COLUMNS = ("point", "status", "rouge1", "rouge1_ci", "rouge2", "rougeL", "ppl", "rouge1_diff", "rouge1_diff_ci",
               "verdict", "kld_mean", "kld_p99", "top1_agreement", "ppl_ratio", "engine_bytes", "convert_s", "build_s",
-              "evaluate_s", "tokens_per_second", "ttft_s", "pareto")
+              "evaluate_s", "decode_tps_b1", "decode_tps_bn", "max_batch", "ttft_b1_s", "pareto")
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["# Sweep report", "", f"{len(rows)} points, {sum(r['status'] == 'failed' for r in rows)} failed. "
              "rouge1_diff: per-sample ROUGE-1 minus the baseline's (the unquantized engine of the same model and "
-             "mapping when the sweep has it, else transformers), paired bootstrap 95% interval.", "",
+             "mapping when the sweep has it, else transformers), paired bootstrap 95% interval. decode_tps_b1 / "
+             "decode_tps_bn: decode tokens/s at batch 1 / at the engine's max batch (max_batch), ttft_b1_s: time to "
+             "first token at batch 1, all from one prompt of fixed length (evaluate.speed_prompt_len).", "",
              "| " + " | ".join(MD_COLUMNS) + " |", "|" + "---|" * len(MD_COLUMNS)]
     for r in rows:
         lines.append("| " + " | ".join(_cell(r[c]).replace("|", "/") for c in MD_COLUMNS) + " |")
@@ -230,26 +246,29 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    done = [r for r in rows if r["rouge1"] is not None and r["tokens_per_second"] is not None]
+    speed = speed_axis(rows)
+    done = [r for r in rows if r["rouge1"] is not None and r[speed] is not None]
     fig, ax = plt.subplots(figsize=(8, 5.5))
     if done:
         biggest = max((r["engine_bytes"] or 1) for r in done)
         sizes = [40 + 400 * (r["engine_bytes"] or 0) / biggest for r in done]
-        ax.scatter([r["tokens_per_second"] for r in done], [r["rouge1"] for r in done], s=sizes, alpha=0.6)
+        ax.scatter([r[speed] for r in done], [r["rouge1"] for r in done], s=sizes, alpha=0.6)
         for r in done:
-            ax.annotate(r["point"], (r["tokens_per_second"], r["rouge1"]), fontsize=7, xytext=(4, 4),
+            ax.annotate(r["point"], (r[speed], r["rouge1"]), fontsize=7, xytext=(4, 4),
                         textcoords="offset points")
-        front = sorted((r for r in done if r.get("pareto")), key=lambda r: r["tokens_per_second"])
+        front = sorted((r for r in done if r.get("pareto")), key=lambda r: r[speed])
         if front:
-            ax.plot([r["tokens_per_second"] for r in front], [r["rouge1"] for r in front], "r--", lw=1,
+            ax.plot([r[speed] for r in front], [r["rouge1"] for r in front], "r--", lw=1,
                     label="Pareto front (ROUGE-1, tokens/s, engine size)")
-            ax.scatter([r["tokens_per_second"] for r in front], [r["rouge1"] for r in front], s=160,
+            ax.scatter([r[speed] for r in front], [r["rouge1"] for r in front], s=160,
                        facecolors="none", edgecolors="r")
             ax.legend(loc="best", fontsize=8)
     else:
         ax.text(0.5, 0.5, "no point has both ROUGE-1 and tokens/s", ha="center", transform=ax.transAxes)
+    xlabel = ("decode tokens/s at batch 1 (engine)" if speed == "decode_tps_b1"
+              else "tokens/s (engine, evaluate.batch_size)")
     failed = sum(r["status"] == "failed" for r in rows)
-    ax.set(xlabel="decode tokens/s (engine, evaluate.batch_size)", ylabel="ROUGE-1",
+    ax.set(xlabel=xlabel, ylabel="ROUGE-1",
            title=f"{len(rows)} points ({failed} failed); marker area ~ engine bytes")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -285,6 +304,15 @@ def sweep_size(task_overrides: list[str]) -> int | None:
         return None
 
 
+def sweep_total(hydra_cfg: dict[str, Any]) -> int | None:
+    """Points of a multirun from its hydra config: the command line's sweep overrides and the recipe's
+    hydra.sweeper.params, a key given on the command line replacing the recipe's (as the basic sweeper does)."""
+    params = (hydra_cfg.get("sweeper") or {}).get("params") or {}
+    task = (hydra_cfg.get("overrides") or {}).get("task") or []
+    given = {o.split("=", 1)[0].lstrip("+~") for o in task}
+    return sweep_size([*task, *(f"{k}={v}" for k, v in params.items() if k not in given)])
+
+
 try:
     from hydra.experimental.callback import Callback
 except ImportError:  # pragma: no cover - hydra-core < 1.1
@@ -308,10 +336,7 @@ class SweepReport(Callback):
         total = None
         multirun = sweep_dir / "multirun.yaml"  # the sweep as launched: command-line and recipe sweep parameters
         if multirun.is_file():
-            hydra_cfg = (yaml.safe_load(multirun.read_text()) or {}).get("hydra", {})
-            params = hydra_cfg.get("sweeper", {}).get("params") or {}
-            total = sweep_size([*hydra_cfg.get("overrides", {}).get("task", []),
-                                *(f"{k}={v}" for k, v in params.items())])
+            total = sweep_total((yaml.safe_load(multirun.read_text()) or {}).get("hydra", {}))
         print(f"sweep: {done}/{total or '?'} points done ({hc.job.override_dirname or 'base'} finished)", flush=True)
 
     def on_multirun_end(self, config, **kwargs) -> None:

@@ -14,12 +14,14 @@ from tqdm import tqdm
 
 from pipeline.errors import PipelineError
 from pipeline.evaluate.ppl import nll_sum
-from pipeline.evaluate.stats import kl_from_topk
+from pipeline.evaluate.speed import measure_speed
+from pipeline.evaluate.stats import kl_from_full, kl_from_topk
 
 
 def run_engine_eval(runner, request: dict[str, Any]) -> dict[str, Any]:
     """Generate for every prompt in batches (with beam search, the best beam: beam 0, as summarize.py scores);
-    time to first token per batch; NLL over perplexity windows."""
+    time to first token per batch; NLL over perplexity windows; then the decode speed probe at batch 1 and at the
+    engine's max batch (pipeline.evaluate.speed)."""
     prompts, bs = request["prompts"], request["batch_size"]
     outputs, ttfts, generated, seconds = [], [], 0, 0.0
     show = request.get("progress", False) and runner.dist.rank == 0
@@ -47,7 +49,7 @@ def run_engine_eval(runner, request: dict[str, Any]) -> dict[str, Any]:
         bar.update(len(batch))
     bar.close()
     nll, tokens, kl, top1 = 0.0, 0, [], []
-    reference = _load_topk(request.get("kl_reference"))
+    reference = _open_reference(request.get("kl_reference"))
     for window in tqdm(request.get("ppl_windows", []), desc="engine perplexity", unit="window", disable=not show):
         if not runner.limits["gather_context_logits"]:
             raise PipelineError("perplexity needs an engine built with build.gather_context_logits=true")
@@ -55,24 +57,36 @@ def run_engine_eval(runner, request: dict[str, Any]) -> dict[str, Any]:
                                  return_dict=True)["context_logits"][0, : len(window)]
         n, t = nll_sum(logits, window)
         if reference is not None:  # the reference's rows for this window's t predicted positions
-            k, agree = kl_from_topk(reference["logprobs"][tokens: tokens + t], reference["ids"][tokens: tokens + t],
-                                    logits[:t])
+            k, agree = _window_kl(reference, tokens, tokens + t, logits[:t])
             kl += k.tolist()
             top1 += agree.tolist()
         nll, tokens = nll + n, tokens + t
     result = {"outputs": outputs, "seconds": seconds, "generated_tokens": generated, "ttft_seconds": ttfts,
               "ppl_nll": nll, "ppl_tokens": tokens, "load_seconds": runner.load_seconds}
     if reference is not None:
-        result["kl"], result["top1"] = kl, top1
+        result["kl"], result["top1"], result["kl_form"] = kl, top1, reference[0]
+    speed = measure_speed(runner, request, request.get("speed_steps", 0), request.get("speed_prompt_len", 0))
+    if speed is not None:
+        result["speed"] = speed
     return result
 
 
-def _load_topk(path: str | None):
-    if not path:
+def _open_reference(spec: dict[str, str] | None):
+    """The reference's stored distributions (pipeline.stages.reference), opened lazily: only one window's rows are
+    read at a time (the full form is 2 bytes x vocabulary per position)."""
+    if not spec:
         return None
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
-    return load_file(path)
+    return spec["form"], safe_open(spec["path"], framework="pt")
+
+
+def _window_kl(reference, start: int, end: int, logits: torch.Tensor):
+    form, f = reference
+    rows = {key: f.get_slice(key)[start:end] for key in f.keys()}
+    if form == "full":
+        return kl_from_full(rows["q"], rows["top"], rows["top1"], logits)
+    return kl_from_topk(rows["logprobs"], rows["ids"], logits)
 
 
 def main(argv: list[str]) -> int:

@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.evaluate.ppl import nll_sum
-from pipeline.evaluate.stats import topk_reference
+from pipeline.evaluate.stats import quantize_logprobs, topk_reference
 
 
 def is_greedy(request: dict[str, Any]) -> bool:
@@ -37,9 +37,10 @@ def generate_batch(model, prompts: list[list[int]], request: dict[str, Any], sam
 
 @torch.inference_mode()
 def run_hf_eval(model, request: dict[str, Any], batch_size: int = 1, progress: bool = False,
-                kl_topk: int = 0) -> dict[str, Any]:
-    """Outputs for every prompt (batched when greedy), NLL over the perplexity windows and, with kl_topk, each
-    window position's top-k log-probs (the reference distributions KL divergence is measured against)."""
+                kl_form: str | None = None) -> dict[str, Any]:
+    """Outputs for every prompt (batched when greedy), NLL over the perplexity windows and, with kl_form, each
+    window position's distribution in its stored form (`full`: every token's log-prob on a uint16 grid, `topk`:
+    the top-k log-probs; pipeline.evaluate.stats), what KL divergence is measured against."""
     greedy = is_greedy(request)
     sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": request["temperature"],
                                                     "top_k": request["top_k"] or None, "top_p": request["top_p"] or None}
@@ -63,18 +64,24 @@ def run_hf_eval(model, request: dict[str, Any], batch_size: int = 1, progress: b
                 outputs[i] = out
             seconds += time.perf_counter() - t0
             bar.update(len(chunk))
-    nll, tokens, top_logp, top_ids = 0.0, 0, [], []
+    nll, tokens, stored = 0.0, 0, []
     for window in tqdm(request.get("ppl_windows", []), desc="reference perplexity", unit="window",
                        disable=not progress or not request.get("ppl_windows")):
         logits = model(torch.tensor([window])).logits[0].float()
         n, t = nll_sum(logits, window)
         nll, tokens = nll + n, tokens + t
-        if kl_topk:
-            values, ids = topk_reference(logits[: len(window) - 1], kl_topk)
-            top_logp.append(values)
-            top_ids.append(ids)
+        if kl_form:
+            stored.append(store_distributions(logits[: len(window) - 1], kl_form))
     result = {"outputs": outputs, "seconds": seconds, "generated_tokens": sum(len(o) for o in outputs),
               "ppl_nll": nll, "ppl_tokens": tokens, "batch_size": size}
-    if top_logp:
-        result["topk_logprobs"], result["topk_ids"] = torch.cat(top_logp), torch.cat(top_ids)
+    if stored:
+        result["kl_reference"] = {key: torch.cat([s[key] for s in stored]) for key in stored[0]}
     return result
+
+
+def store_distributions(logits: torch.Tensor, form: str) -> dict[str, torch.Tensor]:
+    """Reference distributions [T, V] in their stored form: `full` or `topk` (pipeline.evaluate.stats)."""
+    if form == "full":
+        return quantize_logprobs(logits)
+    logprobs, ids = topk_reference(logits)
+    return {"logprobs": logprobs, "ids": ids}

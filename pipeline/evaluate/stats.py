@@ -2,10 +2,18 @@
 token-level KL divergence of an engine's next-token distributions against the reference's (llama.cpp's
 `--kl-divergence`: mean KLD, 99th-percentile KLD, top-1 agreement, perplexity ratio).
 
-The reference's distributions are stored as their top-K log-probabilities plus the remaining mass (a full float16
-vocabulary would be ~100 KB per token); KL is computed over those K tokens and one "rest" bucket. Merging tokens
-into a bucket can only lower KL (log-sum inequality), so the figure is a lower bound that is exact once the top K
-hold all the mass; with K=64 the rest holds well under 1e-3 of the mass for a 135M model on ordinary text.
+The reference's distributions are stored in one of two forms (`evaluate.kl_reference`):
+- `full` (default): the whole vocabulary's log-probs per position, as llama.cpp stores them: uint16 steps over the
+  LOGPROB_RANGE nats below the position's top log-prob (float32), its top-1 token id beside. A log-prob is off by at
+  most half a step (LOGPROB_RANGE / 65535 / 2 = 2.4e-4 nats); tokens more than LOGPROB_RANGE below the top are
+  stored at the floor, which overstates each by less than e^-32 of the top's probability (< 1e-9 of mass in all for
+  a 50k vocabulary). The dequantized log-probs are renormalized, and KL is summed over every token: exact up to
+  that rounding, which moves a position's KL by at most about one step (4.9e-4 nats) times E_p|log p/q| (a few 1e-4 of
+  the KL itself on a 50k vocabulary; tests/evaluate/test_stats.py). 2 bytes x vocabulary per position: 96 KB for
+  SmolLM2's 49152 tokens.
+- `topk`: the top-TOPK log-probs plus one bucket for the remaining mass (256 bytes per position). Merging tokens
+  into a bucket can only lower KL (log-sum inequality), so the figure is a lower bound, exact once the top K hold
+  all the mass; for vocabularies where the full form is too large.
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ import torch
 Z_95, Z_POWER_80 = 1.959964, 0.841621
 N_BOOTSTRAP = 2000
 TOPK = 64
+LOGPROB_RANGE = 32.0  # nats below a position's top log-prob that the full form resolves
+LOGPROB_STEPS = 65535
 
 
 def paired_bootstrap(scores: list[float], baseline: list[float], n_boot: int = N_BOOTSTRAP,
@@ -76,6 +86,33 @@ def kl_from_topk(ref_logp: torch.Tensor, ref_ids: torch.Tensor, logits: torch.Te
     kl = kl + torch.where(p_rest > 1e-6, p_rest * (p_rest.clamp_min(1e-300).log() - q_rest.log()), torch.zeros_like(p_rest))
     top1 = q_logp.argmax(-1) == ref_ids[:, 0].long()
     return kl.clamp_min(0.0), top1
+
+
+def quantize_logprobs(logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The full stored form of reference distributions from logits [T, V]: `q` [T, V] int16 (uint16 steps below the
+    top, offset by -32768 so the file needs no unsigned type), `top` [T] float32, `top1` [T] int32."""
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    top, top1 = logp.max(dim=-1)
+    steps = torch.round((logp - (top[:, None] - LOGPROB_RANGE)) * (LOGPROB_STEPS / LOGPROB_RANGE))
+    q = (steps.clamp(0, LOGPROB_STEPS) - 32768).to(torch.int16)
+    return {"q": q, "top": top.float(), "top1": top1.to(torch.int32)}
+
+
+def dequantize_logprobs(q: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """Log-probs [T, V] (float64, renormalized) from the full stored form."""
+    steps = q.to(torch.float64) + 32768.0
+    logp = top.double()[:, None] - LOGPROB_RANGE + steps * (LOGPROB_RANGE / LOGPROB_STEPS)
+    return torch.log_softmax(logp, dim=-1)
+
+
+def kl_from_full(q: torch.Tensor, top: torch.Tensor, top1: torch.Tensor,
+                 logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token KL(reference || engine) summed over the whole vocabulary, and whether the engine's top-1 token is
+    the reference's. q [T, V], top/top1 [T] (quantize_logprobs), logits [T, V] of the engine."""
+    p_logp = dequantize_logprobs(q, top)
+    q_logp = torch.log_softmax(logits.double(), dim=-1)
+    kl = (p_logp.exp() * (p_logp - q_logp)).sum(-1)
+    return kl.clamp_min(0.0), q_logp.argmax(-1) == top1.long()
 
 
 def kld_summary(kl: list[float], top1: list[bool], engine_ppl: float | None, ref_ppl: float | None) -> dict[str, Any]:

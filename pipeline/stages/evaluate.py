@@ -8,7 +8,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from pipeline.errors import PipelineError
 from pipeline.evaluate.data import dataset_fingerprint, load_samples, load_text
@@ -19,9 +18,10 @@ from pipeline.evaluate.rouge import ROUGE_TYPES, rouge, rouge_per_sample, rouge_
 from pipeline.evaluate.stats import kld_summary, paired_bootstrap, verdict
 from pipeline.executor import StageContext, library_versions, stage
 from pipeline.schemas import validate
-from pipeline.stages.reference import TOPK_FILE, load_reference, wants_reference
+from pipeline.stages.reference import kl_reference_file, load_reference, wants_reference
 
-STAGE_VERSION = 2  # 2: transformers' side comes from the reference stage; paired ROUGE-1 interval; KL divergence
+STAGE_VERSION = 3  # 2: transformers' side comes from the reference stage; paired ROUGE-1 interval; KL divergence
+# 3: decode speed probe at batch 1 and the engine's max batch
 
 
 def accuracy_checks(config: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
@@ -118,9 +118,11 @@ def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
     limits = json.loads((engine_dir / "config.json").read_text())["build_config"]
     samples, request = _request(ev, tokenizer, engine_dir, limits)
     reference = _reference(ctx.inputs.get("reference"), request)
-    if reference is not None and request["ppl_windows"] and (ctx.inputs["reference"] / TOPK_FILE).is_file():
-        request["kl_reference"] = str(ctx.inputs["reference"] / TOPK_FILE)
+    stored = kl_reference_file(ctx.inputs["reference"]) if reference is not None and request["ppl_windows"] else None
+    if stored is not None:
+        request["kl_reference"] = {"form": stored[0], "path": str(stored[1])}
     request["progress"] = ctx.progress
+    request["speed_steps"], request["speed_prompt_len"] = ev["speed_steps"], ev["speed_prompt_len"]
     engine = _run_engine(engine_dir, request)
     report: dict[str, Any] = {
         "task": ev["task"], "n": len(samples),
@@ -137,6 +139,8 @@ def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
     }
     texts = {"engine": [tokenizer.decode(o, skip_special_tokens=True) for o in engine["outputs"]]}
     report["engine"] = _section(engine, texts["engine"], samples, ev)
+    if engine.get("speed"):
+        report["speed"] = engine["speed"]
     if reference is not None:
         report["reference_key"] = ctx.inputs["reference"].name
         texts["hf"] = reference["texts"]
@@ -150,7 +154,8 @@ def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
             engine_r1 = [r["rouge1"] for r in rouge_per_sample(texts["engine"], [s.reference for s in samples], ev["use_stemmer"])]
             report["rouge1_vs_hf"] = paired_bootstrap(engine_r1, [r["rouge1"] for r in reference["rouge_per_sample"]])
         if "kl" in engine and engine["kl"]:
-            report["kld"] = kld_summary(engine["kl"], engine["top1"], report["engine"].get("ppl"), report["hf"].get("ppl"))
+            report["kld"] = {**kld_summary(engine["kl"], engine["top1"], report["engine"].get("ppl"),
+                                           report["hf"].get("ppl")), "kld_reference": engine["kl_form"]}
     validate(report, "report", what="evaluation report.json")
     (ctx.out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     _write_outputs(ctx.out_dir / "outputs.jsonl", samples, request["prompts"], texts)
@@ -233,6 +238,17 @@ def _write_outputs(path: Path, samples, prompts, texts: dict[str, list[str]]) ->
             f.write(json.dumps(row) + "\n")
 
 
+def speed_metrics(speed: dict[str, Any] | None) -> dict[str, Any]:
+    """The speed probe's figures as flat metrics (what run.json and the sweep report carry)."""
+    if not speed:
+        return {}
+    return {"decode_max_batch": speed["max_batch_size"],
+            "decode_tps_batch_1": speed["batch_1"]["decode_tokens_per_second"],
+            "decode_tps_batch_n": speed["batch_n"]["decode_tokens_per_second"],
+            "ttft_batch_1_seconds": speed["batch_1"]["ttft_seconds"],
+            "ttft_batch_n_seconds": speed["batch_n"]["ttft_seconds"]}
+
+
 def _headline(report: dict[str, Any]) -> dict[str, Any]:
     metrics: dict[str, Any] = {"n": report["n"]}
     for side in ("engine", "hf"):
@@ -244,6 +260,7 @@ def _headline(report: dict[str, Any]) -> dict[str, Any]:
     if "rouge1_vs_hf" in report:
         metrics["rouge1_vs_hf"] = report["rouge1_vs_hf"]
     metrics.update(report.get("kld", {}))
+    metrics.update(speed_metrics(report.get("speed")))
     if "engine" in report:
         metrics["engine_generated_tokens"] = report["engine"]["generated_tokens"]
         metrics["engine_seconds"] = report["engine"]["seconds"]

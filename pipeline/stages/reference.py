@@ -3,8 +3,9 @@ once per model + dtype + evaluation settings + dataset (+ the two build limits t
 engine: every quantization, mapping and backend of a sweep is compared with the same cached reference.
 
 Artifact: `reference.json` (prompts, output tokens and texts, per-sample ROUGE, perplexity, timing) and, when there
-are perplexity windows, `topk.safetensors` (each window position's top-k log-probs and token ids, what the engine's
-KL divergence is measured against)."""
+are perplexity windows, the reference distributions the engine's KL divergence is measured against:
+`logprobs.safetensors` (evaluate.kl_reference=full: every token's log-prob per window position, uint16-quantized) or
+`topk.safetensors` (kl_reference=topk: the top-64 log-probs and token ids); see pipeline.evaluate.stats."""
 
 from __future__ import annotations
 
@@ -18,21 +19,21 @@ from pipeline.errors import PipelineError
 from pipeline.evaluate.rouge import rouge_per_sample, rouge_with_intervals
 from pipeline.evaluate.ppl import perplexity
 from pipeline.evaluate.request import build_request, evaluate_fingerprint, n_samples
-from pipeline.evaluate.stats import TOPK
 from pipeline.executor import StageContext, stage
 from pipeline.stages.convert import source_fingerprint
 
 log = logging.getLogger(__name__)
 
-STAGE_VERSION = 1
-REFERENCE_FILE, TOPK_FILE = "reference.json", "topk.safetensors"
+STAGE_VERSION = 2  # 2: the full distributions (kl_reference=full) beside the top-k form
+REFERENCE_FILE = "reference.json"
+KL_FILES = {"full": "logprobs.safetensors", "topk": "topk.safetensors"}
 
 # The evaluation settings the reference's result depends on; batch_size and max_ite enter only as their product.
 REFERENCE_KEYS = ("task", "dataset", "dataset_config", "dataset_split", "input_field", "reference_field", "shuffle",
                   "prompt_template", "system_prompt", "max_input_length", "output_len", "num_beams", "length_penalty",
                   "early_stopping", "temperature",
                   "top_k", "top_p", "random_seed", "use_stemmer", "data_type", "eval_ppl", "ppl_dataset",
-                  "ppl_window", "ppl_max_windows", "reference_batch_size")
+                  "ppl_window", "ppl_max_windows", "reference_batch_size", "kl_reference")
 
 
 def reference_view(config: dict[str, Any]) -> dict[str, Any]:
@@ -76,8 +77,8 @@ def reference_stage(ctx: StageContext) -> dict[str, Any]:
         source.close()
     from pipeline.evaluate.hf_eval import run_hf_eval
 
-    result = run_hf_eval(model, request, ev["reference_batch_size"], ctx.progress,
-                         kl_topk=TOPK if request["ppl_windows"] else 0)
+    kl_form = _kl_form(ev) if request["ppl_windows"] else None
+    result = run_hf_eval(model, request, ev["reference_batch_size"], ctx.progress, kl_form=kl_form)
     texts = [tokenizer.decode(o, skip_special_tokens=True) for o in result["outputs"]]
     record: dict[str, Any] = {
         "n": len(samples), "prompts": request["prompts"], "ppl_windows": request["ppl_windows"],
@@ -91,9 +92,9 @@ def reference_stage(ctx: StageContext) -> dict[str, Any]:
         record["rouge_per_sample"] = rouge_per_sample(texts, record["references"], ev["use_stemmer"])
     if result["ppl_tokens"]:
         record["ppl"] = round(perplexity(result["ppl_nll"], result["ppl_tokens"]), 6)
-    if "topk_ids" in result:
-        save_file({"logprobs": result["topk_logprobs"].contiguous(), "ids": result["topk_ids"].contiguous()},
-                  str(ctx.out_dir / TOPK_FILE))
+    if "kl_reference" in result:
+        save_file({k: v.contiguous() for k, v in result["kl_reference"].items()}, str(ctx.out_dir / KL_FILES[kl_form]),
+                  metadata={"form": kl_form})
     (ctx.out_dir / REFERENCE_FILE).write_text(json.dumps(record) + "\n")
     metrics: dict[str, Any] = {"n": record["n"], "batch_size": record["batch_size"], "seconds": record["seconds"]}
     metrics.update(record.get("rouge", {}))
@@ -111,6 +112,21 @@ def _sequence_limits(source, cfg: dict[str, Any]) -> tuple[int, int]:
 
     ckpt = prepare(source, cfg["dtype"], MappingArgs(1, 1), cfg["model"]["architecture"]).config
     return sequence_limits(cfg["build"], ckpt)
+
+
+def _kl_form(ev: dict[str, Any]) -> str:
+    form = str(getattr(ev["kl_reference"], "value", ev["kl_reference"]))
+    if form not in KL_FILES:
+        raise PipelineError(f"evaluate.kl_reference={form!r}: expected one of {', '.join(KL_FILES)}")
+    return form
+
+
+def kl_reference_file(artifact) -> tuple[str, Any] | None:
+    """The reference artifact's stored distributions: (form, path), or None when it has none."""
+    for form, name in KL_FILES.items():
+        if (artifact / name).is_file():
+            return form, artifact / name
+    return None
 
 
 def load_reference(artifact) -> dict[str, Any]:

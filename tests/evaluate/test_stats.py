@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from pipeline.evaluate.stats import (kl_from_topk, kld_summary, paired_bootstrap, samples_needed, topk_reference,
+from pipeline.evaluate.stats import (LOGPROB_RANGE, LOGPROB_STEPS, dequantize_logprobs, kl_from_full, kl_from_topk,
+                                     kld_summary, paired_bootstrap, quantize_logprobs, samples_needed, topk_reference,
                                      verdict)
 
 
@@ -74,6 +75,48 @@ def test_kl_top1_agreement_and_the_rest_bucket_lower_bound():
     partial, _ = kl_from_topk(*topk_reference(ref, 8), eng)
     assert bool((partial <= exact + 1e-9).all()) and bool((partial > 0).all())
     assert kl_from_topk(*topk_reference(ref, 8), ref)[0].abs().max() < 1e-6  # identical distributions: zero
+
+
+@pytest.mark.parametrize("p, q, expected", [
+    ((0.75, 0.25), (0.5, 0.5), 0.75 * math.log(1.5) + 0.25 * math.log(0.5)),  # 0.130812
+    ((0.5, 0.3, 0.2), (0.2, 0.3, 0.5), 0.5 * math.log(2.5) + 0.2 * math.log(0.4)),  # 0.274887
+    ((0.9, 0.05, 0.05), (0.9, 0.05, 0.05), 0.0),
+])
+def test_full_kl_against_hand_computed_values(p, q, expected):
+    stored = quantize_logprobs(torch.log(torch.tensor([p])))
+    kl, top1 = kl_from_full(stored["q"], stored["top"], stored["top1"], torch.log(torch.tensor([q])))
+    # the uint16 grid moves each log-prob by at most half a step, one step after renormalization: to first order the
+    # KL moves by at most one step times E_p|log p/q|
+    bound = LOGPROB_RANGE / LOGPROB_STEPS * sum(a * abs(math.log(a / b)) for a, b in zip(p, q)) + 1e-7
+    assert abs(kl.item() - expected) <= bound
+    assert top1.tolist() == [max(range(len(p)), key=p.__getitem__) == max(range(len(q)), key=q.__getitem__)]
+
+
+def test_full_form_is_exact_where_the_top_k_bound_is_not():
+    """A 50k vocabulary with a flat tail (the top 64 hold a fraction of the mass): the full form matches the exact KL
+    to 3e-4 relative, the top-k figure is about half of it."""
+    torch.manual_seed(0)
+    ref = torch.randn(6, 50000) * 3
+    eng = ref + 0.3 * torch.randn(6, 50000)
+    exact = (torch.softmax(ref.double(), -1) * (torch.log_softmax(ref.double(), -1)
+                                                  - torch.log_softmax(eng.double(), -1))).sum(-1)
+    stored = quantize_logprobs(ref)
+    assert stored["q"].dtype == torch.int16 and stored["q"].shape == (6, 50000)
+    assert stored["top1"].tolist() == ref.argmax(-1).tolist()
+    full, _ = kl_from_full(stored["q"], stored["top"], stored["top1"], eng)
+    assert torch.allclose(full, exact, rtol=3e-4, atol=0)
+    bound, _ = kl_from_topk(*topk_reference(ref, 64), eng)
+    assert bool((bound < 0.7 * exact).all())
+    assert kl_from_full(stored["q"], stored["top"], stored["top1"], ref)[0].max() < 1e-7  # same distribution
+
+
+def test_full_form_grid_and_floor():
+    logp = torch.tensor([[-0.01, -5.0, -31.0, -100.0]])
+    back = dequantize_logprobs(quantize_logprobs(logp)["q"], quantize_logprobs(logp)["top"])
+    truth = torch.log_softmax(logp.double(), -1)
+    step = LOGPROB_RANGE / LOGPROB_STEPS
+    assert torch.allclose(back[0, :3], truth[0, :3], atol=step)  # within one grid step (half, plus renormalization)
+    assert back[0, 3].item() == pytest.approx(truth[0, 0].item() - LOGPROB_RANGE, abs=step)  # the floor
 
 
 def test_kld_summary():

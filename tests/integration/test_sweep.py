@@ -66,19 +66,19 @@ def test_parallel_multirank_points_may_not_oversubscribe(monkeypatch):
     assert os.environ["TRTLLM_PIPELINE_CORES"] == "2"  # each point's ranks share its half of the machine
 
 
-@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two parallel points need two cores")
-def test_joblib_two_workers_compute_each_shared_artifact_once(tmp_path):
+def _parallel_sweep(tmp_path, launcher_args: list[str], env: dict[str, str] | None = None):
+    """A 4-point build sweep of a tiny model under a parallel launcher: every point's checkpoint is the same artifact."""
     import torch
 
     torch.manual_seed(0)
     model = make_tiny_model(tmp_path, "llama_gqa_untied")
     sweep_dir, cache = tmp_path / "sweep", tmp_path / "cache"
-    args = [sys.executable, "-m", "pipeline.cli", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+    args = [sys.executable, "-m", "pipeline.cli", "-m", *launcher_args,
             "model=hf_local", f"model.path={model}", "stages=[build]", "progress=false", f"cache_dir={cache}",
             f"hydra.sweep.dir={sweep_dir}", "build.max_input_len=32", "build.max_seq_len=64",
             "build.smoke_test_tokens=0,2", "build.max_batch_size=2,4"]
-    proc = subprocess.run(args, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
-                          timeout=900, cwd=tmp_path)
+    proc = subprocess.run(args, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, capture_output=True,
+                          text=True, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(p.read_text()) for p in sweep_dir.glob("*/run.json")]
     assert len(records) == 4
@@ -88,4 +88,36 @@ def test_joblib_two_workers_compute_each_shared_artifact_once(tmp_path):
     assert len({r["stages"]["build"]["key"] for r in records}) == 4
     report = json.loads((sweep_dir / "report.json").read_text())
     assert report["points"] == 4 and report["failed"] == 0
+    return proc
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two parallel points need two cores")
+def test_joblib_two_workers_compute_each_shared_artifact_once(tmp_path):
+    proc = _parallel_sweep(tmp_path, ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"])
     assert "sweep: 4/4 points done" in proc.stdout
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two parallel points need two cores")
+def test_ray_local_cluster_computes_each_shared_artifact_once(tmp_path):
+    """Ray's launcher on a local 2-CPU cluster (what `ray.init()` starts without an address). hydra-ray-launcher
+    pins cloudpickle==2.2.1 while joblib >= 1.5 needs cloudpickle >= 3, so the `ray` extra lives in its own
+    environment (docs/SWEEPS.md); this test runs where it is installed."""
+    pytest.importorskip("hydra_plugins.hydra_ray_launcher", reason="hydra-ray-launcher is the optional `ray` extra "
+                        "(pip install -e .[ray], in an environment of its own: it pins cloudpickle==2.2.1)")
+    _parallel_sweep(tmp_path, ["hydra/launcher=ray", "++hydra.launcher.ray.init.num_cpus=2",
+                               "++hydra.launcher.ray.init.include_dashboard=false"],
+                    env={"RAY_raylet_start_wait_time_s": "300"})  # a busy 2-core machine starts its raylet slowly
+
+
+def test_ray_local_cluster_counts_as_parallel_points(monkeypatch):
+    from pipeline.cli import launcher_workers
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    ray = "hydra_plugins.hydra_ray_launcher.ray_launcher.RayLauncher"
+    assert launcher_workers({"_target_": ray, "ray": {"init": {"address": None}, "remote": {}}}) == 8
+    assert launcher_workers({"_target_": ray, "ray": {"init": {"address": None, "num_cpus": 4},
+                                                      "remote": {"num_cpus": 2}}}) == 2
+    assert launcher_workers({"_target_": ray, "ray": {"init": {"address": "auto"}, "remote": {}}}) == 1
+    joblib = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
+    assert launcher_workers({"_target_": joblib, "n_jobs": -1}) == 8 and launcher_workers({"_target_": joblib, "n_jobs": 2}) == 2
+    assert launcher_workers({"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"}) == 1

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from pipeline.evaluate.stats import paired_bootstrap, verdict
-from pipeline.report import SweepReport, build_rows, changed_overrides, find_points, load_point, pareto_front, sweep_size, write_report
+from pipeline.report import SweepReport, build_rows, changed_overrides, find_points, load_point, pareto_front, sweep_size, sweep_total, write_report
 from pipeline.schemas import schema_errors
 
 REPO = Path(__file__).resolve().parents[2]
@@ -54,7 +54,9 @@ def make_point(root: Path, name: str, quant: str | None, rouge1: list[float], tp
     }
     metrics = {"convert": {"bytes": engine_bytes}, "build": {"engine_bytes": engine_bytes},
                "evaluate": {"n": len(rouge1), "engine_rouge1": mean, "engine_tokens_per_second": tps,
-                            "kld_mean": 0.01, "top1_agreement": 0.97,
+                            "kld_mean": 0.01, "top1_agreement": 0.97, "decode_max_batch": 8,
+                            "decode_tps_batch_1": tps / 2, "decode_tps_batch_n": tps * 3,
+                            "ttft_batch_1_seconds": 0.05, "ttft_batch_n_seconds": 0.3,
                             "rouge1_vs_hf": {"mean": 0.0, "ci_low": 0.0, "ci_high": 0.0, "sd": 0.0, "n": len(rouge1)}}}
     (run / "run.json").write_text(json.dumps({"stages": stages, "metrics": metrics}))
     return run
@@ -81,6 +83,15 @@ def test_rows_for_computed_reused_and_failed_points(sweep):
     assert rows["quantization=w4a16"]["engine_bytes"] == 100 and rows["quantization=w4a16"]["rouge1_ci"] == [20.0, 40.0]
 
 
+def test_rows_carry_decode_speed_at_batch_1_and_batch_n(sweep):
+    rows = {r["point"]: r for r in build_rows([load_point(p) for p in find_points([sweep])])}
+    w4 = rows["quantization=w4a16"]
+    assert (w4["decode_tps_b1"], w4["decode_tps_bn"], w4["max_batch"]) == (9.0, 54.0, 8)
+    assert (w4["ttft_b1_s"], w4["ttft_bn_s"]) == (0.05, 0.3)
+    failed = rows["quantization=fp8"]
+    assert failed["decode_tps_b1"] is None and failed["decode_tps_bn"] is None
+
+
 def test_points_are_compared_with_the_unquantized_point(sweep):
     rows = {r["point"]: r for r in build_rows([load_point(p) for p in find_points([sweep])])}
     w4 = rows["quantization=w4a16"]
@@ -96,6 +107,10 @@ def test_pareto_front():
     rows = [{"rouge1": 40, "tokens_per_second": 10, "engine_bytes": 400}, {"rouge1": 39, "tokens_per_second": 14, "engine_bytes": 200},
             {"rouge1": 30, "tokens_per_second": 12, "engine_bytes": 300}, {"rouge1": None, "tokens_per_second": None, "engine_bytes": None}]
     assert pareto_front(rows) == [0, 1]  # point 2 is beaten by point 1 on every axis
+    # with the probe's batch-1 decode speed on every point, the front is judged on it
+    probed = [{**r, "decode_tps_b1": b1} for r, b1 in zip(rows, (10, 9, 20, None))]
+    probed[3]["tokens_per_second"] = None
+    assert pareto_front(probed) == [0, 1, 2]
 
 
 def test_report_files_schema_and_png(sweep):
@@ -105,6 +120,7 @@ def test_report_files_schema_and_png(sweep):
     assert files["png"].stat().st_size > 5000 and files["png"].read_bytes()[:4] == b"\x89PNG"
     md = files["md"].read_text()
     assert "| quantization=fp8 | failed |" in md and "FP8 needs calibration data" in md
+    assert "decode_tps_b1 | decode_tps_bn | max_batch | ttft_b1_s" in md and "| 9 | 54 | 8 | 0.05 |" in md
     assert len(files["csv"].read_text().splitlines()) == 5
     broken = {**doc, "rows": [{**doc["rows"][0], "status": "failed", "error": None}]}
     assert schema_errors(broken, "sweep_report")
@@ -114,6 +130,10 @@ def test_changed_overrides_and_sweep_size():
     points = [{"overrides": ["+sweep=a", "x=1", "y=2"]}, {"overrides": ["+sweep=a", "x=2", "y=2"]}]
     assert changed_overrides(points) == ["x=1", "x=2"]
     assert sweep_size(["quantization=none,w8a16,fp8", "mapping.tp_size=1,3", "dtype=float32"]) == 6
+    recipe = {"sweeper": {"params": {"quantization": "none,w8a16,fp8", "quantization.kv_cache_quant_algo": "null,INT8"}}}
+    assert sweep_total({**recipe, "overrides": {"task": ["+sweep=q"]}}) == 6
+    # a key swept (or fixed) on the command line replaces the recipe's values for it
+    assert sweep_total({**recipe, "overrides": {"task": ["quantization=none,fp8", "quantization.kv_cache_quant_algo=null"]}}) == 2
 
 
 def test_report_cli(sweep, tmp_path):
