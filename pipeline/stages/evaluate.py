@@ -8,19 +8,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from pipeline.errors import PipelineError
 from pipeline.evaluate.data import dataset_fingerprint, load_samples, load_text
-from pipeline.evaluate.engine_eval import run_engine_eval
 from pipeline.evaluate.ppl import perplexity
 from pipeline.evaluate.request import build_request, evaluate_fingerprint
-from pipeline.evaluate.rouge import ROUGE_TYPES, rouge, rouge_per_sample, rouge_with_intervals
-from pipeline.evaluate.stats import kld_summary, paired_bootstrap, verdict
+from pipeline.evaluate.stats import verdict
 from pipeline.executor import StageContext, library_versions, stage
 from pipeline.schemas import validate
 from pipeline.stages.reference import TOPK_FILE, load_reference, wants_reference
 
+# The engine runtime, torch, ROUGE and numpy are imported by the functions that evaluate: the key functions and
+# the accuracy checks a cached run applies import none of them.
 STAGE_VERSION = 2  # 2: transformers' side comes from the reference stage; paired ROUGE-1 interval; KL divergence
 
 
@@ -113,6 +111,9 @@ def evaluate_preflight(config: dict[str, Any], facts: dict[str, Any]) -> None:
        fingerprint=evaluate_fingerprint, unkeyed=("model.path", "model.package", *THRESHOLD_KEYS),
        checks=accuracy_checks, optional_needs=(("reference", wants_reference),), preflight=evaluate_preflight)
 def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
+    from pipeline.evaluate.rouge import rouge, rouge_per_sample
+    from pipeline.evaluate.stats import kld_summary, paired_bootstrap
+
     ev, engine_dir = ctx.config["evaluate"], ctx.inputs["build"]
     tokenizer = _tokenizer(engine_dir)
     limits = json.loads((engine_dir / "config.json").read_text())["build_config"]
@@ -195,6 +196,7 @@ def _run_engine(engine_dir: Path, request: dict[str, Any]) -> dict[str, Any]:
 
     world = engine_world_size(engine_dir)
     if world == 1:
+        from pipeline.evaluate.engine_eval import run_engine_eval
         from pipeline.runtime import ModelRunner
 
         return run_engine_eval(ModelRunner.from_dir(engine_dir), request)
@@ -206,6 +208,8 @@ def _run_engine(engine_dir: Path, request: dict[str, Any]) -> dict[str, Any]:
 
 
 def _section(result: dict[str, Any], texts: list[str], samples, ev) -> dict[str, Any]:
+    from pipeline.evaluate.rouge import rouge_with_intervals
+
     section: dict[str, Any] = {}
     if samples:
         mid, intervals = rouge_with_intervals(texts, [s.reference for s in samples], ev["use_stemmer"])
@@ -223,6 +227,8 @@ def _section(result: dict[str, Any], texts: list[str], samples, ev) -> dict[str,
 
 
 def _write_outputs(path: Path, samples, prompts, texts: dict[str, list[str]]) -> None:
+    from pipeline.evaluate.rouge import rouge_per_sample
+
     with open(path, "w") as f:
         for i, s in enumerate(samples):
             row = {"id": s.id, "prompt_tokens": len(prompts[i]), "engine": texts["engine"][i], "reference": s.reference,
@@ -234,6 +240,8 @@ def _write_outputs(path: Path, samples, prompts, texts: dict[str, list[str]]) ->
 
 
 def _headline(report: dict[str, Any]) -> dict[str, Any]:
+    from pipeline.evaluate.rouge import ROUGE_TYPES
+
     metrics: dict[str, Any] = {"n": report["n"]}
     for side in ("engine", "hf"):
         for key in (*ROUGE_TYPES, "ppl", "tokens_per_second", "ttft_seconds"):
