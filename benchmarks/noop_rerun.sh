@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
 # Wall time of a re-run of the default recipe whose every stage is cached (the "nothing to do" run), including
 # interpreter start, for this working tree and a commit before it, measured by one command on one machine:
-#   benchmarks/noop_rerun.sh [-n RUNS] [-w WORKDIR] [-p] [BEFORE_COMMIT] [-- extra overrides...]
+#   benchmarks/noop_rerun.sh [-n RUNS] [-w WORKDIR] [-p] [-s SEED_CACHE] [BEFORE_COMMIT] [-- extra overrides...]
 # BEFORE_COMMIT (default e801d3c) is exported with `git archive` into WORKDIR/before; this tree is used in place.
 # Each side has its own cache (WORKDIR/cache_before, WORKDIR/cache_after), populated by one full run of the recipe
-# the first time (minutes); -p only populates and exits (run that part under a CPU-sharing wrapper, the timing part
-# alone on a quiet machine). Both trees are byte-compiled first, as an installed package is. Runs alternate
-# before/after; prints every run, the medians and their ratio, and checks that the after runs reused every stage.
+# the first time (minutes), or seeded with a copy of SEED_CACHE (-s: a cache of the same recipe, e.g. from an earlier
+# run; both commits key the default recipe alike); -p only populates and exits (run that part under a CPU-sharing
+# wrapper, the timing part alone on a quiet machine). Both trees are byte-compiled first, as an installed package
+# is. One untimed run per side must reuse every stage (else it stops before timing); then the runs alternate
+# before/after; prints every run, the medians and their ratio.
 # The command is the console script users type (`trtllm-pipeline`), pointed at each tree with PYTHONPATH.
 set -euo pipefail
-runs=7 work=${TMPDIR:-/tmp}/noop_rerun populate_only=0
-while getopts "n:w:p" opt; do
+runs=7 work=${TMPDIR:-/tmp}/noop_rerun populate_only=0 seed=""
+while getopts "n:w:ps:" opt; do
   case $opt in
     n) runs=$OPTARG ;;
     w) work=$OPTARG ;;
     p) populate_only=1 ;;
-    *) echo "usage: $0 [-n RUNS] [-w WORKDIR] [-p] [BEFORE_COMMIT] [-- overrides...]" >&2; exit 2 ;;
+    s) seed=$(cd "$OPTARG" && pwd) ;;
+    *) echo "usage: $0 [-n RUNS] [-w WORKDIR] [-p] [-s SEED_CACHE] [BEFORE_COMMIT] [-- overrides...]" >&2; exit 2 ;;
   esac
 done
 shift $((OPTIND - 1))
@@ -44,13 +47,20 @@ cli() {  # cli SIDE LOG: one run of the recipe with SIDE's code and cache
 }
 overrides=("$@")
 for side in before after; do
-  if [ ! -f "$work/cache_$side/.populated" ]; then
+  if [ -n "$seed" ]; then
+    rm -rf "$work/cache_$side" && cp -a "$seed" "$work/cache_$side" && touch "$work/cache_$side/.populated"
+  elif [ ! -f "$work/cache_$side/.populated" ]; then
     echo "populating the $side cache (one full run of the recipe)..."
     cli "$side" "$work/populate_$side.log" || { tail -n 20 "$work/populate_$side.log"; exit 1; }
     touch "$work/cache_$side/.populated"
   fi
 done
 [ "$populate_only" = 1 ] && { echo "caches populated under $work"; exit 0; }
+computed() { grep -E '^(calibrate|convert|build|reference|evaluate) +computed' "$1"; }
+for side in before after; do  # untimed: a side that would compute a stage is not a no-op run
+  cli "$side" "$work/warmup_$side.log" || { tail -n 20 "$work/warmup_$side.log"; exit 1; }
+  if computed "$work/warmup_$side.log"; then echo "the $side run computed a stage: not a no-op run" >&2; exit 1; fi
+done
 
 declare -A times=([before]="" [after]="")
 for i in $(seq "$runs"); do
@@ -63,9 +73,7 @@ for i in $(seq "$runs"); do
   done
 done
 for side in before after; do
-  if grep -E '^(calibrate|convert|build|reference|evaluate) +computed' "$work/rerun_$side.log"; then
-    echo "the $side re-run computed a stage: not a no-op run" >&2; exit 1
-  fi
+  if computed "$work/rerun_$side.log"; then echo "the $side re-run computed a stage: not a no-op run" >&2; exit 1; fi
 done
 median() { tr ' ' '\n' | grep . | sort -n | awk '{a[NR]=$1} END {m = (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2; printf "%.3f", m / 1000}'; }
 mb=$(echo "${times[before]}" | median) ma=$(echo "${times[after]}" | median)
