@@ -90,6 +90,11 @@ class ArtifactCache:
         self._evict_dir(target)
         return None
 
+    def is_valid(self, stage: str, key: str) -> bool:
+        """Whether `lookup` would return the entry (nothing is removed or touched)."""
+        target = self.path(stage, key)
+        return target.is_dir() and self._check(target, stage, key) is None
+
     def _check(self, target: Path, stage: str, key: str) -> str | None:
         try:
             manifest = json.loads((target / MANIFEST).read_text())

@@ -126,17 +126,24 @@ _PLAN_ONLY = False
 
 
 def run_recipe(cfg: DictConfig, run_dir: Path | None):
-    from pipeline.executor import run_pipeline, summary_lines, write_run_record
+    from pipeline.cache import ArtifactCache
+    from pipeline.executor import all_reused, forced_stages, plan_pipeline, run_pipeline, summary_lines, write_run_record
     from pipeline.plan import check_disk, make_plan, plan_lines, write_plan
 
     config = resolved_config(cfg)
-    plan = make_plan(config)
+    planned = plan_pipeline(config, list(config["stages"]))  # the keys: configs and source fingerprints, no work
     if config["dry_run"] or _PLAN_ONLY:
+        plan = make_plan(config, planned)
         path = write_plan(plan, run_dir if run_dir is not None else Path.cwd())
         print("\n".join([*plan_lines(plan), f"plan written to {path}"]), flush=True)
         return None
+    forced = forced_stages(planned, config["force"], tuple(config["force_stages"]))
+    # A run that reuses every stage writes nothing: the plan (which opens the source and imports torch) and its disk
+    # check are for runs that work.
+    plan = None if all_reused(planned, ArtifactCache(Path(config["cache_dir"])), forced) else make_plan(config, planned)
     claim_cores(config, parallel_workers())
-    check_disk(plan)  # before anything is written
+    if plan is not None:
+        check_disk(plan)  # before anything is written
     result = run_pipeline(
         config,
         cache_root=Path(config["cache_dir"]),
@@ -145,6 +152,7 @@ def run_recipe(cfg: DictConfig, run_dir: Path | None):
         force_stages=tuple(config["force_stages"]),
         progress=config["progress"],
         lock_timeout=float(config["lock_timeout"]),
+        planned=planned,
     )
     record = write_run_record(result, run_dir) if run_dir is not None else None
     print("\n".join(summary_lines(result, record)), flush=True)

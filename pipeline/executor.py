@@ -209,6 +209,16 @@ def plan_pipeline(config: dict[str, Any], requested: list[str]) -> list[PlannedS
     return planned
 
 
+def forced_stages(planned: list[PlannedStage], force: bool, force_stages: tuple[str, ...]) -> set[str]:
+    return {p.spec.name for p in planned if force or p.spec.name in force_stages}
+
+
+def all_reused(planned: list[PlannedStage], cache: ArtifactCache, forced: set[str]) -> bool:
+    """Whether every planned stage is a valid cache entry that will be reused: then the run does no work, and the
+    checks that exist to stop work before it starts (preflight, disk) have nothing to stop."""
+    return all(p.spec.name not in forced and cache.is_valid(p.spec.name, p.key) for p in planned)
+
+
 def preflight(planned: list[PlannedStage], cache: ArtifactCache, forced: set[str]) -> None:
     """Run every stage's checks before any stage starts; then check that what will be computed fits the free disk
     under the cache and the memory the recipe allows."""
@@ -234,13 +244,16 @@ def _mib(n: int) -> str:
 
 def run_pipeline(config: dict[str, Any], cache_root: Path, requested: list[str], force: bool = False,
                  force_stages: tuple[str, ...] = (), progress: bool = True,
-                 lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> RunResult:
+                 lock_timeout: float = DEFAULT_LOCK_TIMEOUT, planned: list[PlannedStage] | None = None) -> RunResult:
     """Run (or reuse) every stage needed for `requested`. `config` is the fully resolved pipeline config.
-    Everything that can be checked from configs and input shapes is checked before the first stage starts."""
+    Everything that can be checked from configs and input shapes is checked before the first stage starts; a run
+    whose every stage is reused skips those checks (they open the source and import torch) and does no work.
+    `planned`: this config's `plan_pipeline`, when the caller has it already."""
     cache = ArtifactCache(cache_root)
-    planned = plan_pipeline(config, requested)
-    forced = {p.spec.name for p in planned if force or p.spec.name in force_stages}
-    preflight(planned, cache, forced)
+    planned = planned if planned is not None else plan_pipeline(config, requested)
+    forced = forced_stages(planned, force, force_stages)
+    if not all_reused(planned, cache, forced):
+        preflight(planned, cache, forced)
     artifacts: dict[str, Path] = {}
     outcomes = []
     for p in planned:

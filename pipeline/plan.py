@@ -73,14 +73,17 @@ def _itemsize(dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def stage_keys(config: dict[str, Any]) -> list[tuple[str, str]]:
-    """(stage, cache key) of every stage the run needs: the executor's own plan, so the keys cannot drift."""
+def stage_keys(config: dict[str, Any], planned: list | None = None) -> list[tuple[str, str]]:
+    """(stage, cache key) of every stage the run needs: the executor's own plan (`planned`, when the caller has
+    it), so the keys cannot drift."""
     from pipeline.executor import plan_pipeline
 
-    return [(p.spec.name, p.key) for p in plan_pipeline(config, list(config["stages"]))]
+    if planned is None:
+        planned = plan_pipeline(config, list(config["stages"]))
+    return [(p.spec.name, p.key) for p in planned]
 
 
-def make_plan(config: dict[str, Any]) -> dict[str, Any]:
+def make_plan(config: dict[str, Any], planned: list | None = None) -> dict[str, Any]:
     """The whole plan of a run (the JSON written to plan.json)."""
     from pipeline.cache import MANIFEST
 
@@ -88,7 +91,7 @@ def make_plan(config: dict[str, Any]) -> dict[str, Any]:
     forced = set(config["force_stages"]) if not config["force"] else None
     convert = convert_plan(config)
     stages, need = [], 0
-    for name, key in stage_keys(config):
+    for name, key in stage_keys(config, planned):
         reused = (cache_root / name / key / MANIFEST).is_file() and forced is not None and name not in forced
         size = convert["checkpoint_bytes"] if name in ("convert", "build") else SMALL_ARTIFACT_BYTES.get(name, 0)
         need += 0 if reused else size

@@ -21,9 +21,9 @@ def load_schema(name: str) -> dict[str, Any]:
     path = SCHEMA_DIR / f"{name}.schema.json"
     if not path.is_file():
         raise PipelineError(f"schema {path} is missing; is the package installed from a full source tree (pip install -e .)?")
-    schema = json.loads(path.read_text())
-    jsonschema.Draft202012Validator.check_schema(schema)
-    return schema
+    # Checked against the draft 2020-12 meta-schema by the test suite (tests/unit/test_schemas.py), not on every
+    # run: that check walks every schema and costs more than all the validations of a cached run together.
+    return json.loads(path.read_text())
 
 
 @lru_cache(maxsize=None)
@@ -36,9 +36,14 @@ def _registry() -> Registry:
     return Registry().with_resources(resources)
 
 
+@lru_cache(maxsize=None)
+def _validator(name: str) -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator(load_schema(name), registry=_registry())
+
+
 def schema_errors(instance: Any, name: str) -> list[str]:
     """Every violation as 'json.path: message', best match first."""
-    validator = jsonschema.Draft202012Validator(load_schema(name), registry=_registry())
+    validator = _validator(name)
     errors = sorted(validator.iter_errors(instance), key=jsonschema.exceptions.relevance)
     return [f"{e.json_path}: {e.message}" for e in errors]
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # imported where logits are scored: building a request's windows needs no torch
+    import torch
 
 
 def windows(ids: list[int], length: int, max_windows: int) -> list[list[int]]:
@@ -15,6 +17,8 @@ def windows(ids: list[int], length: int, max_windows: int) -> list[list[int]]:
 
 def nll_sum(logits: torch.Tensor, ids: list[int]) -> tuple[float, int]:
     """Sum of -log p(token_t | tokens_<t) over t = 1..T-1, from logits [T, V] of the window."""
+    import torch
+
     target = torch.tensor(ids[1:])
     logprobs = torch.log_softmax(logits[: len(ids) - 1].double(), dim=-1)
     return float(-logprobs[torch.arange(len(target)), target].sum()), len(target)

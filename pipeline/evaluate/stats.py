@@ -19,10 +19,10 @@ The reference's distributions are stored in one of two forms (`evaluate.kl_refer
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
+if TYPE_CHECKING:  # numpy and torch are imported by the functions that compute: judging a verdict needs neither
+    import torch
 
 # z for a two-sided 95% interval, and for 80% power: the classic sample-size formula n = ((z_a + z_b) sd / d)^2.
 Z_95, Z_POWER_80 = 1.959964, 0.841621
@@ -36,6 +36,8 @@ def paired_bootstrap(scores: list[float], baseline: list[float], n_boot: int = N
                      seed: int = 0) -> dict[str, float]:
     """Mean of the paired differences scores - baseline and its percentile bootstrap 95% interval: resample the
     samples (with replacement, the same indices for both sides), take the mean difference of each resample."""
+    import numpy as np
+
     a, b = np.asarray(scores, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
     if a.shape != b.shape or a.size == 0:
         raise ValueError(f"a paired comparison needs as many scores as baseline scores, at least one ({a.size} vs {b.size})")
@@ -68,6 +70,8 @@ def verdict(diff: dict[str, float], delta: float) -> str:
 
 def topk_reference(logits: torch.Tensor, k: int = TOPK) -> tuple[torch.Tensor, torch.Tensor]:
     """The stored form of reference distributions: top-k log-probs [T, k] (float32) and their token ids [T, k]."""
+    import torch
+
     logp = torch.log_softmax(logits.double(), dim=-1)
     values, ids = logp.topk(min(k, logp.shape[-1]), dim=-1)
     return values.float(), ids.to(torch.int32)
@@ -76,6 +80,8 @@ def topk_reference(logits: torch.Tensor, k: int = TOPK) -> tuple[torch.Tensor, t
 def kl_from_topk(ref_logp: torch.Tensor, ref_ids: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token KL(reference || engine) over the reference's top-k tokens plus one bucket for the rest, and whether
     the engine's top-1 token equals the reference's. ref_logp/ref_ids [T, k], logits [T, V] of the engine."""
+    import torch
+
     q_logp = torch.log_softmax(logits.double(), dim=-1)
     p_top = ref_logp.double().exp()
     q_top_logp = q_logp.gather(-1, ref_ids.long())
@@ -117,6 +123,8 @@ def kl_from_full(q: torch.Tensor, top: torch.Tensor, top1: torch.Tensor,
 
 def kld_summary(kl: list[float], top1: list[bool], engine_ppl: float | None, ref_ppl: float | None) -> dict[str, Any]:
     """llama.cpp's headline KL figures."""
+    import numpy as np
+
     values = np.asarray(kl, dtype=np.float64)
     out: dict[str, Any] = {"kld_mean": round(float(values.mean()), 6),
                            "kld_p99": round(float(np.percentile(values, 99)), 6),

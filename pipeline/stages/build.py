@@ -6,6 +6,7 @@ import re
 from typing import Any
 
 from pipeline.convert.canonical import Dims
+from pipeline.engine import backends
 from pipeline.engine.backends import get_backend
 from pipeline.errors import PipelineError
 from pipeline.executor import Estimate, StageContext, stage
@@ -19,8 +20,7 @@ _ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 def backend_environment(stage_config: dict[str, Any]) -> Any:
     """What a backend's engines depend on beyond the checkpoint and the build config (TensorRT or TensorRT-LLM
     version, target GPU, exporter versions), so that it is part of the cache key; none for the cpu backend."""
-    environment = getattr(get_backend(stage_config["build"]["backend"]), "environment", None)
-    return environment(stage_config["build"]) if environment else None
+    return backends.backend_environment(stage_config["build"]["backend"], stage_config["build"])
 
 
 # Options of one backend, left out of the build's config (and key) when at their defaults, so that adding them kept

@@ -5,16 +5,19 @@ from __future__ import annotations
 import logging
 import resource
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pipeline.convert.converter import convert, prepare
-from pipeline.convert.registry import MappingArgs
 from pipeline.convert.sources import open_source
+from pipeline.convert.sources import source_fingerprint as _fingerprint
 from pipeline.convert.sources.locate import resolve_model_path
-from pipeline.errors import PipelineError
 from pipeline.executor import Estimate, StageContext, stage
-from pipeline.quantize.schemes import quant_config
-from pipeline.quantize.writer import needs_statistics
+
+if TYPE_CHECKING:
+    from pipeline.convert.registry import MappingArgs
+
+# The converter, the quantization schemes and torch are imported by the functions that convert or check; the key
+# functions (fingerprint, view, optional needs) import none of them for an unquantized recipe, so a run whose stages
+# are all cached never loads torch.
 
 log = logging.getLogger(__name__)
 
@@ -23,11 +26,7 @@ STAGE_VERSION = 3  # 2: the tokenizer is saved beside the checkpoint (tokenizer/
 
 def source_fingerprint(config: dict[str, Any]) -> dict[str, Any]:
     model = config["model"]
-    source = open_source(model["source"], resolve_model_path(model["path"], model["package"]))
-    try:
-        return source.fingerprint()
-    finally:
-        source.close()
+    return _fingerprint(model["source"], resolve_model_path(model["path"], model["package"]))
 
 
 def save_tokenizer(source, out: Path) -> bool:
@@ -50,13 +49,23 @@ def convert_view(config: dict[str, Any]) -> dict[str, Any]:
     writes plus the converter keys it reads. Other keys (smoothquant_val under AWQ, group_size under FP8, the
     calibration settings, which reach the key through the calibrate stage's key) do not invalidate its checkpoints."""
     q = config["quantization"]
-    keyed = quant_config(q)
+    if q.get("quant_algo"):
+        from pipeline.quantize.schemes import quant_config
+
+        keyed = quant_config(q)
+    else:  # what quant_config gives without an algorithm, without importing the schemes (and torch)
+        keyed = {"quant_algo": q.get("quant_algo"), "kv_cache_quant_algo": q.get("kv_cache_quant_algo")}
     algo = q.get("quant_algo") or ""
     keyed.update({k: q[k] for k, family in _ALGORITHM_KEYS.items() if family in algo and k in q})
     return {**config, "quantization": keyed}
 
 
 def needs_calibration(config: dict[str, Any]) -> bool:
+    q = config.get("quantization") or {}
+    if not q.get("quant_algo") and not q.get("kv_cache_quant_algo"):
+        return False  # nothing to calibrate (decided without importing the quantizers)
+    from pipeline.quantize.writer import needs_statistics
+
     need = needs_statistics(config.get("quantization"), lambda: source_is_prequantized(config["model"]))
     # A quantized TensorRT-LLM checkpoint keeps its stored scales (a different algorithm is refused by convert).
     return need != "none" and not _source_has(config["model"], "quantized")
@@ -75,6 +84,8 @@ def _source_has(model: dict[str, Any], attribute: str) -> bool:
 
 
 def mapping_args(m: dict[str, Any]) -> MappingArgs:
+    from pipeline.convert.registry import MappingArgs
+
     return MappingArgs(m["tp_size"], m["pp_size"], m["use_parallel_embedding"], m["embedding_sharding_dim"],
                        m.get("moe_tp_size"), m.get("moe_ep_size"))
 
@@ -82,6 +93,8 @@ def mapping_args(m: dict[str, Any]) -> MappingArgs:
 def convert_preflight(cfg: dict[str, Any], facts: dict[str, Any]) -> Estimate:
     """Everything the conversion will check, from the source's config and tensor shapes: mapping, shapes, dtypes,
     quantization group sizes. Records the checkpoint config for the build stage's checks."""
+    from pipeline.convert.converter import prepare
+
     model = cfg["model"]
     source = open_source(model["source"], resolve_model_path(model["path"], model["package"]))
     try:
@@ -105,6 +118,8 @@ def convert_preflight(cfg: dict[str, Any], facts: dict[str, Any]) -> Estimate:
     preflight=convert_preflight,
 )
 def convert_stage(ctx: StageContext) -> dict[str, Any]:
+    from pipeline.convert.converter import convert
+
     cfg = ctx.config
     model, m = cfg["model"], cfg["mapping"]
     mapping = mapping_args(m)

@@ -8,18 +8,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-
 from pipeline.errors import PipelineError
 from pipeline.evaluate.data import dataset_fingerprint, load_samples, load_text
-from pipeline.evaluate.engine_eval import run_engine_eval
 from pipeline.evaluate.ppl import perplexity
 from pipeline.evaluate.request import build_request, evaluate_fingerprint
-from pipeline.evaluate.rouge import ROUGE_TYPES, rouge, rouge_per_sample, rouge_with_intervals
-from pipeline.evaluate.stats import kld_summary, paired_bootstrap, verdict
+from pipeline.evaluate.stats import verdict
 from pipeline.executor import StageContext, library_versions, stage
 from pipeline.schemas import validate
 from pipeline.stages.reference import kl_reference_file, load_reference, wants_reference
 
+# The engine runtime, torch, ROUGE and numpy are imported by the functions that evaluate: the key functions and
+# the accuracy checks a cached run applies import none of them.
 STAGE_VERSION = 3  # 2: transformers' side comes from the reference stage; paired ROUGE-1 interval; KL divergence
 # 3: decode speed probe at batch 1 and the engine's max batch
 
@@ -113,6 +112,9 @@ def evaluate_preflight(config: dict[str, Any], facts: dict[str, Any]) -> None:
        fingerprint=evaluate_fingerprint, unkeyed=("model.path", "model.package", *THRESHOLD_KEYS),
        checks=accuracy_checks, optional_needs=(("reference", wants_reference),), preflight=evaluate_preflight)
 def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
+    from pipeline.evaluate.rouge import rouge, rouge_per_sample
+    from pipeline.evaluate.stats import kld_summary, paired_bootstrap
+
     ev, engine_dir = ctx.config["evaluate"], ctx.inputs["build"]
     tokenizer = _tokenizer(engine_dir)
     limits = json.loads((engine_dir / "config.json").read_text())["build_config"]
@@ -200,6 +202,7 @@ def _run_engine(engine_dir: Path, request: dict[str, Any]) -> dict[str, Any]:
 
     world = engine_world_size(engine_dir)
     if world == 1:
+        from pipeline.evaluate.engine_eval import run_engine_eval
         from pipeline.runtime import ModelRunner
 
         return run_engine_eval(ModelRunner.from_dir(engine_dir), request)
@@ -211,6 +214,8 @@ def _run_engine(engine_dir: Path, request: dict[str, Any]) -> dict[str, Any]:
 
 
 def _section(result: dict[str, Any], texts: list[str], samples, ev) -> dict[str, Any]:
+    from pipeline.evaluate.rouge import rouge_with_intervals
+
     section: dict[str, Any] = {}
     if samples:
         mid, intervals = rouge_with_intervals(texts, [s.reference for s in samples], ev["use_stemmer"])
@@ -228,6 +233,8 @@ def _section(result: dict[str, Any], texts: list[str], samples, ev) -> dict[str,
 
 
 def _write_outputs(path: Path, samples, prompts, texts: dict[str, list[str]]) -> None:
+    from pipeline.evaluate.rouge import rouge_per_sample
+
     with open(path, "w") as f:
         for i, s in enumerate(samples):
             row = {"id": s.id, "prompt_tokens": len(prompts[i]), "engine": texts["engine"][i], "reference": s.reference,
@@ -250,6 +257,8 @@ def speed_metrics(speed: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def _headline(report: dict[str, Any]) -> dict[str, Any]:
+    from pipeline.evaluate.rouge import ROUGE_TYPES
+
     metrics: dict[str, Any] = {"n": report["n"]}
     for side in ("engine", "hf"):
         for key in (*ROUGE_TYPES, "ppl", "tokens_per_second", "ttft_seconds"):

@@ -13,10 +13,7 @@ import json
 import logging
 from typing import Any
 
-import torch
-
 from pipeline.errors import PipelineError
-from pipeline.evaluate.rouge import rouge_per_sample, rouge_with_intervals
 from pipeline.evaluate.ppl import perplexity
 from pipeline.evaluate.request import build_request, evaluate_fingerprint, n_samples
 from pipeline.executor import StageContext, stage
@@ -54,7 +51,10 @@ def wants_reference(config: dict[str, Any]) -> bool:
 @stage("reference", version=STAGE_VERSION, reads=("evaluate", "model", "dtype", "build"), view=reference_view,
        fingerprint=reference_fingerprint, unkeyed=("model.path", "model.package"))
 def reference_stage(ctx: StageContext) -> dict[str, Any]:
+    import torch
     from safetensors.torch import save_file
+
+    from pipeline.evaluate.rouge import rouge_per_sample, rouge_with_intervals
 
     from pipeline.convert.sources import open_source
     from pipeline.convert.sources.locate import resolve_model_path

@@ -16,7 +16,11 @@ from pipeline.schemas import SCHEMA_DIR, load_schema, schema_errors, validate
 
 @pytest.mark.parametrize("name", sorted(p.name.split(".")[0] for p in SCHEMA_DIR.glob("*.schema.json")))
 def test_schemas_are_valid_draft_2020_12(name):
-    assert load_schema(name)["$schema"].endswith("2020-12/schema")
+    import jsonschema
+
+    schema = load_schema(name)
+    assert schema["$schema"].endswith("2020-12/schema")
+    jsonschema.Draft202012Validator.check_schema(schema)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,8 @@ Sources are chosen by the recipe's `model.source` key through the SOURCES regist
 
 from __future__ import annotations
 
+import copy
+import importlib
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
@@ -69,3 +71,49 @@ def open_source(kind: str, path: Path) -> SourceModel:
     while len(_OPENED) > _KEEP_OPEN:
         _OPENED.popitem(last=False)[1].close()
     return _Shared(source)  # type: ignore[return-value]
+
+
+# Source kind -> "module:function" computing, from the path alone, the same fingerprint as the opened source's
+# `fingerprint()`: headers and small files only, no tensor library imported. Deciding that a run's stages are all
+# cached costs milliseconds this way (opening a GGUF source parses its whole vocabulary). Kinds not listed are opened.
+PATH_FINGERPRINTS = {
+    "gguf": "pipeline.convert.sources.gguf_header:gguf_fingerprint",
+    "hf": "pipeline.convert.sources.hf:hf_fingerprint",
+}
+
+
+# Path fingerprints computed in this process (several stages key on the same source), by kind, path and each
+# top-level file's size, mtime, ctime and inode (ctime moves on every write, even one that restores the mtime).
+_FINGERPRINTS: dict[tuple, dict[str, Any]] = {}
+
+
+def _stat_signature(path: Path) -> tuple:
+    try:
+        files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+        stats = [(p.name, p.stat()) for p in files]
+    except OSError:
+        return ()
+    return tuple((name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) for name, st in stats)
+
+
+def source_fingerprint(kind: str, path: Path) -> dict[str, Any]:
+    """The identity of a source's files for the cache key (see `SourceModel.fingerprint`)."""
+    path = Path(path)
+    if kind in PATH_FINGERPRINTS:
+        memo = (kind, str(path.resolve()), _stat_signature(path))
+        if memo not in _FINGERPRINTS:
+            module, function = PATH_FINGERPRINTS[kind].split(":")
+            try:
+                _FINGERPRINTS[memo] = getattr(importlib.import_module(module), function)(path)
+            except (PipelineError, OSError, ValueError):
+                return _opened_fingerprint(kind, path)  # not one it can read: opening it names the problem
+        return copy.deepcopy(_FINGERPRINTS[memo])
+    return _opened_fingerprint(kind, path)
+
+
+def _opened_fingerprint(kind: str, path: Path) -> dict[str, Any]:
+    source = open_source(kind, path)
+    try:
+        return source.fingerprint()
+    finally:
+        source.close()

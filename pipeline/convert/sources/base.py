@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # annotations only: choosing a source and fingerprinting it import no tensor library
+    import torch
 
 
 class SourceModel(ABC):

@@ -15,6 +15,7 @@ import torch
 from pipeline.convert.sources import register_source
 from pipeline.convert.sources.base import SourceModel
 from pipeline.convert.sources.files import fingerprint_prefix
+from pipeline.convert.sources.gguf_header import GGUFHeader, GGUFHeaderError, GGUFTensorInfo, read_gguf_header
 from pipeline.errors import PipelineError
 
 
@@ -123,17 +124,55 @@ def _supported_types() -> list[str]:
     return [t.name for t in GGMLQuantizationType if _dequantizable(t)]
 
 
+@dataclass(frozen=True)
+class GGUFTensor:
+    """One tensor of the file: what gguf-py's reader presents (`data` a view of the file mapping, quantized types as
+    rows of bytes), built from the raw header."""
+
+    name: str
+    tensor_type: Any  # gguf.GGMLQuantizationType
+    shape: tuple[int, ...]  # GGUF order, innermost first
+    data: np.ndarray
+
+
+def _tensor_view(mapping: np.ndarray, header: GGUFHeader, info: GGUFTensorInfo) -> GGUFTensor:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.quants import quant_shape_to_byte_shape
+
+    qtype = GGMLQuantizationType(info.ggml_type)  # ValueError for a type gguf-py does not know
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    n_elements = int(np.prod(info.dims, dtype=np.int64)) if info.dims else 1
+    start, n_bytes = header.data_offset + info.offset, n_elements * type_size // block
+    if start + n_bytes > mapping.size:
+        raise GGUFHeaderError(f"tensor {info.name} ends at byte {start + n_bytes}, past the end of the file "
+                              f"({mapping.size} bytes)")
+    raw, np_shape = mapping[start:start + n_bytes], tuple(reversed(info.dims))
+    plain = _PLAIN_TYPES.get(qtype.name)
+    if plain is not None:
+        data = raw.view(np.dtype(plain).newbyteorder(header.byte_order)).reshape(np_shape)
+    else:
+        data = raw.reshape(quant_shape_to_byte_shape(np_shape, qtype))
+    return GGUFTensor(info.name, qtype, info.dims, data)
+
+
+# Unquantized GGML types and their numpy element types (the rest are presented as bytes, as gguf-py does).
+_PLAIN_TYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8, "I16": np.int16,
+                "I32": np.int32, "I64": np.int64}
+
+
 @register_source("gguf")
 class GGUFSource(SourceModel):
     def __init__(self, path: Path):
-        from gguf import GGUFReader
-
         if not path.is_file():
             raise PipelineError(f"model.path: GGUF file {path} does not exist")
         self.path = path
+        # The header is read with struct (gguf_header), not gguf-py's reader, which builds a numpy view of every
+        # vocabulary entry first (seconds for a 49k-token tokenizer); tensors are views of one file mapping.
         try:
-            self._reader = GGUFReader(str(path))
-        except Exception as e:
+            self._header = read_gguf_header(path)
+            mapping = np.memmap(path, mode="r")
+            tensors = [_tensor_view(mapping, self._header, info) for info in self._header.tensors]
+        except (GGUFHeaderError, ValueError, OSError) as e:
             raise PipelineError(f"{path} is not a readable GGUF file (truncated or corrupt?): {e}") from None
         arch_name = self._field("general.architecture")
         if arch_name not in GGUF_ARCHS:
@@ -143,7 +182,7 @@ class GGUFSource(SourceModel):
         self._arch = GGUF_ARCHS[arch_name]
         self._prefix = arch_name
         self._tensors = {}
-        for t in self._reader.tensors:
+        for t in tensors:
             if not _dequantizable(t.tensor_type):
                 raise PipelineError(f"{path}: GGUF tensor {t.name} has quantization type {t.tensor_type.name}, which "
                                     f"cannot be dequantized; supported: {', '.join(_supported_types())}")
@@ -153,14 +192,11 @@ class GGUFSource(SourceModel):
             self._tensors[hf_name] = t
         self.hf_config = self._hf_config()
         self._has_tokenizer = self._field("tokenizer.ggml.model") is not None
-        self._data_offset = int(self._reader.data_offset)
-        # The parsed metadata (tokenizer vocabulary and merges as one small array each) is large; the config holds
-        # what conversion needs and each tensor keeps its own view of the file mapping.
-        self._reader = None
+        self._data_offset = self._header.data_offset
 
     def _field(self, key: str, default: Any = None) -> Any:
-        f = self._reader.fields.get(key)
-        return default if f is None else f.contents()
+        """A metadata scalar or string (arrays, such as the vocabulary, are not decoded by the header reader)."""
+        return self._header.metadata.get(key, default)
 
     def _hf_config(self) -> dict[str, Any]:
         cfg: dict[str, Any] = {

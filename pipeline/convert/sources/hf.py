@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import safe_open
 
 from pipeline.convert.sources import register_source
 from pipeline.convert.sources.base import SourceModel
 from pipeline.convert.sources.files import fingerprint_safetensors, fingerprint_whole, fingerprint_zip
 from pipeline.errors import PipelineError
+
+if TYPE_CHECKING:  # imported where tensors are read, so that fingerprinting a checkpoint imports no torch
+    import torch
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -41,6 +43,46 @@ def _pickle_problem(e: Exception) -> str:
     return lines[0] if lines else type(e).__name__
 
 
+def weight_files(directory: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The weight files, preferring safetensors, and the name -> file map of an index if there is one."""
+    for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
+        index_path = directory / index_name
+        if index_path.exists():
+            weight_map = read_json(index_path, "weight index").get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise PipelineError(f"weight index {index_path} has no 'weight_map' object")
+            files = sorted({directory / f for f in weight_map.values()})
+            for f in files:
+                if not f.is_file():
+                    raise PipelineError(f"weight index {index_path} names shard {f.name}, which does not exist")
+            return files, weight_map
+    for pattern in ("model.safetensors", "model-*.safetensors", "pytorch_model.bin", "pytorch_model-*.bin"):
+        files = sorted(directory.glob(pattern))
+        if files:
+            return files, None
+    raise PipelineError(
+        f"no weights in {directory}: expected {SAFETENSORS_INDEX}, model.safetensors, model-*.safetensors, "
+        f"{BIN_INDEX} or pytorch_model.bin"
+    )
+
+
+def _fingerprint(directory: Path, files: list[Path]) -> dict[str, Any]:
+    entries = [fingerprint_whole(directory / "config.json")]
+    for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
+        if (directory / index_name).exists():
+            entries.append(fingerprint_whole(directory / index_name))
+    for f in files:
+        entries.append(fingerprint_safetensors(f) if f.suffix == ".safetensors" else fingerprint_zip(f))
+    return {"format": "hf", "files": entries}
+
+
+def hf_fingerprint(directory: Path) -> dict[str, Any]:
+    """`HFSource(directory).fingerprint()` without opening the checkpoint: config, index and weight headers."""
+    if not directory.is_dir():
+        raise PipelineError(f"model.path: {directory} is not a directory")
+    return _fingerprint(directory, weight_files(directory)[0])
+
+
 @register_source("hf")
 class HFSource(SourceModel):
     def __init__(self, path: Path):
@@ -49,34 +91,12 @@ class HFSource(SourceModel):
         self.dir = path
         self.config_path = path / "config.json"
         self.hf_config = read_json(self.config_path, "HF config")
-        self._files, self._index = self._weight_files()
+        self._files, self._index = weight_files(path)
         self._handles: dict[Path, Any] = {}
         self._bin_cache: tuple[Path, dict[str, torch.Tensor]] | None = None
         self._location = self._index_tensors()
 
     # -- discovery -------------------------------------------------------------------------------------------
-    def _weight_files(self) -> tuple[list[Path], dict[str, str] | None]:
-        """The weight files, preferring safetensors, and the name -> file map of an index if there is one."""
-        for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
-            index_path = self.dir / index_name
-            if index_path.exists():
-                weight_map = read_json(index_path, "weight index").get("weight_map")
-                if not isinstance(weight_map, dict) or not weight_map:
-                    raise PipelineError(f"weight index {index_path} has no 'weight_map' object")
-                files = sorted({self.dir / f for f in weight_map.values()})
-                for f in files:
-                    if not f.is_file():
-                        raise PipelineError(f"weight index {index_path} names shard {f.name}, which does not exist")
-                return files, weight_map
-        for pattern in ("model.safetensors", "model-*.safetensors", "pytorch_model.bin", "pytorch_model-*.bin"):
-            files = sorted(self.dir.glob(pattern))
-            if files:
-                return files, None
-        raise PipelineError(
-            f"no weights in {self.dir}: expected {SAFETENSORS_INDEX}, model.safetensors, model-*.safetensors, "
-            f"{BIN_INDEX} or pytorch_model.bin"
-        )
-
     def _index_tensors(self) -> dict[str, Path]:
         """Map every tensor to its file, checking an index against the shards before any data is read."""
         location: dict[str, Path] = {}
@@ -108,6 +128,8 @@ class HFSource(SourceModel):
         return self._handles[f]
 
     def _bin(self, f: Path) -> dict[str, torch.Tensor]:
+        import torch
+
         # mmap keeps only the touched tensors resident; weights_only refuses anything but tensors and containers.
         if self._bin_cache is None or self._bin_cache[0] != f:
             try:
@@ -150,13 +172,7 @@ class HFSource(SourceModel):
             raise PipelineError(f"cannot read tensor {name} from {f} (truncated or corrupt?): {e}") from None
 
     def fingerprint(self) -> dict[str, Any]:
-        files = [fingerprint_whole(self.dir / "config.json")]
-        for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
-            if (self.dir / index_name).exists():
-                files.append(fingerprint_whole(self.dir / index_name))
-        for f in self._files:
-            files.append(fingerprint_safetensors(f) if f.suffix == ".safetensors" else fingerprint_zip(f))
-        return {"format": "hf", "files": files}
+        return _fingerprint(self.dir, self._files)
 
     def has_tokenizer(self) -> bool:
         return any((self.dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
