@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from pipeline import faults
 from pipeline.errors import PipelineError
 from pipeline.evaluate.ppl import nll_sum
 from pipeline.evaluate.stats import kl_from_topk
@@ -45,6 +46,7 @@ def run_engine_eval(runner, request: dict[str, Any]) -> dict[str, Any]:
             outputs.append(ids)
             generated += len(ids)
         bar.update(len(batch))
+        faults.point("evaluate:batch")
     bar.close()
     nll, tokens, kl, top1 = 0.0, 0, [], []
     reference = _load_topk(request.get("kl_reference"))
@@ -77,7 +79,7 @@ def _load_topk(path: str | None):
 
 def main(argv: list[str]) -> int:
     from pipeline.runtime import ModelRunner
-    from pipeline.runtime.parallel import abort_job
+    from pipeline.runtime.parallel import report_rank_error
 
     request_path, result_path = Path(argv[0]), Path(argv[1])
     request = json.loads(request_path.read_text())
@@ -85,9 +87,7 @@ def main(argv: list[str]) -> int:
         runner = ModelRunner.from_dir(request["engine_dir"])
         result = run_engine_eval(runner, request)
     except PipelineError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        abort_job(2)
-        return 2
+        return report_rank_error(e)
     if runner.dist.rank == 0:
         result_path.write_text(json.dumps(result))
     return 0

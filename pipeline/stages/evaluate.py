@@ -21,7 +21,9 @@ from pipeline.executor import StageContext, library_versions, stage
 from pipeline.schemas import validate
 from pipeline.stages.reference import TOPK_FILE, load_reference, wants_reference
 
-STAGE_VERSION = 2  # 2: transformers' side comes from the reference stage; paired ROUGE-1 interval; KL divergence
+# 2: transformers' side comes from the reference stage; paired ROUGE-1 interval; KL divergence
+# 3: the report counts the samples whose prompt was truncated
+STAGE_VERSION = 3
 
 
 def accuracy_checks(config: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
@@ -128,7 +130,8 @@ def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
                     "input_field": ev["input_field"], "reference_field": ev["reference_field"],
                     "fingerprint": dataset_fingerprint(ev["dataset"], ev["dataset_split"]) if samples else None},
         "prompt": {"template": ev["prompt_template"], "system_prompt": ev["system_prompt"],
-                   "max_input_length": ev["max_input_length"], "truncation": "left"},
+                   "max_input_length": ev["max_input_length"], "truncation": "left",
+                   "max_prompt_tokens": request["max_prompt_tokens"], "truncated_samples": request["truncated_samples"]},
         "generation": {k: request[k] for k in ("max_new_tokens", "end_id", "pad_id", "temperature", "top_k", "top_p",
                                                 "num_beams", "length_penalty", "early_stopping", "random_seed",
                                                 "batch_size")},
@@ -234,7 +237,7 @@ def _write_outputs(path: Path, samples, prompts, texts: dict[str, list[str]]) ->
 
 
 def _headline(report: dict[str, Any]) -> dict[str, Any]:
-    metrics: dict[str, Any] = {"n": report["n"]}
+    metrics: dict[str, Any] = {"n": report["n"], "truncated_samples": report["prompt"]["truncated_samples"]}
     for side in ("engine", "hf"):
         for key in (*ROUGE_TYPES, "ppl", "tokens_per_second", "ttft_seconds"):
             if key in report.get(side, {}):
