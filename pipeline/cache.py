@@ -14,6 +14,9 @@
   and removed; one of another host is left alone.
 - Each output file's size and sha256 are in the manifest: `lookup` checks sizes on every hit (cheap), `verify`
   re-hashes everything and evicts what does not match. `entries`, `remove` and `gc` manage disk use.
+- A run holds a shared lease (`flock(LOCK_SH)` on `<root>/<stage>/<key>.lease`) on every artifact it uses, from
+  before its lookup until the run ends, so `remove` and `gc` (which need the lease exclusively) skip an entry a
+  running stage reads, saying so, instead of pulling an engine from under an evaluation.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"
 EVICTED_PREFIX = ".evicted-"
+LEASE_SUFFIX = ".lease"
 HOST = socket.gethostname()
 DEFAULT_LOCK_TIMEOUT = 6 * 3600.0
 
@@ -155,7 +159,7 @@ class ArtifactCache:
             if pid is not None and host in (None, _host_tag()) and not _pid_alive(pid):
                 log.warning("removing %s left by a run that ended mid-stage (pid %d)", tmp, pid)
                 shutil.rmtree(tmp, ignore_errors=True)
-        for lock_path in parent.glob("*.lock"):
+        for lock_path in [*parent.glob("*.lock"), *parent.glob(f"*{LEASE_SUFFIX}")]:
             _remove_if_unheld(lock_path)
 
     def _evict_dir(self, target: Path) -> None:
@@ -190,12 +194,70 @@ class ArtifactCache:
         return None
 
     def remove(self, entry: "Entry") -> None:
+        """Remove a published entry; a PipelineError when it is being recomputed or read by a running stage."""
         with self.lock(entry.stage, entry.key, timeout=0.0):
-            self._evict_dir(entry.path)
+            lease_path = self._lease_path(entry.stage, entry.key)
+            fd = os.open(lease_path, os.O_CREAT | os.O_RDWR, 0o644)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as e:
+                    if e.errno not in (errno.EACCES, errno.EAGAIN):
+                        raise
+                    raise PipelineError(f"{entry.stage}/{entry.key[:16]} is in use: a running stage reads it (it "
+                                        f"holds {lease_path}); kept") from None
+                self._evict_dir(entry.path)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(lease_path)  # while holding it: a reader that opened this inode re-checks the path
+            finally:
+                os.close(fd)
 
-    def gc(self, keep_last: int) -> list["Entry"]:
+    # -- leases of readers -----------------------------------------------------------------------------------------
+    def _lease_path(self, stage: str, key: str) -> Path:
+        return self.root / stage / f"{key}{LEASE_SUFFIX}"
+
+    @contextlib.contextmanager
+    def lease(self, stage: str, key: str) -> Iterator[None]:
+        """A shared lease on one key while a run uses its artifact: `remove` and `gc` keep the entry meanwhile.
+        Taken before the lookup, so an entry found is an entry kept. Waits only while a removal is under way."""
+        lease_path = self._lease_path(stage, key)
+        try:
+            lease_path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lease_path, os.O_CREAT | os.O_RDWR, 0o644)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            log.debug("no lease on %s (%s): a read-only cache is never removed from by this run", lease_path, e)
+            fd = None
+        if fd is None:
+            yield
+            return
+        while True:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            try:
+                same = os.fstat(fd).st_ino == os.stat(lease_path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # a removal unlinked the file between our open and our lock: lease the new one
+            fd = os.open(lease_path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            yield
+        finally:
+            try:  # the last reader removes the file (a conversion to exclusive succeeds only without other readers)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if os.fstat(fd).st_ino == os.stat(lease_path).st_ino:
+                    os.unlink(lease_path)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+
+    def gc(self, keep_last: int, kept: list[tuple["Entry", str]] | None = None) -> list["Entry"]:
         """Keep, per stage, the `keep_last` most recently used entries and every entry they were made from;
-        remove the rest (and stale temps). Returns what was removed."""
+        remove the rest (and stale temps), but never an entry being recomputed or read by a running stage (those
+        are appended to `kept` with the reason). Returns what was removed."""
         entries = self.entries()
         by_key = {(e.stage, e.key): e for e in entries}
         keep: set[tuple[str, str]] = set()
@@ -215,8 +277,10 @@ class ArtifactCache:
             if (e.stage, e.key) not in keep:
                 try:
                     self.remove(e)
-                except PipelineError as err:  # being recomputed right now
-                    log.warning("keeping %s: %s", e.path, err)
+                except PipelineError as err:  # being recomputed or read right now
+                    log.info("keeping %s: %s", e.path, err)
+                    if kept is not None:
+                        kept.append((e, str(err)))
                     continue
                 removed.append(e)
         for stage_dir in (p for p in self.root.iterdir() if p.is_dir()) if self.root.is_dir() else ():

@@ -4,6 +4,7 @@
 - `verify`: re-hash every output file against the manifest's sha256 and evict entries that do not match;
 - `gc --keep-last N`: keep per stage the N most recently used entries and everything they were made from;
 - `rm KEY...`: remove entries by key or unique key prefix.
+`gc` and `rm` keep (and name) an entry that a running stage is computing or reading (exit code 1 for `rm`).
 The cache directory is `--cache-dir` (default: the recipe's `cache_dir`, outputs/cache).
 """
 
@@ -78,10 +79,14 @@ def _verify(cache: ArtifactCache, args) -> int:
 def _gc(cache: ArtifactCache, args) -> int:
     if args.keep_last < 0:
         raise PipelineError(f"cache gc: --keep-last must be >= 0, got {args.keep_last}")
-    removed = cache.gc(args.keep_last)
+    kept: list[tuple[Entry, str]] = []
+    removed = cache.gc(args.keep_last, kept)
     for e in removed:
         print(f"removed {e.stage}/{e.key[:16]} ({_size(e.size)})")
-    print(f"removed {len(removed)} entries, {_size(sum(e.size for e in removed))}")
+    for e, reason in kept:
+        print(f"kept {e.stage}/{e.key[:16]}: {reason}")
+    print(f"removed {len(removed)} entries, {_size(sum(e.size for e in removed))}"
+          + (f"; kept {len(kept)} in use" if kept else ""))
     return 0
 
 
@@ -97,7 +102,13 @@ def _find(cache: ArtifactCache, prefix: str) -> Entry:
 
 def _rm(cache: ArtifactCache, args) -> int:
     entries = [_find(cache, k) for k in args.keys]
+    in_use = 0
     for e in entries:
-        cache.remove(e)
+        try:
+            cache.remove(e)
+        except PipelineError as err:  # being recomputed or read by a running stage
+            print(f"kept {e.stage}/{e.key[:16]}: {err}")
+            in_use += 1
+            continue
         print(f"removed {e.stage}/{e.key[:16]} ({_size(e.size)})")
-    return 0
+    return 1 if in_use else 0

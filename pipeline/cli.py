@@ -125,12 +125,33 @@ def claim_cores(config: dict, workers: int) -> None:
 _PLAN_ONLY = False
 
 
+# Set by mpirun (MPICH, Open MPI) in every rank's environment.
+_MPI_SIZE_ENVS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
+_MPI_RANK_ENVS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK")
+
+
+def refuse_outer_mpirun(config: dict) -> None:
+    """The pipeline is one process that starts the engine's ranks itself (`mpirun -n world_size` for the build's
+    smoke test and the evaluation); started as several ranks, each would run the whole pipeline. Every rank finds
+    this alike: rank 0 says so in one line, the others leave quietly, all with exit code 2."""
+    size = next((int(os.environ[k]) for k in _MPI_SIZE_ENVS if os.environ.get(k, "").isdigit()), 1)
+    if size <= 1:
+        return
+    rank = next((int(os.environ[k]) for k in _MPI_RANK_ENVS if os.environ.get(k, "").isdigit()), 0)
+    if rank != 0:
+        raise SystemExit(2)
+    world = config["mapping"]["tp_size"] * config["mapping"]["pp_size"]
+    raise PipelineError(f"trtllm-pipeline was started under mpirun with {size} ranks, but it runs as one process and "
+                        f"starts the engine's mapping.world_size={world} ranks itself; run it without mpirun")
+
+
 def run_recipe(cfg: DictConfig, run_dir: Path | None):
     from pipeline.cache import ArtifactCache
     from pipeline.executor import all_reused, forced_stages, plan_pipeline, run_pipeline, summary_lines, write_run_record
     from pipeline.plan import check_disk, make_plan, plan_lines, write_plan
 
     config = resolved_config(cfg)
+    refuse_outer_mpirun(config)
     planned = plan_pipeline(config, list(config["stages"]))  # the keys: configs and source fingerprints, no work
     if config["dry_run"] or _PLAN_ONLY:
         plan = make_plan(config, planned)

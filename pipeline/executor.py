@@ -20,6 +20,7 @@ Stages named in PIPELINE_ORDER but not registered are slots a later version fill
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
 import importlib
@@ -256,14 +257,18 @@ def run_pipeline(config: dict[str, Any], cache_root: Path, requested: list[str],
         preflight(planned, cache, forced)
     artifacts: dict[str, Path] = {}
     outcomes = []
-    for p in planned:
-        faults.point(f"{p.spec.name}:start")
-        outcome = _resolve(cache, p.spec, p.key, p.config, p.inputs, p.external,
-                           {n: artifacts[n] for n in p.inputs}, p.spec.name in forced, progress, lock_timeout)
-        if p.spec.checks is not None:
-            outcome.checks = p.spec.checks(p.config, outcome.metrics)
-        artifacts[p.spec.name] = outcome.artifact
-        outcomes.append(outcome)
+    # Every artifact this run finds or makes stays leased until the run ends: `cache gc`/`rm` keep what a later
+    # stage of this run is about to read.
+    with contextlib.ExitStack() as leases:
+        for p in planned:
+            leases.enter_context(cache.lease(p.spec.name, p.key))
+            faults.point(f"{p.spec.name}:start")
+            outcome = _resolve(cache, p.spec, p.key, p.config, p.inputs, p.external,
+                               {n: artifacts[n] for n in p.inputs}, p.spec.name in forced, progress, lock_timeout)
+            if p.spec.checks is not None:
+                outcome.checks = p.spec.checks(p.config, outcome.metrics)
+            artifacts[p.spec.name] = outcome.artifact
+            outcomes.append(outcome)
     return RunResult(outcomes)
 
 

@@ -99,11 +99,9 @@ def main(argv: list[str] | None = None) -> int:
             os.execve(cmd[0], cmd, rank_environment(cmd[0]))
         result = generate_from_args(args)
     except PipelineError as e:
-        from pipeline.runtime.parallel import abort_job
+        from pipeline.runtime.parallel import report_rank_error
 
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        abort_job(2)
-        return 2
+        return report_rank_error(e)
     if result["rank"] == 0:
         if args.json:
             print(json.dumps(result), flush=True)

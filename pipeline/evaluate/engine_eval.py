@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from pipeline import faults
 from pipeline.errors import PipelineError
 from pipeline.evaluate.ppl import nll_sum
 from pipeline.evaluate.speed import measure_speed
@@ -47,6 +48,7 @@ def run_engine_eval(runner, request: dict[str, Any]) -> dict[str, Any]:
             outputs.append(ids)
             generated += len(ids)
         bar.update(len(batch))
+        faults.point("evaluate:batch")
     bar.close()
     nll, tokens, kl, top1 = 0.0, 0, [], []
     reference = _open_reference(request.get("kl_reference"))
@@ -91,7 +93,7 @@ def _window_kl(reference, start: int, end: int, logits: torch.Tensor):
 
 def main(argv: list[str]) -> int:
     from pipeline.runtime import ModelRunner
-    from pipeline.runtime.parallel import abort_job
+    from pipeline.runtime.parallel import report_rank_error
 
     request_path, result_path = Path(argv[0]), Path(argv[1])
     request = json.loads(request_path.read_text())
@@ -99,9 +101,7 @@ def main(argv: list[str]) -> int:
         runner = ModelRunner.from_dir(request["engine_dir"])
         result = run_engine_eval(runner, request)
     except PipelineError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        abort_job(2)
-        return 2
+        return report_rank_error(e)
     if runner.dist.rank == 0:
         result_path.write_text(json.dumps(result))
     return 0

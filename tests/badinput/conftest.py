@@ -16,6 +16,7 @@ class Fixtures:
         self.llama = make_tiny_model(root / "models", "llama_gqa_untied")
         self._tiny: dict[tuple, Path] = {}
         self._engine: Path | None = None
+        self._checkpoint: Path | None = None
 
     def tiny(self, name: str, **overrides) -> Path:
         key = (name, tuple(sorted(overrides.items())))
@@ -34,6 +35,22 @@ class Fixtures:
             result = run_pipeline(cfg, self.root / "engine-cache", ["build"], progress=False)
             self._engine = result.stages[-1].artifact
         return self._engine
+
+
+    def checkpoint_tp2(self) -> Path:
+        """The tiny Llama as a tp2 TensorRT-LLM checkpoint (converted once)."""
+        if self._checkpoint is None:
+            from pipeline.convert.converter import convert
+            from pipeline.convert.registry import MappingArgs
+            from pipeline.convert.sources import open_source
+
+            src = open_source("hf", self.llama)
+            try:
+                convert(src, self.root / "checkpoint-tp2", "float32", MappingArgs(2), progress=False)
+            finally:
+                src.close()
+            self._checkpoint = self.root / "checkpoint-tp2"
+        return self._checkpoint
 
 
 @pytest.fixture(scope="session")

@@ -343,3 +343,187 @@ def engine_config_edit(change: Callable[[dict], None]) -> Callable[[Path], None]
         change(cfg)
         (engine / "config.json").write_text(json.dumps(cfg))
     return edit
+
+
+# -- sources of other producers (NeMo, Megatron-LM, DeepSpeed, JAX, TensorRT-LLM checkpoints, ModelOpt) -------------
+# Each is written from the tiny Llama (or GPT-2, Gemma) with the test suite's own writers (tests/convert), then
+# damaged. The source is the case's `work/src` (or an archive in `work`).
+class Evil:
+    """A pickled call of os.system: what a hostile checkpoint would carry."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo pwned",))
+
+
+def _megatron_models(fx: Any) -> dict[str, Path]:
+    return {"llama_gqa_untied": fx.llama, "gpt2": fx.tiny("gpt2")}
+
+
+def _nemo_parts(fx: Any):
+    from tests.convert import megatron_samples as ms
+    from tests.convert.test_nemo import megatron_dict
+
+    hf_cfg, glob = megatron_dict("llama", _megatron_models(fx))
+    return ms, hf_cfg, ms.shard(glob, 1, 1, gated=True), ms.nemo_config("llama", hf_cfg, 1, 1)
+
+
+def nemo_archive(member: str, kind: str = "file") -> Maker:
+    """work/m.nemo: a valid archive plus one hostile member (a file escaping the target, or a link)."""
+    def make(work: Path, fx: Any) -> None:
+        import io
+        import tarfile
+
+        ms, _, shards, config = _nemo_parts(fx)
+        path = ms.write_nemo(work / "m.nemo", shards, config)
+        info = tarfile.TarInfo(member)
+        data = b"x" if kind == "file" else b""
+        if kind == "symlink":
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        info.size = len(data)
+        with tarfile.open(path, "a:") as tar:
+            tar.addfile(info, io.BytesIO(data) if data else None)
+    return make
+
+
+def nemo_directory(change: Callable[[Path], None]) -> Maker:
+    """work/src: an extracted .nemo (model_config.yaml + model_weights.ckpt), then changed."""
+    def make(work: Path, fx: Any) -> None:
+        import yaml
+
+        ms, _, shards, config = _nemo_parts(fx)
+        src = work / "src"
+        src.mkdir()
+        (src / "model_config.yaml").write_text(yaml.safe_dump(config))
+        torch.save(ms.with_prefix(shards[(0, 0)], "model.language_model."), src / "model_weights.ckpt")
+        change(src)
+    return make
+
+
+def add_pickled_payload(name: str) -> Callable[[Path], None]:
+    def change(src: Path) -> None:
+        state = torch.load(src / name, weights_only=False)
+        state["evil"] = Evil()
+        torch.save(state, src / name)
+    return change
+
+
+def write_text(name: str, text: str) -> Callable[[Path], None]:
+    def change(src: Path) -> None:
+        (src / name).write_text(text)
+    return change
+
+
+def delete(name: str) -> Callable[[Path], None]:
+    def change(src: Path) -> None:
+        (src / name).unlink()
+    return change
+
+
+def megatron_checkpoint(change: Callable[[Path], None]) -> Maker:
+    """work/src: a Megatron-LM checkpoint (latest_checkpointed_iteration.txt, iter_0000200/mp_rank_00/...)."""
+    def make(work: Path, fx: Any) -> None:
+        from tests.convert.test_megatron_sources import megatron_lm_dir
+
+        root = megatron_lm_dir(work, _megatron_models(fx), "llama", 1, 1)
+        root.rename(work / "src")
+        change(work / "src")
+    return make
+
+
+def megatron_args_payload(src: Path) -> None:
+    f = src / "iter_0000200" / "mp_rank_00" / "model_optim_rng.pt"
+    state = torch.load(f, weights_only=False)
+    state["args"].hook = Evil()
+    torch.save(state, f)
+
+
+def megatron_without_args(src: Path) -> None:
+    f = src / "iter_0000200" / "mp_rank_00" / "model_optim_rng.pt"
+    state = torch.load(f, weights_only=False)
+    del state["args"]
+    torch.save(state, f)
+
+
+def deepspeed_checkpoint(change: Callable[[Path], None]) -> Maker:
+    """work/src: a DeepSpeed checkpoint (latest, global_step7/mp_rank_00_model_states.pt)."""
+    def make(work: Path, fx: Any) -> None:
+        from tests.convert.test_megatron_sources import deepspeed_dir
+
+        deepspeed_dir(work, _megatron_models(fx), "llama", 1, False).rename(work / "src")
+        change(work / "src")
+    return make
+
+
+def nemo2_checkpoint(change: Callable[[Path], None]) -> Maker:
+    """work/src: a NeMo 2 checkpoint (context/ + a torch_dist distributed checkpoint in weights/)."""
+    def make(work: Path, fx: Any) -> None:
+        from tests.convert.test_megatron_sources import nemo2_dir
+
+        nemo2_dir(work, _megatron_models(fx)).rename(work / "src")
+        change(work / "src")
+    return make
+
+
+def pickled_metadata_payload(src: Path) -> None:
+    import pickle
+
+    (src / "weights" / ".metadata").write_bytes(pickle.dumps(Evil()))
+
+
+def truncate_largest_chunk(src: Path) -> None:
+    """Cut the largest data file of a distributed checkpoint in half."""
+    f = max((p for p in (src / "weights").rglob("*") if p.is_file() and not p.name.startswith(".")),
+            key=lambda p: p.stat().st_size)
+    with open(f, "r+b") as fh:
+        fh.truncate(f.stat().st_size // 2)
+
+
+def orbax_checkpoint(change: Callable[[Path], None]) -> Maker:
+    """work/src: Kaggle's JAX layout (config.json beside an Orbax checkpoint in tiny-it/) of a tiny Gemma."""
+    def make(work: Path, fx: Any) -> None:
+        from tests.convert.test_jax_source import jax_tree, save_orbax
+
+        gemma = fx.tiny("gemma")
+        (work / "src").mkdir()
+        save_orbax(jax_tree(gemma), work / "src" / "tiny-it")
+        shutil.copy(gemma / "config.json", work / "src" / "config.json")
+        change(work / "src" / "tiny-it")
+    return make
+
+
+def truncate_orbax_array(ckpt: Path) -> None:
+    """Cut the largest data file of the Orbax checkpoint (an OCDBT data file or a zarr chunk) in half."""
+    f = max((p for p in ckpt.rglob("*") if p.is_file() and "METADATA" not in p.name and p.suffix != ".json"),
+            key=lambda p: p.stat().st_size)
+    with open(f, "r+b") as fh:
+        fh.truncate(f.stat().st_size // 2)
+
+
+def trtllm_checkpoint(change: Callable[[Path], None]) -> Maker:
+    """work/src: the tiny Llama converted to a tp2 TensorRT-LLM checkpoint, then changed."""
+    def make(work: Path, fx: Any) -> None:
+        shutil.copytree(fx.checkpoint_tp2(), work / "src")
+        change(work / "src")
+    return make
+
+
+def modelopt_export(change: Callable[[Path], None]) -> Maker:
+    """work/src: the tiny Llama presented as a ModelOpt export (hf_quant_config.json), then changed."""
+    def make(work: Path, fx: Any) -> None:
+        shutil.copytree(fx.llama, work / "src")
+        (work / "src" / "hf_quant_config.json").write_text(json.dumps(
+            {"producer": {"name": "modelopt", "version": "0.29.0"},
+             "quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": None}}))
+        change(work / "src")
+    return make
+
+
+def edit_json(name: str, drop: tuple[str, ...] = ()) -> Callable[[Path], None]:
+    def change(src: Path) -> None:
+        data = json.loads((src / name).read_text())
+        for key in drop:
+            data.pop(key, None)
+        (src / name).write_text(json.dumps(data))
+    return change

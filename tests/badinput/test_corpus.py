@@ -3,7 +3,6 @@ published in the cache and nothing left in temp directories. The rows are in cas
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -47,7 +46,7 @@ def published(cache: Path) -> list[str]:
 
 def leftovers(cache: Path, temp: Path) -> list[str]:
     found = [str(p) for p in cache.rglob(".tmp-*")] if cache.exists() else []
-    found += [str(p) for p in cache.rglob("*.lock")] if cache.exists() else []
+    found += [str(p) for pattern in ("*.lock", "*.lease") for p in cache.rglob(pattern)] if cache.exists() else []
     return found + [str(p) for p in temp.iterdir()]
 
 
@@ -84,7 +83,7 @@ def test_the_corpus_is_large_and_unique():
     assert len(ids) >= 40
     categories = {i.split("/")[0] for i in ids}
     assert {"safetensors", "index", "tensor", "config", "bin", "gguf", "mapping", "quant", "build", "dataset",
-            "engine", "recipe"} <= categories
+            "engine", "recipe", "nemo", "megatron", "deepspeed", "jax", "trtllm", "modelopt"} <= categories
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

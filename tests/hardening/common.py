@@ -33,4 +33,5 @@ def final_outputs(run_dir: Path) -> dict[str, dict]:
 
 
 def leftovers(cache: Path) -> list[str]:
-    return sorted(str(p.relative_to(cache)) for pattern in (".tmp-*", ".evicted-*", "*.lock") for p in cache.rglob(pattern))
+    return sorted(str(p.relative_to(cache)) for pattern in (".tmp-*", ".evicted-*", "*.lock", "*.lease")
+                  for p in cache.rglob(pattern))

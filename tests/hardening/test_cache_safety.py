@@ -1,4 +1,5 @@
-"""Corruption is a miss, `cache ls|verify|gc|rm`, ENOSPC and free-disk checks, and locks held on other hosts."""
+"""Corruption is a miss, `cache ls|verify|gc|rm`, gc/rm keep what a running stage reads, ENOSPC and free-disk checks,
+and locks held on other hosts."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pipeline.cache import ArtifactCache
 from pipeline.errors import PipelineError
 from tests.badinput.harness import invoke
 from tests.conftest import make_tiny_model
-from tests.hardening.common import REPO, leftovers
+from tests.hardening.common import REPO, leftovers, recipe, spawn
 
 
 @pytest.fixture(scope="module")
@@ -177,3 +178,44 @@ def test_lock_is_waited_for_with_a_message_then_taken(tmp_path, caplog):
         logging.getLogger("pipeline.cache").removeHandler(handler)
         if holder.poll() is None:
             holder.communicate("go\n", timeout=60)
+
+
+def cache_command(cache: Path, *args: str) -> subprocess.CompletedProcess:
+    """`trtllm-pipeline cache ARGS` as a real process."""
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", "cache", "--cache-dir", str(cache), *args],
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_gc_and_rm_keep_an_entry_a_running_stage_reads(model, tmp_path):
+    cache = tmp_path / "cache"
+    assert convert(model, cache, tmp_path / "old", "dtype=float16").code == 0  # an entry nobody uses
+    old = record(tmp_path / "old")["convert"]["key"]
+    # A real run, held by a barrier when its build stage is about to read its convert artifact: the barrier
+    # releases it once this test has registered too.
+    barrier = tmp_path / "barrier"
+    run = spawn(recipe(model, cache, tmp_path / "run"), TRTLLM_PIPELINE_BARRIER=f"{barrier}:2@build:locked")
+    try:
+        while not (barrier.is_dir() and any(barrier.iterdir())):  # the run registers a file there on arrival
+            assert run.poll() is None, run.communicate()[1]
+            threading.Event().wait(0.05)
+        in_use = next(e for e in ArtifactCache(cache).entries() if e.stage == "convert" and e.key != old)
+        gc = cache_command(cache, "gc", "--keep-last", "0")
+        assert gc.returncode == 0, gc.stderr
+        assert f"removed convert/{old[:16]}" in gc.stdout
+        assert f"kept convert/{in_use.key[:16]}: convert/{in_use.key[:16]} is in use: a running stage reads it" \
+            in gc.stdout and "kept 1 in use" in gc.stdout
+        rm = cache_command(cache, "rm", in_use.key)
+        assert rm.returncode == 1 and f"kept convert/{in_use.key[:16]}" in rm.stdout, rm.stdout + rm.stderr
+        assert in_use.path.is_dir()
+    finally:
+        barrier.mkdir(exist_ok=True)
+        (barrier / "test").touch()
+        _, err = run.communicate(timeout=600)
+    assert run.returncode == 0, err
+    stages = json.loads((tmp_path / "run" / "run.json").read_text())["stages"]
+    assert stages["convert"]["key"] == in_use.key and Path(stages["build"]["artifact"]).is_dir()
+    # the run ended: nothing is in use any more
+    gc = cache_command(cache, "gc", "--keep-last", "0")
+    assert gc.returncode == 0 and "removed 2 entries" in gc.stdout, gc.stdout
+    assert ArtifactCache(cache).entries() == [] and leftovers(cache) == []

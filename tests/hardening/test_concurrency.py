@@ -1,6 +1,6 @@
 """Identical runs started together (real processes, released together by a barrier at the first cache lookup)
-compute each stage exactly once; recipes that differ downstream share their upstream artifact; a reader polling
-the cache meanwhile never sees a half-published artifact."""
+compute each stage exactly once; recipes that differ downstream share their upstream artifact (a checkpoint, a
+calibration); a reader polling the cache meanwhile never sees a half-published artifact."""
 
 from __future__ import annotations
 
@@ -52,3 +52,24 @@ def test_runs_started_together_compute_each_stage_once(runs, model, tmp_path):
     assert len({r["convert"]["key"] for r in records}) == 1
     assert problems == [] and seen  # the reader looked at published entries and all were whole
     assert leftovers(cache) == []
+
+
+def test_recipes_sharing_a_calibration_started_together_compute_it_once(quant_model, tmp_path):
+    """AWQ and GPTQ both need the same statistics (activations and Hessians): one calibrate artifact for both, two
+    checkpoints. Both processes are held at the calibrate stage's cache lookup until both arrived."""
+    from tests.quantize.test_stages import SMALL
+
+    cache = tmp_path / "cache"
+    algorithms = ("w4a16_awq", "w4a16_gptq")
+    barrier = f"{tmp_path / 'barrier'}:{len(algorithms)}@calibrate:start"
+    procs = [spawn(["model=hf_local", f"model.path={quant_model}", f"cache_dir={cache}", "progress=false",
+                    f"hydra.run.dir={tmp_path / algo}", "stages=[convert]", f"quantization={algo}", *SMALL],
+                   TRTLLM_PIPELINE_BARRIER=barrier) for algo in algorithms]
+    errors = [p.communicate(timeout=900)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(errors)
+    records = [json.loads((tmp_path / algo / "run.json").read_text())["stages"] for algo in algorithms]
+    assert sorted(r["calibrate"]["reused"] for r in records) == [False, True]
+    assert len({r["calibrate"]["key"] for r in records}) == 1
+    assert [r["convert"]["reused"] for r in records] == [False, False]
+    assert len({r["convert"]["key"] for r in records}) == 2
+    assert len(list((cache / "calibrate").iterdir())) == 1 and leftovers(cache) == []

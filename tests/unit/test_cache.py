@@ -100,3 +100,21 @@ def test_stale_lock_is_taken_over(tmp_path):
     with cache.lock("convert", KEY, poll_seconds=0.01):
         assert json.loads(lock.read_text())["pid"] == os.getpid()
     assert not lock.exists()
+
+
+def test_a_leased_entry_is_kept_by_remove_and_gc(tmp_path):
+    from pipeline.errors import PipelineError
+
+    cache = ArtifactCache(tmp_path)
+    _publish(cache, "build", "e" * 64)
+    entry = cache.entries()[0]
+    with cache.lease("build", "e" * 64):
+        with cache.lease("build", "e" * 64):  # two readers share it
+            with pytest.raises(PipelineError, match="is in use: a running stage reads it"):
+                cache.remove(entry)
+        kept = []
+        assert cache.gc(0, kept) == [] and [e.key for e, _ in kept] == ["e" * 64]
+        assert entry.path.is_dir()
+    assert not (tmp_path / "build" / f"{'e' * 64}.lease").exists()  # the last reader removed the file
+    assert [e.key for e in cache.gc(0)] == ["e" * 64] and not entry.path.exists()
+    assert sorted(p.name for p in (tmp_path / "build").iterdir()) == []

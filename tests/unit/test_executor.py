@@ -167,7 +167,7 @@ def test_kill_during_a_stage_publishes_nothing_and_the_next_run_recovers(tmp_pat
     proc.wait()
     build_dir = tmp_path / "cache" / "build"
     assert [p.name for p in build_dir.iterdir() if not p.name.startswith(".")] != []  # only the lock file remains
-    assert all(p.name.startswith(".tmp-") or p.name.endswith(".lock") for p in build_dir.iterdir())
+    assert all(p.name.startswith(".tmp-") or p.name.endswith((".lock", ".lease")) for p in build_dir.iterdir())
     assert executor.ArtifactCache(tmp_path / "cache").lookup("build", _only_lock_key(build_dir)) is None
 
     again, _ = _spawn(tmp_path, "again", sleep=0)

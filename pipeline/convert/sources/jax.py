@@ -209,7 +209,13 @@ class JaxGemmaSource(SourceModel):
         beside = next((d / "config.json" for d in (self.path if self.path.is_dir() else self.path.parent,
                                                     self.ckpt.parent) if (d / "config.json").is_file()), None)
         if beside is not None:
-            cfg = json.loads(beside.read_text())
+            try:
+                cfg = json.loads(beside.read_text())
+            except (ValueError, UnicodeDecodeError) as e:
+                raise PipelineError(f"{beside} is not valid JSON ({e}); fix it or remove it (the model's shape is "
+                                    "then read from the checkpoint)") from None
+            if not isinstance(cfg, dict):
+                raise PipelineError(f"{beside} must hold a JSON object, not {type(cfg).__name__}")
             for key, value in inferred.items():
                 if key in cfg and cfg[key] != value:
                     raise PipelineError(f"{beside}: {key}={cfg[key]} but the checkpoint's shapes say {value}")

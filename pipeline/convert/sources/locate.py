@@ -13,7 +13,10 @@ def resolve_model_path(path: str | None, package: str | None) -> Path:
     if package:
         return _package_file(package, path)
     if not path:
-        raise PipelineError("model.path is not set: give the HF checkpoint directory or GGUF file (model.path=...)")
+        raise PipelineError("model.path is not set: give the model to convert (model.path=...): an HF checkpoint "
+                            "directory, a GGUF file, a .nemo file or NeMo directory, a Megatron-LM or DeepSpeed "
+                            "checkpoint directory, a ModelOpt export, a JAX/Orbax checkpoint or Flax msgpack file, or "
+                            "a TensorRT-LLM checkpoint directory, with model.source set to match")
     resolved = Path(path).expanduser().resolve()
     if not resolved.exists():
         raise PipelineError(f"model.path: {resolved} does not exist")

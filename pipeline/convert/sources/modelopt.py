@@ -108,6 +108,10 @@ class ModelOptSource(SourceModel):
         if self.algorithm is None and self.modules:
             raise PipelineError(f"{path}: tensors such as {sorted(self.modules)[0]}.weight_scale are quantized but "
                                 "the quantization config names no quant_algo")
+        if self.algorithm is not None and not self.modules:
+            raise PipelineError(f"{path}: the quantization config says quant_algo {algo} but no tensor carries a "
+                                "weight_scale: the weights are not quantized (an export that failed or a float "
+                                "model with a stray hf_quant_config.json)")
         for m in sorted(self.modules):
             for suffix in ("weight", *self.algorithm.scales):
                 if suffix == "pre_quant_scale":
