@@ -97,6 +97,8 @@ def kl_from_topk(ref_logp: torch.Tensor, ref_ids: torch.Tensor, logits: torch.Te
 def quantize_logprobs(logits: torch.Tensor) -> dict[str, torch.Tensor]:
     """The full stored form of reference distributions from logits [T, V]: `q` [T, V] int16 (uint16 steps below the
     top, offset by -32768 so the file needs no unsigned type), `top` [T] float32, `top1` [T] int32."""
+    import torch
+
     logp = torch.log_softmax(logits.double(), dim=-1)
     top, top1 = logp.max(dim=-1)
     steps = torch.round((logp - (top[:, None] - LOGPROB_RANGE)) * (LOGPROB_STEPS / LOGPROB_RANGE))
@@ -106,6 +108,8 @@ def quantize_logprobs(logits: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def dequantize_logprobs(q: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
     """Log-probs [T, V] (float64, renormalized) from the full stored form."""
+    import torch
+
     steps = q.to(torch.float64) + 32768.0
     logp = top.double()[:, None] - LOGPROB_RANGE + steps * (LOGPROB_RANGE / LOGPROB_STEPS)
     return torch.log_softmax(logp, dim=-1)
@@ -115,6 +119,8 @@ def kl_from_full(q: torch.Tensor, top: torch.Tensor, top1: torch.Tensor,
                  logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token KL(reference || engine) summed over the whole vocabulary, and whether the engine's top-1 token is
     the reference's. q [T, V], top/top1 [T] (quantize_logprobs), logits [T, V] of the engine."""
+    import torch
+
     p_logp = dequantize_logprobs(q, top)
     q_logp = torch.log_softmax(logits.double(), dim=-1)
     kl = (p_logp.exp() * (p_logp - q_logp)).sum(-1)
