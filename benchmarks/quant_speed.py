@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from roofline import read_bandwidth  # the same bandwidth yardstick as the roofline table (a sibling script)
+
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "Write a short story about a robot who learns to paint."
 TINY_CALIBRATION = ["quantization.calibration.calib_size=4", "quantization.calibration.calib_max_seq_length=64"]
@@ -71,17 +73,6 @@ def stored_bytes(engine: Path) -> tuple[int, int]:
             total += numel * size
             head += numel * size if name.startswith("lm_head") else 0
     return total, head
-
-
-def read_bandwidth(repeats: int = 5) -> float:
-    x = torch.ones(2**28, dtype=torch.float32)
-    x.sum()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t0)
-    return x.numel() * 4 / best
 
 
 def load(engine: Path, native: bool):
