@@ -37,6 +37,8 @@ class KVCache(nn.Module):
         shape = (max_batch, kv_heads, max_seq, head_size)
         self.dtype, self.quant, self.ring = dtype, quant, ring
         storage = STORAGE[quant] if quant else dtype
+        # torch's CPU scatter has no float8 kernel: such caches are written through a same-size uint8 view.
+        self.scatter_view = torch.uint8 if storage in (torch.float8_e4m3fn, torch.float8_e5m2) else None
         self.register_buffer("k", lazy_zeros(shape, storage), persistent=False)
         self.register_buffer("v", lazy_zeros(shape, storage), persistent=False)
 
@@ -55,8 +57,12 @@ class KVCache(nn.Module):
         # advanced-index assignment over rows and positions costs several times more per decode step.)
         index = input_pos[:, None, :, None].expand(b, heads, t, d)
         k_rows, v_rows = self.k[:b], self.v[:b]
-        k_rows.scatter_(2, index, k)
-        v_rows.scatter_(2, index, v)
+        if self.scatter_view is not None:  # fixed per cache (float8 storage)
+            k_rows.view(self.scatter_view).scatter_(2, index, k.view(self.scatter_view))
+            v_rows.view(self.scatter_view).scatter_(2, index, v.view(self.scatter_view))
+        else:
+            k_rows.scatter_(2, index, k)
+            v_rows.scatter_(2, index, v)
         k_all, v_all = k_rows[:, :, :kv_len], v_rows[:, :, :kv_len]
         if self.quant:
             k_all = (k_all.float() * scale).to(self.dtype)
