@@ -7,8 +7,8 @@ source, the torch version and the flags, so an upgrade rebuilds and concurrent p
 builder locks the directory). Where it cannot be built or loaded (no C++ compiler, a CPU without AVX2/FMA, a failed
 compile), `load()` returns None after one line on stderr and the engine keeps torch's kernels.
 
-The cache directory: $TRTLLM_PIPELINE_NATIVE_DIR if set, else `<sys.prefix>/var/trtllm-pipeline/native` (the virtual
-environment's own tree) when writable, else `~/.cache/trtllm-pipeline/native`.
+The cache directory: $TRTLLM_PIPELINE_NATIVE_DIR if set, else the `native` folder of `<sys.prefix>/var/trtllm-pipeline`
+(the virtual environment's own tree) when writable, else the `native` folder of `~/.cache/trtllm-pipeline`.
 """
 
 from __future__ import annotations
