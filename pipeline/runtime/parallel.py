@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import socket
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -104,8 +103,8 @@ def init_dist(tp_size: int, pp_size: int, rank: int | None = None) -> Dist:
     if not dist.is_initialized():
         from mpi4py import MPI
 
-        port = MPI.COMM_WORLD.bcast(_free_port() if mpi_rank == 0 else None, root=0)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=mpi_rank, world_size=world)
+        dist.init_process_group("gloo", store=_rendezvous_store(MPI.COMM_WORLD, mpi_rank, world), rank=mpi_rank,
+                                world_size=world)
         # Tear the groups down before the interpreter does: gloo's threads abort the process if destroyed late.
         atexit.register(_shutdown)
         # A rank that dies of an exception takes the job down, instead of leaving its peers blocked in a collective.
@@ -162,10 +161,12 @@ def _shutdown() -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rendezvous_store(comm, rank: int, world: int) -> dist.TCPStore:
+    """Rank 0's store binds a port of the kernel's choosing and keeps it; the others learn it over MPI. (Probing for a
+    free port and binding it later races with every other job on the machine picking ports the same way.)"""
+    store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False) if rank == 0 else None
+    port = comm.bcast(store.port if rank == 0 else None, root=0)
+    return store if rank == 0 else dist.TCPStore("127.0.0.1", port, world, is_master=False)
 
 
 def tp_all_reduce(x: torch.Tensor, d: Dist) -> torch.Tensor:
