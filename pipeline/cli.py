@@ -161,7 +161,8 @@ def run_recipe(cfg: DictConfig, run_dir: Path | None):
     forced = forced_stages(planned, config["force"], tuple(config["force_stages"]))
     # A run that reuses every stage writes nothing: the plan (which opens the source and imports torch) and its disk
     # check are for runs that work.
-    plan = None if all_reused(planned, ArtifactCache(Path(config["cache_dir"])), forced) else make_plan(config, planned)
+    reused = all_reused(planned, ArtifactCache(Path(config["cache_dir"])), forced)
+    plan = None if reused else make_plan(config, planned)
     claim_cores(config, parallel_workers())
     if plan is not None:
         check_disk(plan)  # before anything is written
@@ -174,6 +175,7 @@ def run_recipe(cfg: DictConfig, run_dir: Path | None):
         progress=config["progress"],
         lock_timeout=float(config["lock_timeout"]),
         planned=planned,
+        reused=reused,
     )
     record = write_run_record(result, run_dir) if run_dir is not None else None
     print("\n".join(summary_lines(result, record)), flush=True)

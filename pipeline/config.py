@@ -260,7 +260,7 @@ class EvaluateConfig:
     # Prompts per transformers batch for the reference (greedy only; left-padded and masked). 1 = one at a time.
     reference_batch_size: int = 8
     # How the reference stores its distributions on the perplexity windows for KL divergence (pipeline.evaluate.stats):
-    # `full` (exact; 2 bytes x vocabulary per token) or `topk` (a lower bound; 256 bytes per token).
+    # `full` (exact; 2 bytes x vocabulary per token) or `topk` (a lower bound; 512 bytes per token).
     kl_reference: KlReference = KlReference.full
     # After the evaluation, a speed probe: time to first token and decode tokens/s at batch 1 and at the engine's
     # max_batch_size, over speed_steps decode steps from a prompt of speed_prompt_len tokens (0 steps: no probe).

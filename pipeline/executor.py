@@ -245,15 +245,19 @@ def _mib(n: int) -> str:
 
 def run_pipeline(config: dict[str, Any], cache_root: Path, requested: list[str], force: bool = False,
                  force_stages: tuple[str, ...] = (), progress: bool = True,
-                 lock_timeout: float = DEFAULT_LOCK_TIMEOUT, planned: list[PlannedStage] | None = None) -> RunResult:
+                 lock_timeout: float = DEFAULT_LOCK_TIMEOUT, planned: list[PlannedStage] | None = None,
+                 reused: bool | None = None) -> RunResult:
     """Run (or reuse) every stage needed for `requested`. `config` is the fully resolved pipeline config.
     Everything that can be checked from configs and input shapes is checked before the first stage starts; a run
     whose every stage is reused skips those checks (they open the source and import torch) and does no work.
-    `planned`: this config's `plan_pipeline`, when the caller has it already."""
+    `planned`: this config's `plan_pipeline`, when the caller has it already; `reused`: its `all_reused`, likewise
+    (one decision: the caller's disk check and these checks run together or not at all)."""
     cache = ArtifactCache(cache_root)
     planned = planned if planned is not None else plan_pipeline(config, requested)
     forced = forced_stages(planned, force, force_stages)
-    if not all_reused(planned, cache, forced):
+    if reused is None:
+        reused = all_reused(planned, cache, forced)
+    if not reused:
         preflight(planned, cache, forced)
     artifacts: dict[str, Path] = {}
     outcomes = []

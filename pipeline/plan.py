@@ -28,8 +28,24 @@ MIB = 1 << 20
 # Peak RSS of convert = base (interpreter, torch, transformers, this package) + per-target factor x largest target,
 # per source kind (a TensorRT-LLM checkpoint source also holds the gathered rank pieces while it reassembles).
 CONVERT_RSS_MODEL = {"default": (295.0, 2.5), "trtllm": (309.0, 3.4)}
-# Stages whose artifact is small next to the checkpoint (statistics, reports): a fixed allowance each.
-SMALL_ARTIFACT_BYTES = {"calibrate": 64 * MIB, "evaluate": 16 * MIB}
+# Stages whose artifact is small next to the checkpoint (statistics, reports): a fixed allowance each (the reference
+# adds its stored distributions: reference_bytes).
+SMALL_ARTIFACT_BYTES = {"calibrate": 64 * MIB, "evaluate": 16 * MIB, "reference": 16 * MIB}
+# Bytes per perplexity-window position of the reference's stored distributions (pipeline.evaluate.stats): `full`
+# keeps a uint16 per vocabulary entry, `topk` 64 float32 log-probs and 64 int32 token ids.
+KL_POSITION_BYTES = {"full": lambda vocab: 2 * vocab, "topk": lambda vocab: 64 * 8}
+
+
+def reference_bytes(config: dict[str, Any], vocab_size: int) -> int:
+    """The reference artifact's size: its JSON allowance plus, with perplexity windows, the stored distributions
+    (up to ppl_max_windows x (ppl_window - 1) positions)."""
+    ev = config["evaluate"]
+    with_windows = str(getattr(ev["task"], "value", ev["task"])) == "ppl" or ev["eval_ppl"]
+    if not with_windows:
+        return SMALL_ARTIFACT_BYTES["reference"]
+    form = str(getattr(ev["kl_reference"], "value", ev["kl_reference"]))
+    positions = ev["ppl_max_windows"] * (ev["ppl_window"] - 1)
+    return SMALL_ARTIFACT_BYTES["reference"] + positions * KL_POSITION_BYTES.get(form, KL_POSITION_BYTES["full"])(vocab_size)
 
 
 def convert_plan(config: dict[str, Any]) -> dict[str, Any]:
@@ -62,7 +78,8 @@ def convert_plan(config: dict[str, Any]) -> dict[str, Any]:
     total = sum(r["bytes"] for r in ranks)
     base, per_target = CONVERT_RSS_MODEL.get(model["source"], CONVERT_RSS_MODEL["default"])
     return {"architecture": cfg["architecture"], "dtype": cfg["dtype"], "mapping": cfg["mapping"],
-            "quantization": cfg["quantization"], "ranks": ranks, "checkpoint_bytes": total,
+            "quantization": cfg["quantization"], "vocab_size": cfg["vocab_size"], "ranks": ranks,
+            "checkpoint_bytes": total,
             "largest_target_float32_bytes": largest_target,
             "convert_peak_rss_mib": round(base + per_target * largest_target / MIB, 1)}
 
@@ -85,20 +102,30 @@ def stage_keys(config: dict[str, Any], planned: list | None = None) -> list[tupl
 
 def make_plan(config: dict[str, Any], planned: list | None = None) -> dict[str, Any]:
     """The whole plan of a run (the JSON written to plan.json)."""
-    from pipeline.cache import MANIFEST
+    from pipeline.cache import ArtifactCache
 
     cache_root = Path(config["cache_dir"])
+    cache = ArtifactCache(cache_root)
     forced = set(config["force_stages"]) if not config["force"] else None
     convert = convert_plan(config)
     stages, need = [], 0
     for name, key in stage_keys(config, planned):
-        reused = (cache_root / name / key / MANIFEST).is_file() and forced is not None and name not in forced
-        size = convert["checkpoint_bytes"] if name in ("convert", "build") else SMALL_ARTIFACT_BYTES.get(name, 0)
+        # the executor's own rule: a valid entry (manifest and files intact) that no force option recomputes
+        reused = forced is not None and name not in forced and cache.is_valid(name, key)
+        size = _artifact_bytes(name, config, convert)
         need += 0 if reused else size
         stages.append({"stage": name, "key": key, "reused": reused, "disk_bytes": 0 if reused else size})
     free = free_bytes(cache_root)
     return {"convert": convert, "stages": stages, "cache_dir": str(cache_root), "disk_need_bytes": need,
             "disk_free_bytes": free}
+
+
+def _artifact_bytes(stage: str, config: dict[str, Any], convert: dict[str, Any]) -> int:
+    if stage in ("convert", "build"):
+        return convert["checkpoint_bytes"]
+    if stage == "reference":
+        return reference_bytes(config, convert["vocab_size"])
+    return SMALL_ARTIFACT_BYTES.get(stage, 0)
 
 
 def free_bytes(path: Path) -> int:

@@ -93,8 +93,21 @@ def split_at_collectives(path: Path) -> list[dict[str, Any]] | None:
             attrs = {a.name: helper.get_attribute_value(a) for a in m.attribute}
             plan.append({"collective": COLLECTIVES[m.op_type], "input": m.input[0], "output": m.output[0],
                          **({"axis": int(attrs["axis"])} if "axis" in attrs else {})})
-    path.unlink()
+    _remove_with_external_data(path)
     return plan
+
+
+def _remove_with_external_data(path: Path) -> None:
+    """Remove an ONNX file and the external-data files its initializers point to (models over EXTERNAL_DATA_BYTES
+    keep their weights beside the graph), so the uncut model's weights do not stay in the engine."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    locations = {entry.value for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+                 for entry in t.external_data if entry.key == "location"}
+    path.unlink()
+    for location in locations:
+        (path.parent / location).unlink(missing_ok=True)
 
 
 def _recompute_shape_chains(nodes: list, k: int, made_in: dict[str, int], producer: dict, inits: dict,

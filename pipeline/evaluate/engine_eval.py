@@ -3,6 +3,7 @@ several: `python -m pipeline.evaluate.engine_eval REQUEST.json RESULT.json`; ran
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -51,18 +52,18 @@ def run_engine_eval(runner, request: dict[str, Any]) -> dict[str, Any]:
         faults.point("evaluate:batch")
     bar.close()
     nll, tokens, kl, top1 = 0.0, 0, [], []
-    reference = _open_reference(request.get("kl_reference"))
-    for window in tqdm(request.get("ppl_windows", []), desc="engine perplexity", unit="window", disable=not show):
-        if not runner.limits["gather_context_logits"]:
-            raise PipelineError("perplexity needs an engine built with build.gather_context_logits=true")
-        logits = runner.generate([torch.tensor(window)], max_new_tokens=1, end_id=-1, pad_id=0,
-                                 return_dict=True)["context_logits"][0, : len(window)]
-        n, t = nll_sum(logits, window)
-        if reference is not None:  # the reference's rows for this window's t predicted positions
-            k, agree = _window_kl(reference, tokens, tokens + t, logits[:t])
-            kl += k.tolist()
-            top1 += agree.tolist()
-        nll, tokens = nll + n, tokens + t
+    with _open_reference(request.get("kl_reference")) as reference:
+        for window in tqdm(request.get("ppl_windows", []), desc="engine perplexity", unit="window", disable=not show):
+            if not runner.limits["gather_context_logits"]:
+                raise PipelineError("perplexity needs an engine built with build.gather_context_logits=true")
+            logits = runner.generate([torch.tensor(window)], max_new_tokens=1, end_id=-1, pad_id=0,
+                                     return_dict=True)["context_logits"][0, : len(window)]
+            n, t = nll_sum(logits, window)
+            if reference is not None:  # the reference's rows for this window's t predicted positions
+                k, agree = _window_kl(reference, tokens, tokens + t, logits[:t])
+                kl += k.tolist()
+                top1 += agree.tolist()
+            nll, tokens = nll + n, tokens + t
     result = {"outputs": outputs, "seconds": seconds, "generated_tokens": generated, "ttft_seconds": ttfts,
               "ppl_nll": nll, "ppl_tokens": tokens, "load_seconds": runner.load_seconds}
     if reference is not None:
@@ -73,14 +74,17 @@ def run_engine_eval(runner, request: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+@contextlib.contextmanager
 def _open_reference(spec: dict[str, str] | None):
     """The reference's stored distributions (pipeline.stages.reference), opened lazily: only one window's rows are
-    read at a time (the full form is 2 bytes x vocabulary per position)."""
+    read at a time (the full form is 2 bytes x vocabulary per position); the file is closed after the windows."""
     if not spec:
-        return None
+        yield None
+        return
     from safetensors import safe_open
 
-    return spec["form"], safe_open(spec["path"], framework="pt")
+    with safe_open(spec["path"], framework="pt") as f:
+        yield spec["form"], f
 
 
 def _window_kl(reference, start: int, end: int, logits: torch.Tensor):

@@ -64,18 +64,24 @@ def run_hf_eval(model, request: dict[str, Any], batch_size: int = 1, progress: b
                 outputs[i] = out
             seconds += time.perf_counter() - t0
             bar.update(len(chunk))
-    nll, tokens, stored = 0.0, 0, []
-    for window in tqdm(request.get("ppl_windows", []), desc="reference perplexity", unit="window",
-                       disable=not progress or not request.get("ppl_windows")):
+    windows = request.get("ppl_windows", [])
+    nll, tokens, stored, filled = 0.0, 0, None, 0
+    for window in tqdm(windows, desc="reference perplexity", unit="window", disable=not progress or not windows):
         logits = model(torch.tensor([window])).logits[0].float()
         n, t = nll_sum(logits, window)
         nll, tokens = nll + n, tokens + t
         if kl_form:
-            stored.append(store_distributions(logits[: len(window) - 1], kl_form))
+            part = store_distributions(logits[: len(window) - 1], kl_form)
+            if stored is None:  # filled in place: a list of windows and their concatenation would be twice the size
+                positions = sum(len(w) - 1 for w in windows)
+                stored = {k: v.new_empty((positions, *v.shape[1:])) for k, v in part.items()}
+            for k, v in part.items():
+                stored[k][filled: filled + len(v)] = v
+            filled += len(window) - 1
     result = {"outputs": outputs, "seconds": seconds, "generated_tokens": sum(len(o) for o in outputs),
               "ppl_nll": nll, "ppl_tokens": tokens, "batch_size": size}
-    if stored:
-        result["kl_reference"] = {key: torch.cat([s[key] for s in stored]) for key in stored[0]}
+    if stored is not None:
+        result["kl_reference"] = stored
     return result
 
 

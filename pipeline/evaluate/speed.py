@@ -47,6 +47,7 @@ def measure_speed(runner, request: dict[str, Any], steps: int, prompt_len: int) 
         return None
     out: dict[str, Any] = {"prompt_tokens": len(prompt), "decode_steps": steps,
                            "max_batch_size": limits["max_batch_size"]}
-    for name, batch in (("batch_1", 1), ("batch_n", limits["max_batch_size"])):
-        out[name] = time_decode(runner, prompt, batch, steps)
+    out["batch_1"] = time_decode(runner, prompt, 1, steps)
+    if limits["max_batch_size"] > 1:
+        out["batch_n"] = time_decode(runner, prompt, limits["max_batch_size"], steps)
     return out

@@ -11,7 +11,7 @@ The reference's distributions are stored in one of two forms (`evaluate.kl_refer
   that rounding, which moves a position's KL by at most about one step (4.9e-4 nats) times E_p|log p/q| (a few 1e-4 of
   the KL itself on a 50k vocabulary; tests/evaluate/test_stats.py). 2 bytes x vocabulary per position: 96 KB for
   SmolLM2's 49152 tokens.
-- `topk`: the top-TOPK log-probs plus one bucket for the remaining mass (256 bytes per position). Merging tokens
+- `topk`: the top-TOPK log-probs plus one bucket for the remaining mass (512 bytes per position). Merging tokens
   into a bucket can only lower KL (log-sum inequality), so the figure is a lower bound, exact once the top K hold
   all the mass; for vocabularies where the full form is too large.
 """

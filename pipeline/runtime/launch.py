@@ -106,7 +106,7 @@ def run_module_on_ranks(world_size: int, module: str, args: list[str], timeout: 
     leaves no ranks behind."""
     cmd = mpirun_command(world_size, module, args)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=rank_environment(cmd[0]), timeout=timeout,
-                          preexec_fn=_stop_when_parent_dies)
+                          preexec_fn=_parent_death_signal())
     if proc.returncode != 0:
         failure = rank_failure(proc.stderr, proc.stdout, proc.returncode)
         raise PipelineError(f"{' '.join(cmd[:3])} ... {module} failed: {failure}")
@@ -142,13 +142,23 @@ def _signal_name(number: int) -> str:
         return "unknown signal"
 
 
-def _stop_when_parent_dies() -> None:
-    """In the mpirun child: ask the kernel for SIGTERM when the pipeline process dies (Linux), even by kill -9."""
-    if sys.platform.startswith("linux"):
-        import ctypes
+def _parent_death_signal():
+    """A function for the mpirun child that asks the kernel for SIGTERM when the pipeline process dies (Linux), even
+    by kill -9; prepared in the parent because a forked child of a threaded process must not import or load
+    libraries (the import lock may be held by another thread at the fork)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
 
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    prctl, parent = ctypes.CDLL(None, use_errno=True).prctl, os.getpid()
+    pr_set_pdeathsig = 1
+
+    def in_child() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the request took effect: nobody will send the signal
+            os._exit(1)
+
+    return in_child
 
 
 def smoke_test(engine_dir: Path, max_new_tokens: int) -> dict[str, Any]:

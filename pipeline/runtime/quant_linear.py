@@ -77,6 +77,7 @@ class QuantLinear:
         self.scale_zero = torch.stack([scale.t(), zero.t()], dim=-1).contiguous().to(FAST_DTYPE)
 
     def _prepare_native(self, w: EngineQuant, act_quant: str | None) -> None:
+        self.kernels = _native()
         self.in_features = w.q.shape[1]
         self.format = NATIVE_FORMATS[w.bits]
         if w.bits == 4:
@@ -91,7 +92,7 @@ class QuantLinear:
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.mode == "native":
-            return _native().quant_linear(x, self.packed, self.format, self.in_features, self.scale, self.zero, bias,
+            return self.kernels.quant_linear(x, self.packed, self.format, self.in_features, self.scale, self.zero, bias,
                                           self.native_prequant, self.native_act_scale, self.native_act)
         if self.prequant is not None:
             x = x * self.prequant

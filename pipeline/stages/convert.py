@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STAGE_VERSION = 3  # 2: the tokenizer is saved beside the checkpoint (tokenizer/); 3: quantization
+STAGE_VERSION = 4  # 2: the tokenizer is saved beside the checkpoint (tokenizer/); 3: quantization;
+# 4: Phi-3 MLP fused as [up; gate] with long_rope, MPT and ALiBi GPT layouts
 
 
 def source_fingerprint(config: dict[str, Any]) -> dict[str, Any]:

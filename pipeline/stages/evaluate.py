@@ -250,11 +250,12 @@ def speed_metrics(speed: dict[str, Any] | None) -> dict[str, Any]:
     """The speed probe's figures as flat metrics (what run.json and the sweep report carry)."""
     if not speed:
         return {}
+    batch_n = speed.get("batch_n", speed["batch_1"])  # an engine of max_batch_size 1: batch N is batch 1
     return {"decode_max_batch": speed["max_batch_size"],
             "decode_tps_batch_1": speed["batch_1"]["decode_tokens_per_second"],
-            "decode_tps_batch_n": speed["batch_n"]["decode_tokens_per_second"],
+            "decode_tps_batch_n": batch_n["decode_tokens_per_second"],
             "ttft_batch_1_seconds": speed["batch_1"]["ttft_seconds"],
-            "ttft_batch_n_seconds": speed["batch_n"]["ttft_seconds"]}
+            "ttft_batch_n_seconds": batch_n["ttft_seconds"]}
 
 
 def _headline(report: dict[str, Any]) -> dict[str, Any]:

@@ -3,8 +3,9 @@
 gguf-py's `GGUFReader` builds a numpy view for every part of every field (a tokenizer's vocabulary and merges are
 ~150k parts) before it can say where the header ends; fingerprinting a model for the cache key needs only that end.
 This reader walks the same layout (GGUF v2/v3, either byte order) without numpy, skipping array payloads, so a run
-whose stages are all cached decides so in milliseconds and without importing numpy, torch or gguf-py. The tensor
-data itself is still read through gguf-py (`GGUFSource`).
+whose stages are all cached decides so in milliseconds and without importing numpy, torch or gguf-py. `GGUFSource`
+reads the tensor data as numpy memory-map views at the offsets this table gives, and uses gguf-py only to
+dequantize them.
 
 Layout: magic "GGUF", version u32, tensor count u64, metadata count u64; metadata (key string, value type u32,
 value; arrays: item type u32, count u64, items); tensor infos (name string, n_dims u32, dims u64 x n_dims, ggml type

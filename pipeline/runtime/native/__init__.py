@@ -4,8 +4,9 @@ The module is compiled from this package's own source by torch's extension build
 compiler and flags torch itself expects), once: `python -m pipeline.runtime.native build` (scripts/setup.sh runs it
 after installing), or on first use when an engine is loaded. It is cached under a directory named by a hash of the
 source, the torch version and the flags, so an upgrade rebuilds and concurrent processes share one build (torch's
-builder locks the directory). Where it cannot be built or loaded (no C++ compiler, a CPU without AVX2/FMA, a failed
-compile), `load()` returns None after one line on stderr and the engine keeps torch's kernels.
+builder locks the directory); later processes import the built module directly, needing neither compiler nor
+ninja. Where it cannot be built or loaded (no C++ compiler, no ninja, a CPU without AVX2/FMA, a failed compile),
+`load()` returns None after one line on stderr and the engine keeps torch's kernels.
 
 The cache directory: $TRTLLM_PIPELINE_NATIVE_DIR if set, else the `native` folder of `<sys.prefix>/var/trtllm-pipeline`
 (the virtual environment's own tree) when writable, else the `native` folder of `~/.cache/trtllm-pipeline`.
@@ -26,6 +27,7 @@ LDFLAGS = ("-fopenmp",)
 DISABLE_ENV = "TRTLLM_PIPELINE_NATIVE"  # "0": never build or load the compiled kernels
 
 
+@functools.cache
 def _tag() -> str:
     import torch
 
@@ -55,6 +57,23 @@ def _module_name() -> str:
     return f"trtllm_pipeline_quant_gemm_{_tag()}"
 
 
+def _built() -> Path | None:
+    return next(iter(sorted(build_dir().glob(f"{_module_name()}*.so"))), None)
+
+
+def _import_built(path: Path):
+    """Import an already-built module directly: torch's builder would re-check the compiler and run ninja (needing
+    both at run time, and about a second per process) just to find the build up to date."""
+    import importlib.util
+
+    import torch  # noqa: F401  (the module links against libtorch, which must be loaded first)
+
+    spec = importlib.util.spec_from_file_location(_module_name(), path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def unavailable_reason() -> str | None:
     """Why the compiled kernels cannot be used here, before trying to build them (None: they can)."""
     import torch
@@ -63,11 +82,19 @@ def unavailable_reason() -> str | None:
         return f"{DISABLE_ENV}=0"
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return f"the CPU lacks AVX2/FMA (torch reports {torch.backends.cpu.get_cpu_capability()})"
-    built = list(build_dir().glob(f"{_module_name()}*.so"))
-    compiler = os.environ.get("CXX", "c++")
-    if not built and shutil.which(compiler) is None:
-        return f"no C++ compiler ({compiler}) to build them"
+    if _built() is None:
+        compiler = os.environ.get("CXX", "c++")
+        if shutil.which(compiler) is None:
+            return f"no C++ compiler ({compiler}) to build them"
+        if shutil.which("ninja", path=_build_path()) is None:
+            return "ninja, which torch's extension builder needs, is not installed (pip install ninja)"
     return None
+
+
+def _build_path() -> str:
+    """PATH for the build: the interpreter's own bin/ first, where the `ninja` package puts its program, since a
+    virtual environment used without activating it is not on PATH."""
+    return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 
 
 def build(verbose: bool = False):
@@ -85,6 +112,7 @@ def build(verbose: bool = False):
     with open(directory / "build.flock", "w") as guard:
         fcntl.flock(guard, fcntl.LOCK_EX)
         (directory / "lock").unlink(missing_ok=True)
+        os.environ["PATH"] = _build_path()
         # copies of the flags: torch's builder appends to the lists it is given (and the tag hashes them)
         return ext.load(name=_module_name(), sources=[str(SOURCE)], extra_cflags=list(CFLAGS),
                         extra_ldflags=list(LDFLAGS), build_directory=str(directory), verbose=verbose)
@@ -96,8 +124,10 @@ def load():
     reason = unavailable_reason()
     if reason is None:
         try:
-            if not list(build_dir().glob(f"{_module_name()}*.so")):
-                print(f"building the quantized CPU kernels into {build_dir()} (once, about a minute)", file=sys.stderr)
+            built = _built()
+            if built is not None:
+                return _import_built(built)
+            print(f"building the quantized CPU kernels into {build_dir()} (once, about a minute)", file=sys.stderr)
             return build()
         except Exception as e:  # a compiler error, a missing header: the torch kernels still work
             reason = f"building them failed ({str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__})"
