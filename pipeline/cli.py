@@ -125,19 +125,16 @@ def claim_cores(config: dict, workers: int) -> None:
 _PLAN_ONLY = False
 
 
-# Set by mpirun (MPICH, Open MPI) in every rank's environment.
-_MPI_SIZE_ENVS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
-_MPI_RANK_ENVS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK")
-
-
 def refuse_outer_mpirun(config: dict) -> None:
     """The pipeline is one process that starts the engine's ranks itself (`mpirun -n world_size` for the build's
     smoke test and the evaluation); started as several ranks, each would run the whole pipeline. Every rank finds
     this alike: rank 0 says so in one line, the others leave quietly, all with exit code 2."""
-    size = next((int(os.environ[k]) for k in _MPI_SIZE_ENVS if os.environ.get(k, "").isdigit()), 1)
+    from pipeline.mpi_env import launched_rank, launched_size
+
+    size = launched_size()
     if size <= 1:
         return
-    rank = next((int(os.environ[k]) for k in _MPI_RANK_ENVS if os.environ.get(k, "").isdigit()), 0)
+    rank = launched_rank() or 0
     if rank != 0:
         raise SystemExit(2)
     world = config["mapping"]["tp_size"] * config["mapping"]["pp_size"]

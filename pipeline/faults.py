@@ -24,7 +24,6 @@ from pathlib import Path
 KILL_ENV = "TRTLLM_PIPELINE_KILL_AT"
 BARRIER_ENV = "TRTLLM_PIPELINE_BARRIER"
 KILL_RANK_ENV = "TRTLLM_PIPELINE_KILL_RANK"
-_RANK_ENVS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK")
 _reached: dict[str, int] = {}
 
 
@@ -50,8 +49,10 @@ def _is_rank_to_kill() -> bool:
     wanted = os.environ.get(KILL_RANK_ENV)
     if not wanted:
         return True
-    mine = next((os.environ[k] for k in _RANK_ENVS if k in os.environ), None)
-    return mine is not None and int(mine) == int(wanted)
+    from pipeline.mpi_env import launched_rank
+
+    mine = launched_rank()
+    return mine is not None and mine == int(wanted)
 
 
 def _wait_at_barrier(directory: Path, count: int, timeout: float = 300.0) -> None:

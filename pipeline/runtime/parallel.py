@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from pipeline import faults
 from pipeline.errors import PipelineError
+from pipeline.mpi_env import launched_by_mpirun
 
 
 class WorldSizeMismatch(PipelineError):
@@ -73,8 +74,7 @@ class Dist:
 
 def mpi_world() -> tuple[int, int]:
     """(rank, size) from MPI when launched by mpirun, else (0, 1) without importing MPI."""
-    launched = any(k in os.environ for k in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMI_SIZE", "MPI_LOCALRANKID"))
-    if not launched:
+    if not launched_by_mpirun():
         return 0, 1
     from mpi4py import MPI
 
