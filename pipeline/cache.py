@@ -234,11 +234,7 @@ class ArtifactCache:
             return
         while True:
             fcntl.flock(fd, fcntl.LOCK_SH)
-            try:
-                same = os.fstat(fd).st_ino == os.stat(lease_path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
+            if _is_current(fd, lease_path):
                 break
             os.close(fd)  # a removal unlinked the file between our open and our lock: lease the new one
             fd = os.open(lease_path, os.O_CREAT | os.O_RDWR, 0o644)
@@ -247,7 +243,7 @@ class ArtifactCache:
         finally:
             try:  # the last reader removes the file (a conversion to exclusive succeeds only without other readers)
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                if os.fstat(fd).st_ino == os.stat(lease_path).st_ino:
+                if _is_current(fd, lease_path):
                     os.unlink(lease_path)
             except OSError:
                 pass
@@ -327,11 +323,7 @@ class ArtifactCache:
                     announced = True
                 time.sleep(poll_seconds)
                 continue
-            try:
-                same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
-            except FileNotFoundError:
-                same = False
-            if not same:  # the holder removed the file between our open and our lock: lock the new one
+            if not _is_current(fd, lock_path):  # removed by its holder between our open and lock: lock the new one
                 os.close(fd)
                 continue
             previous = _parse_lock(os.pread(fd, 1 << 16, 0))
@@ -413,13 +405,26 @@ def _remove_if_unheld(lock_path: Path) -> None:
         return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        if os.fstat(fd).st_ino == os.stat(lock_path).st_ino:
-            log.info("removing the lock %s left by a run that ended (%s)", lock_path, _parse_lock(os.pread(fd, 4096, 0)))
+        if _is_current(fd, lock_path):
+            if lock_path.name.endswith(LEASE_SUFFIX):
+                log.info("removing the lease %s left by a run that ended", lock_path)
+            else:
+                log.info("removing the lock %s left by a run that ended (%s)", lock_path,
+                         _parse_lock(os.pread(fd, 4096, 0)))
             os.unlink(lock_path)
     except OSError:
         pass  # held by a live process, or already gone
     finally:
         os.close(fd)
+
+
+def _is_current(fd: int, path: Path) -> bool:
+    """Whether the file open as `fd` is still the one at `path`: a remover unlinks a lock or lease file while holding
+    it, so whoever then locks the old inode must open the path again."""
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def _read_lock(path: Path) -> dict[str, Any] | None:
