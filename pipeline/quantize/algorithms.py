@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.quantize.numerics import group_view, int_range
+from pipeline.quantize.numerics import fake_quant_per_group, int_range
 
 
 @dataclass
@@ -57,18 +57,11 @@ def awq_scales(weight: torch.Tensor, stats: InputStats, group_size: int, grid: i
         s = x_mean.pow(alpha)
         s = s / (s.max() * s.min()).sqrt()
         s = s.to(scale_dtype).float()  # the stored prequant factor is 1 / s in the model dtype
-        err = output_error(_group_dequantized(weight * s, group_size, scale_dtype, what).div_(s).sub_(weight), hessian)
+        quantized = fake_quant_per_group(weight * s, 4, group_size, scale_dtype, what)
+        err = output_error(quantized.div_(s).sub_(weight), hessian)
         if err < best_err:
             best, best_err = s, err
     return best
-
-
-def _group_dequantized(w: torch.Tensor, group_size: int, scale_dtype: torch.dtype, what: str) -> torch.Tensor:
-    """What `symmetric_per_group(w, 4, ...)` dequantizes to (q * scale), without the int8 round trip."""
-    g = group_view(w, group_size, what)
-    scale = g.abs().amax(dim=-1, keepdim=True).div_(7)
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale).to(scale_dtype).float()
-    return g.div(scale).round_().clamp_(-8, 7).mul_(scale).reshape(w.shape)
 
 
 def gptq_quantize(weight: torch.Tensor, stats: InputStats, bits: int, group_size: int, damp: float,

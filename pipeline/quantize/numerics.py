@@ -37,12 +37,25 @@ def symmetric_per_group(w: torch.Tensor, bits: int, group_size: int, scale_dtype
     """AWQ/ModelOpt rule: per (row, input group) scale = group amax / (2^(bits-1) - 1), zeros -> 1.0; the scale is
     rounded to its stored dtype first so the integers are exact for the stored scale. Returns q (out, in) int8
     and scale (out, in / group_size)."""
+    q, scale = _per_group_grid(w, bits, group_size, scale_dtype, what)
+    return q.reshape(w.shape).to(torch.int8), scale.squeeze(-1)
+
+
+def fake_quant_per_group(w: torch.Tensor, bits: int, group_size: int, scale_dtype: torch.dtype,
+                         what: str = "weight") -> torch.Tensor:
+    """What `symmetric_per_group` dequantizes to (q * scale), without the int8 round trip (AWQ's grid search)."""
+    q, scale = _per_group_grid(w, bits, group_size, scale_dtype, what)
+    return q.mul_(scale).reshape(w.shape)
+
+
+def _per_group_grid(w: torch.Tensor, bits: int, group_size: int, scale_dtype: torch.dtype,
+                    what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rounded, clamped grid values (float, grouped) and the scales (out, groups, 1) of symmetric_per_group."""
     lo, hi = int_range(bits)
     g = group_view(w, group_size, what)
-    scale = g.abs().amax(dim=-1) / hi
+    scale = g.abs().amax(dim=-1, keepdim=True).div_(hi)
     scale = torch.where(scale == 0, torch.ones_like(scale), scale).to(scale_dtype).float()
-    q = torch.clamp(torch.round(g / scale.unsqueeze(-1)), lo, hi)
-    return q.reshape(w.shape).to(torch.int8), scale
+    return g.div(scale).round_().clamp_(lo, hi), scale
 
 
 def dequantize_groups(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None) -> torch.Tensor:
