@@ -42,8 +42,8 @@ PAIRS = [("none", "F32"), ("w8a16", "Q8_0"), ("w4a16", "Q4_1")]  # ours, llama.c
 
 def find_tool(name: str, hint: str | None) -> Path | None:
     if hint:
-        p = Path(hint)
-        return p if name == "llama-bench" else (p.with_name(name) if p.with_name(name).is_file() else None)
+        p = Path(hint) if name == "llama-bench" else Path(hint).with_name(name)
+        return p if p.is_file() else None
     env = os.environ.get("LLAMA_BENCH")
     if env and Path(env).is_file():
         return find_tool(name, env)
@@ -122,4 +122,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except subprocess.CalledProcessError as e:  # one line: which llama.cpp tool failed and its last words
+        last = (e.stderr.decode() if isinstance(e.stderr, bytes) else e.stderr or "").strip().splitlines()[-1:]
+        raise SystemExit(f"error: {Path(e.cmd[0]).name} failed with exit code {e.returncode}: {' '.join(last)}")
