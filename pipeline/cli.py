@@ -87,10 +87,13 @@ def parallel_workers() -> int:
 
 def launcher_workers(launcher) -> int:
     """joblib's n_jobs (-1: all cores); for Ray on a local cluster (no address: `ray.init()` starts one on this
-    machine), its CPUs over each point's `remote.num_cpus`; 1 for the basic launcher and for launchers that give each
-    point its own allocation (Slurm, a Ray cluster)."""
+    machine), its CPUs over each point's `remote.num_cpus`; for submitit's local launcher, which starts every point
+    at once, all cores (each point gets one); 1 for the basic launcher and for launchers that give each point its own
+    allocation (Slurm, a Ray cluster)."""
     target = str(launcher.get("_target_", ""))
     cores = os.cpu_count() or 1
+    if target.endswith("submitit_launcher.LocalLauncher"):
+        return cores
     if "joblib" in target and launcher.get("n_jobs") is not None:
         n_jobs = int(launcher.get("n_jobs"))
         return max(1, cores + 1 + n_jobs if n_jobs < 0 else n_jobs)

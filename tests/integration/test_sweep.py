@@ -97,6 +97,12 @@ def test_joblib_two_workers_compute_each_shared_artifact_once(tmp_path):
     assert "sweep: 4/4 points done" in proc.stdout
 
 
+def test_submitit_local_computes_each_shared_artifact_once(tmp_path):
+    """submitit's local launcher (the Slurm launcher's configuration, run as local processes: every point at once)."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher is the `slurm` extra")
+    _parallel_sweep(tmp_path, ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=15"])
+
+
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two parallel points need two cores")
 def test_ray_local_cluster_computes_each_shared_artifact_once(tmp_path):
     """Ray's launcher on a local 2-CPU cluster (what `ray.init()` starts without an address). hydra-ray-launcher
@@ -121,3 +127,6 @@ def test_ray_local_cluster_counts_as_parallel_points(monkeypatch):
     joblib = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
     assert launcher_workers({"_target_": joblib, "n_jobs": -1}) == 8 and launcher_workers({"_target_": joblib, "n_jobs": 2}) == 2
     assert launcher_workers({"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"}) == 1
+    submitit = "hydra_plugins.hydra_submitit_launcher.submitit_launcher"
+    assert launcher_workers({"_target_": f"{submitit}.LocalLauncher"}) == 8  # every point at once: one core each
+    assert launcher_workers({"_target_": f"{submitit}.SlurmLauncher"}) == 1
