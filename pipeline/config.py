@@ -258,7 +258,7 @@ class EvaluateConfig:
     max_mean_kld: Optional[float] = None
     min_top1_agreement: Optional[float] = None
     # Prompts per transformers batch for the reference (greedy only; left-padded and masked). 1 = one at a time.
-    reference_batch_size: int = 8
+    reference_batch_size: int = 16
     # How the reference stores its distributions on the perplexity windows for KL divergence (pipeline.evaluate.stats):
     # `full` (exact; 2 bytes x vocabulary per token) or `topk` (a lower bound; 512 bytes per token).
     kl_reference: KlReference = KlReference.full

@@ -52,3 +52,25 @@ def test_gguf_tensors_equal_transformers(smollm2_gguf, hf_reference, tmp_path, t
     assert set(got) == set(want)
     for name, tensor in want.items():
         assert torch.equal(got[name], tensor), name
+
+
+def test_transformers_loads_through_the_source_equal_plain_transformers_loads(smollm2_gguf, hf_reference):
+    """GGUFSource shares one gguf-py parse between transformers' tokenizer and model loads (a speed-up of the
+    reference stage): the model and tokenizer are the ones transformers builds on its own, and gguf-py is restored."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    reader, names = gguf.GGUFReader, gguf.get_tensor_name_map
+    source = open_source("gguf", smollm2_gguf)
+    try:
+        tokenizer = source.tokenizer()
+        model = source.transformers_model(torch.float32)
+    finally:
+        source.close()
+    assert gguf.GGUFReader is reader and gguf.get_tensor_name_map is names
+    _, want = hf_reference
+    got = model.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    plain = AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    text = "Summarize: the quick brown fox jumps over the lazy dog. <|im_start|>user\nHi ünïcode 123"
+    assert tokenizer.get_vocab() == plain.get_vocab() and tokenizer(text).input_ids == plain(text).input_ids

@@ -4,6 +4,8 @@ and presented under HF names, with llama.cpp's Q/K row permutation undone where 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,6 +168,7 @@ class GGUFSource(SourceModel):
         if not path.is_file():
             raise PipelineError(f"model.path: GGUF file {path} does not exist")
         self.path = path
+        self._gguf_py_reader = None  # gguf-py's parse of this file, shared by transformers' loads (_gguf_py_shared)
         # The header is read with struct (gguf_header), not gguf-py's reader, which builds a numpy view of every
         # vocabulary entry first (seconds for a 49k-token tokenizer); tensors are views of one file mapping.
         try:
@@ -270,12 +273,40 @@ class GGUFSource(SourceModel):
     def tokenizer(self):
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
+        with self._gguf_py_shared():
+            return AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
 
     def transformers_model(self, dtype: torch.dtype):
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(self.path.parent, gguf_file=self.path.name, dtype=dtype).eval()
+        with self._gguf_py_shared():
+            return AutoModelForCausalLM.from_pretrained(self.path.parent, gguf_file=self.path.name, dtype=dtype).eval()
+
+    @contextlib.contextmanager
+    def _gguf_py_shared(self):
+        """transformers reads a GGUF file through gguf-py: a full parse for the tokenizer and two for the model
+        (config, then weights; ~5 s each for a 49k-token vocabulary, whose every entry becomes a numpy view), and
+        gguf-py's tensor-name table rebuilt for every submodule (~400 times, ~28 ms each). Within this block this
+        file's reader is parsed once per source and the name table built once per (architecture, blocks): both are
+        only read, so transformers builds the same tokenizer and model (the reference stays independent of this
+        package's own GGUF reader), in about half the time."""
+        import gguf
+
+        original_reader, original_names = gguf.GGUFReader, gguf.get_tensor_name_map
+
+        def reader(path, mode="r"):
+            if mode != "r" or Path(path).resolve() != self.path.resolve():
+                return original_reader(path, mode)
+            if self._gguf_py_reader is None:
+                self._gguf_py_reader = original_reader(path, mode)
+            return self._gguf_py_reader
+
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(original_names)
+        try:
+            yield
+        finally:
+            gguf.GGUFReader, gguf.get_tensor_name_map = original_reader, original_names
 
     def close(self) -> None:
         self._tensors = {}
+        self._gguf_py_reader = None
