@@ -87,6 +87,23 @@ def generate_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def smoke_test(engine_dir: Path, max_new_tokens: int) -> dict[str, Any]:
+    """Load the engine on all its ranks and greedily generate from a fixed prompt; report load time and speed."""
+    from pipeline.runtime.launch import engine_world_size, run_module_on_ranks
+    from pipeline.runtime.parallel import mpi_world
+
+    world = engine_world_size(engine_dir)
+    args = ["--engine_dir", str(engine_dir), "--input_ids", "1,2,3,4,5,6,7,8", "--max_new_tokens",
+            str(max_new_tokens), "--json"]
+    if world == 1 and mpi_world()[1] == 1:
+        result = generate_from_args(parse_args(args))
+    else:
+        lines = [line for line in run_module_on_ranks(world, "pipeline.run", args).splitlines() if line.startswith("{")]
+        result = json.loads(lines[-1])
+    return {"smoke_load_seconds": result["load_seconds"], "smoke_tokens_per_second": result["tokens_per_second"],
+            "smoke_world_size": world}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:

@@ -194,17 +194,3 @@ def get_spec(architecture: str) -> ArchSpec:
 
 def supported_architectures() -> list[str]:
     return sorted(ARCH_MODULES)
-
-
-def support_table() -> str:
-    """The Markdown table of what converts and runs, generated from the registry (the README carries it, and a
-    test keeps the two equal)."""
-    from pipeline.engine.cpu import RUNTIME_LAYOUTS
-
-    rows = ["| source architecture | written as | tp | pp | dtypes | cpu engine |", "|---|---|---|---|---|---|"]
-    for arch in supported_architectures():
-        spec = get_spec(arch)
-        pp = "yes" if spec.supports_pp else "no (as in TensorRT-LLM)"
-        engine = "yes" if spec.writes_as in RUNTIME_LAYOUTS else "no"
-        rows.append(f"| `{arch}` | `{spec.writes_as}` | yes | {pp} | float32, float16, bfloat16 | {engine} |")
-    return "\n".join(rows)

@@ -13,10 +13,8 @@ import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Any
 
 from pipeline.errors import PipelineError
-from pipeline.runtime.parallel import mpi_world
 
 log = logging.getLogger(__name__)
 
@@ -159,19 +157,3 @@ def _parent_death_signal():
             os._exit(1)
 
     return in_child
-
-
-def smoke_test(engine_dir: Path, max_new_tokens: int) -> dict[str, Any]:
-    """Load the engine on all its ranks and greedily generate from a fixed prompt; report load time and speed."""
-    world = engine_world_size(engine_dir)
-    args = ["--engine_dir", str(engine_dir), "--input_ids", "1,2,3,4,5,6,7,8", "--max_new_tokens",
-            str(max_new_tokens), "--json"]
-    if world == 1 and mpi_world()[1] == 1:
-        from pipeline.run import generate_from_args, parse_args
-
-        result = generate_from_args(parse_args(args))
-    else:
-        lines = [line for line in run_module_on_ranks(world, "pipeline.run", args).splitlines() if line.startswith("{")]
-        result = json.loads(lines[-1])
-    return {"smoke_load_seconds": result["load_seconds"], "smoke_tokens_per_second": result["tokens_per_second"],
-            "smoke_world_size": world}

@@ -83,7 +83,7 @@ def build_stage(ctx: StageContext) -> dict[str, Any]:
     build = ctx.config["build"]
     metrics = get_backend(build["backend"]).build(ctx.inputs["convert"], ctx.out_dir, build)
     if build.get("smoke_test_tokens", 0) > 0:
-        from pipeline.runtime.launch import smoke_test
+        from pipeline.run import smoke_test
 
         metrics.update(smoke_test(ctx.out_dir, build["smoke_test_tokens"]))
     return metrics

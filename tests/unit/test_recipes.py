@@ -76,7 +76,7 @@ def test_cross_field_checks():
 
 
 def test_readme_support_table_matches_the_registry():
-    from pipeline.convert.registry import support_table
+    from pipeline.support import support_table
 
     readme = (RECIPES.parent / "README.md").read_text()
     start, end = readme.index("<!-- support-table -->"), readme.index("<!-- /support-table -->")
