@@ -75,8 +75,10 @@ def _per_sample_rouge1(record: dict[str, Any]) -> dict[str, float] | None:
 
 def load_point(run_dir: Path) -> dict[str, Any]:
     """Everything the report needs from one run directory."""
-    point = {"dir": str(run_dir), "overrides": _yaml(run_dir / ".hydra" / "overrides.yaml") or [],
-             "config": _yaml(run_dir / ".hydra" / "config.yaml") or {}}
+    hydra = (_yaml(run_dir / ".hydra" / "hydra.yaml") or {}).get("hydra") or {}
+    plumbing = set(((hydra.get("job") or {}).get("config") or {}).get("override_dirname", {}).get("exclude_keys") or [])
+    overrides = [o for o in _yaml(run_dir / ".hydra" / "overrides.yaml") or [] if _override_key(o) not in plumbing]
+    point = {"dir": str(run_dir), "overrides": overrides, "config": _yaml(run_dir / ".hydra" / "config.yaml") or {}}
     if (run_dir / "run.json").is_file():
         point["record"] = json.loads((run_dir / "run.json").read_text())
     elif (run_dir / ERROR_FILE).is_file():
@@ -87,9 +89,25 @@ def load_point(run_dir: Path) -> dict[str, Any]:
 
 
 def changed_overrides(points: list[dict[str, Any]]) -> list[str]:
-    """Per point, its overrides that are not shared by every point (what the sweep varies)."""
-    common = set.intersection(*(set(p["overrides"]) for p in points)) if points else set()
-    return [" ".join(o for o in p["overrides"] if o not in common) or "(base)" for p in points]
+    """Per point, its overrides that are not shared by every point (what the sweep varies), compared by value:
+    `x=true` typed on a command line and `x=True` as a multirun records it are the same override. Run plumbing
+    (the recipe's override_dirname exclude_keys: paths, cache_dir, progress) was left out when loading."""
+    keyed = [{_override_identity(o): o for o in p["overrides"]} for p in points]
+    common = set.intersection(*(set(k) for k in keyed)) if keyed else set()
+    return [" ".join(o for ident, o in k.items() if ident not in common) or "(base)" for k in keyed]
+
+
+def _override_key(override: str) -> str:
+    return override.partition("=")[0].lstrip("+~")
+
+
+def _override_identity(override: str) -> tuple[str, str]:
+    value = override.partition("=")[2]
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        parsed = value
+    return _override_key(override), json.dumps(parsed, sort_keys=True, default=str)
 
 
 def _baseline_of(point: dict[str, Any], points: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -33,8 +33,10 @@ def make_point(root: Path, name: str, quant: str | None, rouge1: list[float], tp
                reused: bool = False, error: str | None = None) -> Path:
     run = root / "sweep" / name
     (run / ".hydra").mkdir(parents=True)
-    overrides = ["+sweep=demo", f"quantization={name.split('=')[1]}"]
+    overrides = ["+sweep=demo", f"quantization={name.split('=')[1]}", f"cache_dir={root / 'cache'}", "progress=false"]
     (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    hydra = {"hydra": {"job": {"config": {"override_dirname": {"exclude_keys": ["cache_dir", "progress"]}}}}}
+    (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra))
     config = {"model": {"name": "m"}, "dtype": "float32", "mapping": {"tp_size": 1}, "build": {"max_seq_len": 8},
               "quantization": {"quant_algo": quant, "kv_cache_quant_algo": None},
               "evaluate": {"batch_size": 4, "max_rouge1_drop": 1.0}}
@@ -74,6 +76,7 @@ def sweep(tmp_path):
 
 def test_rows_for_computed_reused_and_failed_points(sweep):
     points = [load_point(p) for p in find_points([sweep])]
+    assert all(o.split("=")[0] not in ("cache_dir", "progress") for p in points for o in p["overrides"])  # plumbing
     rows = {r["point"]: r for r in build_rows(points)}
     assert set(rows) == {"quantization=none", "quantization=w8a16", "quantization=w4a16", "quantization=fp8"}
     assert rows["quantization=none"]["status"] == "computed" and rows["quantization=w8a16"]["status"] == "reused"
@@ -129,6 +132,9 @@ def test_report_files_schema_and_png(sweep):
 def test_changed_overrides_and_sweep_size():
     points = [{"overrides": ["+sweep=a", "x=1", "y=2"]}, {"overrides": ["+sweep=a", "x=2", "y=2"]}]
     assert changed_overrides(points) == ["x=1", "x=2"]
+    # a multirun records `b=True` where a single run has the `b=true` typed: the same value, not a change
+    points = [{"overrides": ["b=True", "q=fp8"]}, {"overrides": ["b=true", "m=tp3"]}, {"overrides": ["b=true"]}]
+    assert changed_overrides(points) == ["q=fp8", "m=tp3", "(base)"]
     assert sweep_size(["quantization=none,w8a16,fp8", "mapping.tp_size=1,3", "dtype=float32"]) == 6
     recipe = {"sweeper": {"params": {"quantization": "none,w8a16,fp8", "quantization.kv_cache_quant_algo": "null,INT8"}}}
     assert sweep_total({**recipe, "overrides": {"task": ["+sweep=q"]}}) == 6
