@@ -31,21 +31,18 @@ CONVERT_RSS_MODEL = {"default": (295.0, 2.5), "trtllm": (309.0, 3.4)}
 # Stages whose artifact is small next to the checkpoint (statistics, reports): a fixed allowance each (the reference
 # adds its stored distributions: reference_bytes).
 SMALL_ARTIFACT_BYTES = {"calibrate": 64 * MIB, "evaluate": 16 * MIB, "reference": 16 * MIB}
-# Bytes per perplexity-window position of the reference's stored distributions (pipeline.evaluate.stats): `full`
-# keeps a uint16 per vocabulary entry, `topk` 64 float32 log-probs and 64 int32 token ids.
-KL_POSITION_BYTES = {"full": lambda vocab: 2 * vocab, "topk": lambda vocab: 64 * 8}
-
-
 def reference_bytes(config: dict[str, Any], vocab_size: int) -> int:
     """The reference artifact's size: its JSON allowance plus, with perplexity windows, the stored distributions
     (up to ppl_max_windows x (ppl_window - 1) positions)."""
+    from pipeline.evaluate.request import has_ppl_windows
+    from pipeline.evaluate.stats import stored_bytes_per_position
+
     ev = config["evaluate"]
-    with_windows = str(getattr(ev["task"], "value", ev["task"])) == "ppl" or ev["eval_ppl"]
-    if not with_windows:
+    if not has_ppl_windows(ev):
         return SMALL_ARTIFACT_BYTES["reference"]
     form = str(getattr(ev["kl_reference"], "value", ev["kl_reference"]))
     positions = ev["ppl_max_windows"] * (ev["ppl_window"] - 1)
-    return SMALL_ARTIFACT_BYTES["reference"] + positions * KL_POSITION_BYTES.get(form, KL_POSITION_BYTES["full"])(vocab_size)
+    return SMALL_ARTIFACT_BYTES["reference"] + positions * stored_bytes_per_position(form, vocab_size)
 
 
 def convert_plan(config: dict[str, Any]) -> dict[str, Any]:

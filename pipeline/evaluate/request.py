@@ -22,10 +22,15 @@ def evaluate_fingerprint(config: dict[str, Any]) -> dict[str, Any]:
     fp: dict[str, Any] = {}
     if ev["task"] == "summarize":
         fp["dataset"] = dataset_fingerprint(ev["dataset"], ev["dataset_split"])
-    if ev["task"] == "ppl" or ev["eval_ppl"]:
+    if has_ppl_windows(ev):
         text = Path(ev["ppl_dataset"]).expanduser() if ev["ppl_dataset"] else SHIPPED_PPL_TEXT
         fp["ppl_dataset"] = file_sha256(text) if text.is_file() else str(text)
     return fp
+
+
+def has_ppl_windows(ev: dict[str, Any]) -> bool:
+    """Whether the evaluation scores perplexity windows (task=ppl, or eval_ppl beside summarization)."""
+    return ev["task"] == "ppl" or bool(ev["eval_ppl"])
 
 
 def n_samples(ev: dict[str, Any]) -> int:
@@ -44,7 +49,7 @@ def build_request(ev: dict[str, Any], tokenizer, max_input_len: int, max_seq_len
                                ev["dataset_config"], ev["random_seed"] if ev["shuffle"] else None)
         samples = samples[: n_samples(ev) if count is None else count]
     ppl_windows = []
-    if ev["task"] == "ppl" or ev["eval_ppl"]:
+    if has_ppl_windows(ev):
         ids = tokenizer.encode(load_text(ev["ppl_dataset"]))
         ppl_windows = windows(ids, min(ev["ppl_window"], max_input_len), ev["ppl_max_windows"])
     end_id = tokenizer.eos_token_id

@@ -11,7 +11,7 @@ from typing import Any
 from pipeline.errors import PipelineError
 from pipeline.evaluate.data import dataset_fingerprint, load_samples, load_text
 from pipeline.evaluate.ppl import perplexity
-from pipeline.evaluate.request import build_request, evaluate_fingerprint
+from pipeline.evaluate.request import build_request, evaluate_fingerprint, has_ppl_windows
 from pipeline.evaluate.stats import verdict
 from pipeline.executor import StageContext, library_versions, stage
 from pipeline.schemas import validate
@@ -104,7 +104,7 @@ def evaluate_preflight(config: dict[str, Any], facts: dict[str, Any]) -> None:
     if ev["task"] == "summarize":
         load_samples(ev["dataset"], ev["input_field"], ev["reference_field"], ev["dataset_split"],
                      ev.get("dataset_config"))
-    if ev["task"] == "ppl" or ev["eval_ppl"]:
+    if has_ppl_windows(ev):
         load_text(ev["ppl_dataset"])
 
 
@@ -192,7 +192,7 @@ def _request(ev: dict[str, Any], tokenizer, engine_dir: Path, limits: dict[str, 
                             f"{limits['max_beam_width']}: build it with build.max_beam_width={ev['num_beams']}")
     if ev["batch_size"] > limits["max_batch_size"]:
         raise PipelineError(f"evaluate.batch_size={ev['batch_size']} exceeds the engine's max_batch_size={limits['max_batch_size']}")
-    if (ev["task"] == "ppl" or ev["eval_ppl"]) and not limits["gather_context_logits"]:
+    if has_ppl_windows(ev) and not limits["gather_context_logits"]:
         raise PipelineError("perplexity needs the engine's context logits: set build.gather_context_logits=true")
     samples, request = build_request(ev, tokenizer, limits["max_input_len"], limits["max_seq_len"])
     return samples, {"engine_dir": str(engine_dir), **request}
