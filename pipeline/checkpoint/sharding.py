@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from pipeline.errors import PipelineError
 
@@ -92,6 +93,8 @@ def _pad_rows(t: torch.Tensor, tp: int) -> torch.Tensor:
     pad = -t.shape[0] % tp
     if not pad:
         return t
+    import torch  # the split rules are imported by key computations, which need no tensor library
+
     return torch.cat([t, t.new_zeros((pad, *t.shape[1:]))], dim=0)
 
 
@@ -106,6 +109,8 @@ def _duplicate_kv_heads(t: torch.Tensor, ctx: ShardContext) -> torch.Tensor:
 
 def shard(parts: Sequence[torch.Tensor], split: Split, rank: int, ctx: ShardContext, what: str) -> torch.Tensor:
     """One tp rank's piece of the target built from `parts` (canonical tensors, in fuse order)."""
+    import torch
+
     tp = ctx.tp_size
     if split is Split.QKV_HEADS:
         q, k, v = parts
@@ -140,4 +145,6 @@ def shard(parts: Sequence[torch.Tensor], split: Split, rank: int, ctx: ShardCont
 
 
 def _fuse(pieces: list[torch.Tensor]) -> torch.Tensor:
+    import torch
+
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)

@@ -30,9 +30,9 @@ from pipeline.convert.canonical import Canon, Dims, canonical_shape
 from pipeline.convert.registry import ArchSpec, MappingArgs, SourceName, Transform, get_spec
 from pipeline.convert.sources.base import SourceModel
 from pipeline.errors import PipelineError
-from pipeline.quantize.schemes import Settings, check_kv_cache_algo, get_scheme, quant_config
+from pipeline.quantize.schemes import Settings, check_kv_cache_algo, get_scheme, needs_statistics, quant_config
 from pipeline.quantize.stats import StatsReader
-from pipeline.quantize.writer import TargetQuantizer, needs_statistics
+from pipeline.quantize.writer import TargetQuantizer
 from pipeline.schemas import validate
 
 

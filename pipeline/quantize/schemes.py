@@ -10,6 +10,9 @@ Terms:
   replicated; `Kind.INPUT` tensors run along the input dim (AWQ/SmoothQuant factors): replicated for column-parallel
   layers and split for row-parallel ones; `Kind.SCALAR` tensors (per-tensor scales) are identical on every rank;
 - `finalize` turns one rank's piece into its stored form (int4 packing, GPTQ's transposed kernel layout).
+
+The table imports no tensor library: deciding what a recipe needs (statistics, the checkpoint's quantization object)
+is part of computing stage keys, which a cached re-run does without torch; the formulas import it when they run.
 """
 
 from __future__ import annotations
@@ -17,15 +20,15 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable, Mapping
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from pipeline.checkpoint.sharding import Split
 from pipeline.errors import PipelineError
-from pipeline.quantize.algorithms import InputStats, awq_scales, gptq_quantize, smoothquant_scales
-from pipeline.quantize.numerics import (FP8_MAX, INT8_MAX, fp8_quantize, pack_int4_cols, pack_int4_rows,
-                                        symmetric_per_channel, symmetric_per_group)
+
+if TYPE_CHECKING:
+    import torch
+
+    from pipeline.quantize.algorithms import InputStats
 
 # TensorRT-LLM's default exclusions when `exclude_modules` is null (a given list replaces them).
 DEFAULT_EXCLUDES = ("*lm_head", "*router", "*vocab_embedding", "*position_embedding", "*block_embedding",
@@ -64,6 +67,8 @@ class QTensor:
     finalize: Callable[[torch.Tensor, Settings], torch.Tensor] | None = None
 
     def torch_dtype(self, settings: Settings) -> torch.dtype:
+        import torch
+
         return settings.dtype if self.dtype == "model" else getattr(torch, self.dtype)
 
     def split(self, base: Split, whole_ndim: int) -> Split:
@@ -76,10 +81,10 @@ class QTensor:
 
 # Quantize: (parts (whole, float32), prequant factor or None, stats, settings, what) -> suffix -> tensors
 # (a list with one tensor per part for ROWS, one tensor otherwise).
-QuantizeFn = Callable[[list[torch.Tensor], "torch.Tensor | None", "InputStats | None", Settings, str],
+QuantizeFn = Callable[[list["torch.Tensor"], "torch.Tensor | None", "InputStats | None", Settings, str],
                       dict[str, Any]]
 # Smooth: (weights of every module reading this input, concatenated on dim 0; stats; settings; what) -> s (in,).
-SmoothFn = Callable[[torch.Tensor, InputStats, Settings, str], torch.Tensor]
+SmoothFn = Callable[["torch.Tensor", "InputStats", Settings, str], "torch.Tensor"]
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,8 @@ def _input(out: int, inp: int, s: Settings) -> tuple[int, ...]:
 def _pack_rows(t: torch.Tensor, s: Settings) -> torch.Tensor:
     if t.shape[0] % 2:
         raise PipelineError(f"int4 packing pairs output rows, but a rank holds {t.shape[0]} rows (odd)")
+    from pipeline.quantize.numerics import pack_int4_rows
+
     return pack_int4_rows(t)
 
 
@@ -140,6 +147,10 @@ def _gptq_weight(bits: int) -> Callable[[torch.Tensor, Settings], torch.Tensor]:
     dim, in the mixed-GEMM kernel's layout, viewed as a float16 container (in, out / 4) ((in, out / 2) for int8)."""
 
     def finalize(t: torch.Tensor, s: Settings) -> torch.Tensor:
+        import torch
+
+        from pipeline.quantize.numerics import pack_int4_cols
+
         q = t.t().contiguous()
         if q.shape[1] % (4 if bits == 4 else 2):
             raise PipelineError(f"GPTQ weights are stored as float16 containers of packed values: a rank's output "
@@ -176,16 +187,24 @@ scheme(Scheme("W4A16", (), stats="none"))
 
 # -- AWQ ---------------------------------------------------------------------------------------------------------
 def _awq_smooth(weight: torch.Tensor, stats: InputStats, s: Settings, what: str) -> torch.Tensor:
+    from pipeline.quantize.algorithms import awq_scales
+
     return awq_scales(weight, stats, s.group_size, s.awq_grid, s.dtype, what)
 
 
 def _awq_weights(parts, prequant, stats, s: Settings, what: str) -> dict[str, Any]:
+    from pipeline.quantize.numerics import symmetric_per_group
+
     scale_in = 1.0 / prequant.float()  # weights absorb what the activations lose: W' = W / prequant
     qs, scales = zip(*(symmetric_per_group(p * scale_in, 4, s.group_size, s.dtype, what) for p in parts))
     return {"weight": list(qs), "weights_scaling_factor": list(scales), "prequant_scaling_factor": prequant}
 
 
 def _w4a8_awq(parts, prequant, stats, s: Settings, what: str) -> dict[str, Any]:
+    import torch
+
+    from pipeline.quantize.numerics import FP8_MAX
+
     out = _awq_weights(parts, prequant, stats, s, what)
     scale_in = 1.0 / prequant.float()
     w_amax = max(float((p * scale_in).abs().max()) for p in parts)
@@ -205,6 +224,10 @@ scheme(Scheme("W4A8_AWQ", _AWQ_TENSORS + (QTensor("weights_scaling_factor_2", Ki
 # -- GPTQ --------------------------------------------------------------------------------------------------------
 def _gptq(bits: int):
     def quantize(parts, prequant, stats, s: Settings, what: str) -> dict[str, Any]:
+        import torch
+
+        from pipeline.quantize.algorithms import gptq_quantize
+
         whole = torch.cat(parts, dim=0)  # rows are independent; one pass over the fused weight shares H
         q, scale, zero = gptq_quantize(whole, stats, bits, s.group_size, s.gptq_damp, s.dtype, what)
         sizes = [p.shape[0] for p in parts]
@@ -227,10 +250,16 @@ scheme(Scheme("W8A16_GPTQ", _gptq_tensors(8), "hessian", _gptq(8), None, _GPTQ_C
 
 # -- SmoothQuant (ModelOpt int8_sq, non-plugin) ----------------------------------------------------------------------
 def _sq_smooth(weight: torch.Tensor, stats: InputStats, s: Settings, what: str) -> torch.Tensor:
+    from pipeline.quantize.algorithms import smoothquant_scales
+
     return smoothquant_scales(weight, stats, s.smoothquant_val)
 
 
 def _sq(parts, prequant, stats, s: Settings, what: str) -> dict[str, Any]:
+    import torch
+
+    from pipeline.quantize.numerics import INT8_MAX, symmetric_per_channel
+
     scale_in = 1.0 / prequant.float()
     qs, scales = zip(*(symmetric_per_channel(p * scale_in, 8, INT8_MAX) for p in parts))
     x_amax = float((stats.absmax * prequant.float()).max())
@@ -245,6 +274,10 @@ scheme(Scheme("W8A8_SQ_PER_CHANNEL",
 
 # -- FP8 per tensor ----------------------------------------------------------------------------------------------
 def _fp8(parts, prequant, stats, s: Settings, what: str) -> dict[str, Any]:
+    import torch
+
+    from pipeline.quantize.numerics import FP8_MAX, fp8_quantize
+
     w_scale = max(float(p.abs().max()) for p in parts) / FP8_MAX  # one scale for fused q, k, v
     w_scale = torch.tensor([max(w_scale, 1e-12)])
     return {"weight": [fp8_quantize(p, w_scale) for p in parts], "weights_scaling_factor": w_scale,
@@ -253,6 +286,23 @@ def _fp8(parts, prequant, stats, s: Settings, what: str) -> dict[str, Any]:
 
 scheme(Scheme("FP8", (QTensor("weight", Kind.ROWS, "float8_e4m3fn", _full),
                       QTensor("weights_scaling_factor", Kind.SCALAR, "float32"), ACT_SCALE), "basic", _fp8))
+
+
+# quant_algo -> bits of the algorithms that take a GPTQ source's integers as they are
+KEEPS_SOURCE_INTEGERS = {"W4A16_GPTQ": 4, "W8A16_GPTQ": 8}
+
+
+def needs_statistics(quantization: Mapping[str, Any] | None, is_prequantized: Callable[[], bool] | None = None) -> str:
+    """'none', 'basic' or 'hessian': what the recipe's algorithms need from calibration. `is_prequantized` (asked
+    only when it matters) says whether the source holds GPTQ integers, which GPTQ algorithms take as they are."""
+    q = quantization or {}
+    if (q.get("quant_algo") in KEEPS_SOURCE_INTEGERS and not q.get("kv_cache_quant_algo")
+            and is_prequantized is not None and is_prequantized()):
+        return "none"
+    need = get_scheme(q["quant_algo"]).stats if q.get("quant_algo") else "none"
+    if q.get("kv_cache_quant_algo") and need == "none":
+        need = "basic"
+    return need
 
 
 # -- KV cache ------------------------------------------------------------------------------------------------------
@@ -270,6 +320,10 @@ def kv_cache_scale(kv_algo: str, qkv: InputStats, k_absmax: float, v_absmax: flo
     """The dequantization scale of one layer's KV cache: INT8 as TensorRT-LLM's converters compute it (the qkv
     output range / 127), FP8 as ModelOpt does (max of the k and v ranges / 448; ModelOpt then raises it to at least
     1.0, which we do not: the calibrated value uses the FP8 range fully)."""
+    import torch
+
+    from pipeline.quantize.numerics import FP8_MAX, INT8_MAX
+
     if kv_algo == "INT8":
         return torch.tensor([max(qkv.output_absmax, 1e-12) / INT8_MAX])
     if kv_algo == "FP8":

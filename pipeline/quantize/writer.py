@@ -15,14 +15,12 @@ import torch
 from pipeline.checkpoint.layout import PlannedTensor, Target
 from pipeline.convert.canonical import Canon
 from pipeline.errors import PipelineError
-from pipeline.quantize.schemes import KV_SCALE, Scheme, Settings, kv_cache_scale, quantized_linear, stats_key
+from pipeline.quantize.schemes import KEEPS_SOURCE_INTEGERS, KV_SCALE, Scheme, Settings, kv_cache_scale, quantized_linear, stats_key
 from pipeline.quantize.stats import StatsReader
 
 ReadParts = Callable[[tuple[Canon, ...], "int | None"], list[torch.Tensor]]
 # Integers, scales and zeros of pre-quantized source weights (GPTQ checkpoints), or None for float sources.
 ReadPrequantized = Callable[[tuple[Canon, ...], "int | None"], "list | None"]
-# quant_algo -> bits of the algorithms that take a GPTQ source's integers as they are
-KEEPS_SOURCE_INTEGERS = {"W4A16_GPTQ": 4, "W8A16_GPTQ": 8}
 
 
 def _local_module(module: str) -> tuple[str, str]:
@@ -119,18 +117,3 @@ class TargetQuantizer:
         prefix = f"transformer.layers.{layer}.attention"
         return kv_cache_scale(self.kv_algo, qkv, self.stats.scalar(layer, f"{prefix}.k_absmax"),
                               self.stats.scalar(layer, f"{prefix}.v_absmax"))
-
-
-def needs_statistics(quantization: Mapping[str, Any] | None, is_prequantized: Callable[[], bool] | None = None) -> str:
-    """'none', 'basic' or 'hessian': what the recipe's algorithms need from calibration. `is_prequantized` (asked
-    only when it matters) says whether the source holds GPTQ integers, which GPTQ algorithms take as they are."""
-    from pipeline.quantize.schemes import get_scheme
-
-    q = quantization or {}
-    if (q.get("quant_algo") in KEEPS_SOURCE_INTEGERS and not q.get("kv_cache_quant_algo")
-            and is_prequantized is not None and is_prequantized()):
-        return "none"
-    need = get_scheme(q["quant_algo"]).stats if q.get("quant_algo") else "none"
-    if q.get("kv_cache_quant_algo") and need == "none":
-        need = "basic"
-    return need

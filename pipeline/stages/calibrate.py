@@ -12,8 +12,7 @@ from typing import Any
 from pipeline.convert.sources import open_source
 from pipeline.convert.sources.locate import resolve_model_path
 from pipeline.executor import StageContext, stage
-from pipeline.quantize.calibrate import calibrate, calibration_texts
-from pipeline.quantize.writer import needs_statistics
+from pipeline.quantize.schemes import needs_statistics
 from pipeline.stages.convert import source_fingerprint
 
 STAGE_VERSION = 1
@@ -28,12 +27,16 @@ def calibration_view(config: dict[str, Any]) -> dict[str, Any]:
 
 def calibrate_preflight(cfg: dict[str, Any], facts: dict[str, Any]) -> None:
     """The calibration set exists and has text in its field, before any stage starts."""
+    from pipeline.quantize.calibrate import calibration_texts  # torch: imported only when there is work
+
     calibration_texts(cfg["calibration"])
 
 
 @stage("calibrate", version=STAGE_VERSION, reads=("model", "quantization"), view=calibration_view,
        fingerprint=source_fingerprint, unkeyed=("model.path", "model.package"), preflight=calibrate_preflight)
 def calibrate_stage(ctx: StageContext) -> dict[str, Any]:
+    from pipeline.quantize.calibrate import calibrate
+
     cfg = ctx.config
     model = cfg["model"]
     source = open_source(model["source"], resolve_model_path(model["path"], model["package"]))

@@ -7,7 +7,7 @@ import resource
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.convert.sources import open_source
+from pipeline.convert.sources import open_source, source_is_quantized
 from pipeline.convert.sources import source_fingerprint as _fingerprint
 from pipeline.convert.sources.locate import resolve_model_path
 from pipeline.executor import Estimate, StageContext, stage
@@ -64,22 +64,20 @@ def convert_view(config: dict[str, Any]) -> dict[str, Any]:
 def needs_calibration(config: dict[str, Any]) -> bool:
     q = config.get("quantization") or {}
     if not q.get("quant_algo") and not q.get("kv_cache_quant_algo"):
-        return False  # nothing to calibrate (decided without importing the quantizers)
-    from pipeline.quantize.writer import needs_statistics
+        return False  # nothing to calibrate
+    from pipeline.quantize.schemes import needs_statistics
 
-    need = needs_statistics(config.get("quantization"), lambda: source_is_prequantized(config["model"]))
+    need = needs_statistics(q, lambda: source_is_prequantized(config["model"]))
     # A quantized TensorRT-LLM checkpoint keeps its stored scales (a different algorithm is refused by convert).
-    return need != "none" and not _source_has(config["model"], "quantized")
+    model = config["model"]
+    return need != "none" and not source_is_quantized(model["source"],
+                                                      resolve_model_path(model["path"], model["package"]))
 
 
 def source_is_prequantized(model: dict[str, Any]) -> bool:
-    return _source_has(model, "prequantized")
-
-
-def _source_has(model: dict[str, Any], attribute: str) -> bool:
     source = open_source(model["source"], resolve_model_path(model["path"], model["package"]))
     try:
-        return bool(getattr(source, attribute, False))
+        return bool(getattr(source, "prequantized", False))
     finally:
         source.close()
 

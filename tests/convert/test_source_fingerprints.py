@@ -204,3 +204,16 @@ def test_hf_fingerprint_of_a_broken_checkpoint_gives_the_sources_error(tmp_path)
         source_fingerprint("hf", tmp_path)
     with pytest.raises(PipelineError, match="is not a directory"):
         source_fingerprint("hf", tmp_path / "config.json")
+
+
+def test_only_kinds_that_can_hold_quantized_weights_are_asked():
+    """`source_is_quantized` opens only the kinds listed in QUANTIZED_KINDS (the others answer False unopened):
+    the list must name every registered source class that has a `quantized` attribute, and only those."""
+    from pipeline.convert import sources
+
+    from pipeline.convert.sources import gguf, hf, jax, modelopt, trtllm  # noqa: F401
+    from pipeline.convert.sources import deepspeed, megatron, nemo  # noqa: F401 - each registers its kind
+
+    can_hold = sorted(kind for kind, cls in sources.SOURCES.items() if hasattr(cls, "quantized"))
+    assert can_hold == sorted(sources.QUANTIZED_KINDS)
+    assert sources.source_is_quantized("gguf", Path("/nonexistent.gguf")) is False  # not opened: no error

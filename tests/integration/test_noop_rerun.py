@@ -56,11 +56,17 @@ def rerun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
                           env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_cached_rerun_of_the_default_recipe_imports_no_tensor_library(smollm2_gguf, tmp_path):
+@pytest.mark.parametrize("quantization, planned", [
+    ("none", ["convert", "build", "reference", "evaluate"]),
+    ("w4a16_awq", ["calibrate", "convert", "build", "reference", "evaluate"]),
+    ("w8a8_sq_per_channel", ["calibrate", "convert", "build", "reference", "evaluate"]),
+    ("fp8", ["calibrate", "convert", "build", "reference", "evaluate"]),
+])
+def test_cached_rerun_imports_no_tensor_library(smollm2_gguf, tmp_path, quantization, planned):
     cache = tmp_path / "cache"
-    args = [f"cache_dir={cache}", "progress=false", f"hydra.run.dir={tmp_path / 'run'}"]
+    args = [f"cache_dir={cache}", "progress=false", f"hydra.run.dir={tmp_path / 'run'}", f"quantization={quantization}"]
     stages = populate_with_fake_artifacts(compose_recipe(args), cache)
-    assert stages == ["convert", "build", "reference", "evaluate"]
+    assert stages == planned
     done = rerun(args, tmp_path)
     assert done.returncode == 0, done.stderr
     for name in stages:

@@ -82,6 +82,22 @@ PATH_FINGERPRINTS = {
 }
 
 
+# Source kinds that can hold already-quantized weights (a `quantized` attribute: a TensorRT-LLM or ModelOpt
+# checkpoint keeps its stored scales). Other kinds are not opened to ask, so deciding whether a quantized recipe
+# needs calibration costs no tensor-library import.
+QUANTIZED_KINDS = ("modelopt", "trtllm")
+
+
+def source_is_quantized(kind: str, path: Path) -> bool:
+    if kind not in QUANTIZED_KINDS:
+        return False
+    source = open_source(kind, path)
+    try:
+        return bool(source.quantized)
+    finally:
+        source.close()
+
+
 # Path fingerprints computed in this process (several stages key on the same source), by kind, path and each
 # top-level file's size, mtime, ctime and inode (ctime moves on every write, even one that restores the mtime).
 _FINGERPRINTS: dict[tuple, dict[str, Any]] = {}
