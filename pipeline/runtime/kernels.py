@@ -5,7 +5,9 @@ reads fastest) and then computes x @ w.T (+ b). Measured on this project's 2-cor
 (`python benchmarks/decode_speed.py`, SmolLM2-135M fp32): torch's default F.linear goes through MKL, whose sgemv
 streams weights at ~16 GB/s there; numpy's OpenBLAS reaches ~38 GB/s at batch 1 but slows at batch 8 (it repacks the
 weight on every call); oneDNN with pre-packed weights is close to OpenBLAS at batch 1 and twice as fast at batch 8.
-So `auto` is `onednn` where torch has it, else `torch`. OpenBLAS's GEMV speed in isolation does not carry into the
+So `auto` is `onednn` where torch has it, else `torch`; for float32 engines it is `native` where the compiled kernels
+of pipeline.runtime.native load: their float32 GEMV streams weights faster than oneDNN at decode batch sizes and
+falls back to MKL's GEMM for prefill (see NativeKernel). OpenBLAS's GEMV speed in isolation does not carry into the
 engine: with `blas` as the kernel a SmolLM2 fp32 decode step took 265 ms against oneDNN's 51 (torch profile, same
 command), the time going to the torch (OpenMP) ops that follow each BLAS call, whose threads contend with
 OpenBLAS's own pool. Exporters (ONNX/TensorRT) use `torch`: the kernel is a
@@ -73,7 +75,42 @@ class OneDnnKernel(TorchKernel):
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, b, "none", [], "")
 
 
-KERNELS = {k.name: k for k in (TorchKernel, BlasKernel, OneDnnKernel)}
+class NativeFloatLinear:
+    """A float32 linear layer for the `native` kernel: the compiled GEMV (pipeline.runtime.native, its plain float32
+    format) for up to MAX_ROWS input rows, MKL's GEMM (F.linear) on the same weight for more (prefill)."""
+
+    MAX_ROWS = 8  # the compiled kernel reads the weights once per 8 rows
+
+    def __init__(self, weight: torch.Tensor, kernels):
+        self.weight, self.kernels = weight.contiguous(), kernels
+        self.ones = torch.ones(weight.shape[0], 1)  # the kernel's per-row scale: w * 1.0 is w exactly
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.weight.shape
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if x.numel() > self.MAX_ROWS * x.shape[-1]:
+            return F.linear(x, self.weight, bias)
+        return self.kernels.quant_linear(x, self.weight, 3, self.weight.shape[1], self.ones, None, bias, None, None, 0)
+
+
+class NativeKernel(OneDnnKernel):
+    """float32 weights: `NativeFloatLinear`, the compiled GEMV at decode batch sizes. Measured on SmolLM2-135M's 120
+    layer weights (2-core AMD EPYC, 2 threads, weight bytes / time): 25 GB/s against
+    oneDNN's packed GEMM's 18 GB/s at one row, on par at 8 rows. Other dtypes (and quantized weights) as `onednn`."""
+
+    name = "native"
+
+    def prepare(self, w):
+        if w.dtype != torch.float32:
+            return super().prepare(w)
+        from pipeline.runtime import native
+
+        return NativeFloatLinear(w, native.load())
+
+
+KERNELS = {k.name: k for k in (TorchKernel, BlasKernel, OneDnnKernel, NativeKernel)}
 
 
 def onednn_available() -> bool:
@@ -93,13 +130,24 @@ def onednn_supports(dtype: torch.dtype) -> bool:
     return True
 
 
+def native_available() -> bool:
+    from pipeline.runtime import native
+
+    return native.load() is not None
+
+
 def choose_kernel(name: str, dtype: torch.dtype) -> TorchKernel:
     if name == "auto":
         name = "onednn" if onednn_supports(dtype) else "torch"
+        if name == "onednn" and dtype == torch.float32 and native_available():
+            name = "native"
     if name not in KERNELS:
         raise ValueError(f"unknown linear kernel {name!r}; known: {sorted(KERNELS)}")
     if name == "blas" and dtype != torch.float32:
         raise ValueError("the blas kernel needs a float32 engine")
+    if name == "native" and not (onednn_supports(dtype) and native_available()):
+        raise ValueError("the native kernel needs oneDNN and the compiled kernels of pipeline.runtime.native, which "
+                         "are not available here; use kernel=auto")
     if name == "onednn" and not onednn_supports(dtype):
         raise ValueError(f"the onednn kernel cannot run {str(dtype).removeprefix('torch.')} on this CPU "
                          "(oneDNN's bfloat16 GEMM needs AVX-512 or AVX-NE-CONVERT); use kernel=torch or auto")
