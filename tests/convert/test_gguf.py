@@ -65,6 +65,7 @@ def test_transformers_loads_through_the_source_equal_plain_transformers_loads(sm
     try:
         tokenizer = source.tokenizer()
         model = source.transformers_model(torch.float32)
+        assert source.tokenizer() is tokenizer  # built once per opened source
     finally:
         source.close()
     assert gguf.GGUFReader is reader and gguf.get_tensor_name_map is names

@@ -169,6 +169,7 @@ class GGUFSource(SourceModel):
             raise PipelineError(f"model.path: GGUF file {path} does not exist")
         self.path = path
         self._gguf_py_reader = None  # gguf-py's parse of this file, shared by transformers' loads (_gguf_py_shared)
+        self._tokenizer = None  # built once per opened source (see tokenizer)
         # The header is read with struct (gguf_header), not gguf-py's reader, which builds a numpy view of every
         # vocabulary entry first (seconds for a 49k-token tokenizer); tensors are views of one file mapping.
         try:
@@ -271,10 +272,14 @@ class GGUFSource(SourceModel):
         return self._has_tokenizer
 
     def tokenizer(self):
+        """transformers' tokenizer from the file's vocabulary, built once per opened source (seconds for a 49k-token
+        vocabulary; a run's calibrate, convert and reference stages each ask, and only read it)."""
         from transformers import AutoTokenizer
 
-        with self._gguf_py_shared():
-            return AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
+        if self._tokenizer is None:
+            with self._gguf_py_shared():
+                self._tokenizer = AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
+        return self._tokenizer
 
     def transformers_model(self, dtype: torch.dtype):
         from transformers import AutoModelForCausalLM
@@ -310,3 +315,4 @@ class GGUFSource(SourceModel):
     def close(self) -> None:
         self._tensors = {}
         self._gguf_py_reader = None
+        self._tokenizer = None

@@ -1,0 +1,95 @@
+"""The CPU engine's linear kernels alone, on one decode step's worth of weights of the default model's shapes.
+
+    python benchmarks/linear_kernels.py [--threads 2] [--layers 30] [--steps 10]
+
+Per layer SmolLM2-135M multiplies by four weights, (960, 576) qkv, (576, 576) dense, (3072, 576) fc+gate and
+(576, 1536) proj; `--layers` distinct random sets of them (30: the model's, 106 MB of float32 at one byte per
+weight, so no run is served from the caches) are multiplied in turn, as a decode step does, with 1 and 8 activation
+rows. Kernels: oneDNN's packed float32 GEMM (the `onednn` kernel) and the compiled kernels of
+pipeline.runtime.native on float32 (the `native` kernel's GEMV), int8, int4 (groups of 64) and FP8 weights. Prints
+the milliseconds per step, the weight bytes streamed per second and each kernel's time relative to oneDNN float32 in
+the same command (the figures are machine-dependent; the ratios compare across machines).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
+FORMATS = {"f32": 3, "int8": 0, "int4": 1, "fp8": 2}  # the compiled kernel's storage formats
+
+
+def native_weights(fmt: str, layers: int):
+    import torch
+
+    from pipeline.runtime.quant_linear import pack_int4_blocks
+
+    out = []
+    for _ in range(layers):
+        for n, k in SHAPES:
+            q = torch.randint(-7, 8, (n, k), dtype=torch.int8)
+            w = {"f32": lambda: torch.randn(n, k), "int8": lambda: q, "int4": lambda: pack_int4_blocks(q),
+                 "fp8": lambda: torch.randn(n, k).to(torch.float8_e4m3fn).view(torch.uint8)}[fmt]()
+            groups = k // 64 if fmt == "int4" else 1
+            out.append((w.contiguous(), k, torch.rand(n, groups)))
+    return out
+
+
+def time_step(call, steps: int) -> float:
+    call()  # warm: pages resident
+    best = float("inf")
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--layers", type=int, default=30)
+    p.add_argument("--steps", type=int, default=10)
+    args = p.parse_args()
+    import torch
+
+    from pipeline.runtime import native
+
+    torch.set_num_threads(args.threads)
+    kernels = native.load()
+    if kernels is None:
+        sys.exit("the compiled kernels of pipeline.runtime.native are not available here")
+    rows = {}
+    for batch in (1, 8):
+        xs = {k: torch.randn(batch, k) for k in {k for _, k in SHAPES}}
+        f32 = native_weights("f32", args.layers)
+        packed = [torch.ops.mkldnn._reorder_linear_weight(w, 16) for w, _, _ in f32]
+
+        def onednn():
+            for w, (_, k, _) in zip(packed, f32):
+                torch.ops.mkldnn._linear_pointwise(xs[k], w, None, "none", [], "")
+
+        rows[("onednn f32", batch)] = (time_step(onednn, args.steps), sum(w.numel() * 4 for w, _, _ in f32))
+        del packed
+        for fmt, code in FORMATS.items():
+            weights = f32 if fmt == "f32" else native_weights(fmt, args.layers)
+
+            def step(weights=weights, code=code):
+                for w, k, s in weights:
+                    kernels.quant_linear(xs[k], w, code, k, s, None, None, None, None, 0)
+
+            rows[(f"native {fmt}", batch)] = (time_step(step, args.steps),
+                                              sum(w.numel() * w.element_size() for w, _, _ in weights))
+    print(f"{'kernel':<12} {'batch':>5} {'ms/step':>8} {'GB/s':>6} {'vs onednn f32':>14}")
+    for (name, batch), (secs, nbytes) in rows.items():
+        base = rows[("onednn f32", batch)][0]
+        print(f"{name:<12} {batch:>5} {secs * 1e3:>8.2f} {nbytes / secs / 1e9:>6.1f} {secs / base:>13.2f}x")
+
+
+if __name__ == "__main__":
+    main()
