@@ -31,6 +31,8 @@ CONVERT_RSS_MODEL = {"default": (295.0, 2.5), "trtllm": (309.0, 3.4)}
 # Stages whose artifact is small next to the checkpoint (statistics, reports): a fixed allowance each (the reference
 # adds its stored distributions: reference_bytes).
 SMALL_ARTIFACT_BYTES = {"calibrate": 64 * MIB, "evaluate": 16 * MIB, "reference": 16 * MIB}
+
+
 def reference_bytes(config: dict[str, Any], vocab_size: int) -> int:
     """The reference artifact's size: its JSON allowance plus, with perplexity windows, the stored distributions
     (up to ppl_max_windows x (ppl_window - 1) positions)."""

@@ -28,14 +28,14 @@ if TYPE_CHECKING:  # numpy and torch are imported by the functions that compute:
 Z_95, Z_POWER_80 = 1.959964, 0.841621
 N_BOOTSTRAP = 2000
 TOPK = 64
+LOGPROB_RANGE = 32.0  # nats below a position's top log-prob that the full form resolves
+LOGPROB_STEPS = 65535
 
 
 def stored_bytes_per_position(form: str, vocab_size: int) -> int:
     """Bytes one window position takes in the reference's stored form: a uint16 per vocabulary entry (`full`), or
     TOPK float32 log-probs and TOPK int32 token ids (`topk`)."""
     return 2 * vocab_size if form == "full" else TOPK * 8
-LOGPROB_RANGE = 32.0  # nats below a position's top log-prob that the full form resolves
-LOGPROB_STEPS = 65535
 
 
 def paired_bootstrap(scores: list[float], baseline: list[float], n_boot: int = N_BOOTSTRAP,

@@ -15,7 +15,8 @@ import torch
 from pipeline.checkpoint.layout import PlannedTensor, Target
 from pipeline.convert.canonical import Canon
 from pipeline.errors import PipelineError
-from pipeline.quantize.schemes import KEEPS_SOURCE_INTEGERS, KV_SCALE, Scheme, Settings, kv_cache_scale, quantized_linear, stats_key
+from pipeline.quantize.schemes import (KEEPS_SOURCE_INTEGERS, KV_SCALE, Scheme, Settings, kv_cache_scale,
+                                       quantized_linear, stats_key)
 from pipeline.quantize.stats import StatsReader
 
 ReadParts = Callable[[tuple[Canon, ...], "int | None"], list[torch.Tensor]]

@@ -7,7 +7,7 @@ import resource
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.convert.sources import open_source, source_is_quantized
+from pipeline.convert.sources import open_source, source_is_prequantized, source_is_quantized
 from pipeline.convert.sources import source_fingerprint as _fingerprint
 from pipeline.convert.sources.locate import resolve_model_path
 from pipeline.executor import Estimate, StageContext, stage
@@ -67,19 +67,11 @@ def needs_calibration(config: dict[str, Any]) -> bool:
         return False  # nothing to calibrate
     from pipeline.quantize.schemes import needs_statistics
 
-    need = needs_statistics(q, lambda: source_is_prequantized(config["model"]))
-    # A quantized TensorRT-LLM checkpoint keeps its stored scales (a different algorithm is refused by convert).
     model = config["model"]
-    return need != "none" and not source_is_quantized(model["source"],
-                                                      resolve_model_path(model["path"], model["package"]))
-
-
-def source_is_prequantized(model: dict[str, Any]) -> bool:
-    source = open_source(model["source"], resolve_model_path(model["path"], model["package"]))
-    try:
-        return bool(getattr(source, "prequantized", False))
-    finally:
-        source.close()
+    path = resolve_model_path(model["path"], model["package"])
+    need = needs_statistics(q, lambda: source_is_prequantized(model["source"], path))
+    # A quantized TensorRT-LLM checkpoint keeps its stored scales (a different algorithm is refused by convert).
+    return need != "none" and not source_is_quantized(model["source"], path)
 
 
 def mapping_args(m: dict[str, Any]) -> MappingArgs:

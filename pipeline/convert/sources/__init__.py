@@ -89,11 +89,19 @@ QUANTIZED_KINDS = ("modelopt", "trtllm")
 
 
 def source_is_quantized(kind: str, path: Path) -> bool:
-    if kind not in QUANTIZED_KINDS:
-        return False
+    """Whether the source holds quantized weights it keeps (scales and all); kinds that cannot are not opened."""
+    return kind in QUANTIZED_KINDS and _source_has(kind, path, "quantized")
+
+
+def source_is_prequantized(kind: str, path: Path) -> bool:
+    """Whether the source holds GPTQ integers (any kind: the GPTQ view is chosen from the source's config)."""
+    return _source_has(kind, path, "prequantized")
+
+
+def _source_has(kind: str, path: Path, attribute: str) -> bool:
     source = open_source(kind, path)
     try:
-        return bool(source.quantized)
+        return bool(getattr(source, attribute, False))
     finally:
         source.close()
 
