@@ -41,6 +41,18 @@ class TorchKernel:
             return w(x, b)
         return F.linear(x, w, b)
 
+    def attention(self, layer, qkv: torch.Tensor, cos, sin, mask, cache, input_pos, kv_len: int) -> torch.Tensor:
+        """An attention layer's work between its two projections (`layer.attend`: RoPE, cache update, attention);
+        a kernel may compute a layer whose `plain` is true in its own way."""
+        return layer.attend(qkv, cos, sin, mask, cache, input_pos, kv_len)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """weight * x / sqrt(mean(x^2) + eps) over the last dim, computed in float32 (the reference; what the
+        exporters trace)."""
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * xf.to(x.dtype)
+
 
 class BlasKernel(TorchKernel):
     """float32 through numpy's BLAS (w stays (out, in); numpy passes the transpose flag to BLAS)."""
@@ -99,16 +111,36 @@ class NativeKernel(OneDnnKernel):
     """float32 weights: `NativeFloatLinear`, the compiled GEMV at decode batch sizes. `benchmarks/linear_kernels.py`
     (random weights of SmolLM2-135M's 120 linear shapes, 2-core AMD EPYC, 2 threads): 23-26 GB/s against oneDNN's
     packed GEMM's 17-19 GB/s at one row, 0.64-0.82x its time at 8 rows. Other dtypes (and quantized weights) as
-    `onednn`."""
+    `onednn`. float32 RMSNorms are one compiled call: torch's formula is seven ops, ~50 us for a decode step's 576
+    values on that machine (two norms per layer), the compiled call ~5 us. So is a plain layer's attention at decode
+    widths (RoPE, the cache write and causal attention; `attend` is about fifteen ops, ~190 us a layer at batch 1)."""
 
     name = "native"
+
+    @functools.cached_property
+    def kernels(self):
+        from pipeline.runtime import native
+
+        return native.load()
 
     def prepare(self, w):
         if w.dtype != torch.float32:
             return super().prepare(w)
-        from pipeline.runtime import native
+        return NativeFloatLinear(w, self.kernels)
 
-        return NativeFloatLinear(w, native.load())
+    def rms_norm(self, x, weight, eps):
+        if x.dtype != torch.float32 or weight.dtype != torch.float32:
+            return super().rms_norm(x, weight, eps)
+        return self.kernels.rms_norm(x, weight, eps)
+
+    MAX_FUSED_POSITIONS = 8  # query positions per sequence the fused attention takes (decode); more: SDPA
+
+    def attention(self, layer, qkv, cos, sin, mask, cache, input_pos, kv_len):
+        if not (layer.plain and qkv.dtype == torch.float32 and qkv.shape[1] <= self.MAX_FUSED_POSITIONS):
+            return super().attention(layer, qkv, cos, sin, mask, cache, input_pos, kv_len)
+        a = layer.args
+        return self.kernels.decode_attention(qkv, cos, sin, cache.k, cache.v, input_pos, kv_len, a.local_heads,
+                                             a.local_kv_heads, layer.scale)
 
 
 KERNELS = {k.name: k for k in (TorchKernel, BlasKernel, OneDnnKernel, NativeKernel)}

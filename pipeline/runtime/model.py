@@ -294,15 +294,15 @@ def apply_rope_gptj(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """Computed by the engine's kernel (TorchKernel.rms_norm is the formula; a compiled kernel may fuse it)."""
+
+    def __init__(self, dim: int, eps: float, kernel: TorchKernel | None = None):
         super().__init__()
-        self.eps = eps
+        self.eps, self.kernel = eps, kernel or TorchKernel()
         self.weight = nn.Parameter(torch.empty(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.kernel.rms_norm(x, self.weight, self.eps)
 
 
 class LayerNorm(nn.Module):
@@ -316,10 +316,10 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
 
 
-def make_norm(args: "ModelArgs") -> nn.Module:
+def make_norm(args: "ModelArgs", kernel: TorchKernel | None = None) -> nn.Module:
     if args.norm_type == "layer":
         return LayerNorm(args.hidden_size, args.norm_eps, args.norm_bias)
-    return RMSNorm(args.hidden_size, args.norm_eps)
+    return RMSNorm(args.hidden_size, args.norm_eps, kernel)
 
 
 def _bias(enabled: bool, size: int) -> nn.Parameter | None:
@@ -341,15 +341,28 @@ class Attention(nn.Module):
         self.rope = apply_rope_gptj if args.rope_style == "gptj" else apply_rope
         # The KV cache's dequantization scale (TensorRT-LLM's kv_cache_scaling_factor), when it is quantized.
         self.kv_scale = nn.Parameter(torch.empty(1)) if args.kv_cache_quant else None
-        self.q_norm = RMSNorm(dh, args.norm_eps) if args.qk_norm else None
-        self.k_norm = RMSNorm(dh, args.norm_eps) if args.qk_norm else None
+        self.q_norm = RMSNorm(dh, args.norm_eps, linear) if args.qk_norm else None
+        self.k_norm = RMSNorm(dh, args.norm_eps, linear) if args.qk_norm else None
         self.scale = args.attn_scale or dh ** -0.5
+        # Full rotate-half RoPE, causal attention over an unquantized, unwindowed cache, nothing else (Llama, Qwen2,
+        # Mixtral, ...): the case a kernel may fuse (see TorchKernel.attention).
+        self.plain = (args.rotary_dim == dh and args.rope_style == "neox" and not (
+            args.qk_norm or args.clip_qkv or args.attn_softcap or args.alibi or args.sliding_window or args.kv_cache_quant))
 
     def forward(self, x, cos, sin, mask, cache: KVCache, input_pos, kv_len: int) -> torch.Tensor:
         # x: [B, T, H]; mask: [B, 1, T, kv_len] (True = visible), or with ALiBi an additive bias [B, heads, T, kv_len]
-        a = self.args
-        b, t, _ = x.shape
         qkv = self.linear(x, self.qkv_weight, self.qkv_bias)
+        y = self.linear.attention(self, qkv, cos, sin, mask, cache, input_pos, kv_len)
+        y = self.linear(y, self.dense_weight)
+        y = tp_all_reduce(y, self.d)
+        # Row-parallel bias is added after the reduction: every rank holds the full bias.
+        return y if self.dense_bias is None else y + self.dense_bias
+
+    def attend(self, qkv, cos, sin, mask, cache: KVCache, input_pos, kv_len: int) -> torch.Tensor:
+        """The fused projection's output [B, T, (heads + 2 kv_heads) * D] -> attention output [B, T, heads * D]:
+        RoPE, the cache update, attention."""
+        a = self.args
+        b, t, _ = qkv.shape
         if a.clip_qkv:  # fixed per model (MPT); elementwise, so each tp rank clamps its own columns
             qkv = qkv.clamp(-a.clip_qkv, a.clip_qkv)
         heads = qkv.view(b, t, a.local_heads + 2 * a.local_kv_heads, a.head_size).transpose(1, 2)  # [B, h, T, D]
@@ -366,10 +379,7 @@ class Attention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=self.scale,
                                                enable_gqa=a.local_heads != a.local_kv_heads)
-        y = self.linear(y.transpose(1, 2).reshape(b, t, a.local_heads * a.head_size), self.dense_weight)
-        y = tp_all_reduce(y, self.d)
-        # Row-parallel bias is added after the reduction: every rank holds the full bias.
-        return y if self.dense_bias is None else y + self.dense_bias
+        return y.transpose(1, 2).reshape(b, t, a.local_heads * a.head_size)
 
 
 class GatedMLP(nn.Module):
@@ -497,9 +507,9 @@ def make_mlp(args: ModelArgs, d: Dist, linear: TorchKernel) -> nn.Module:
 class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, d: Dist, linear: TorchKernel):
         super().__init__()
-        self.attn_norm = make_norm(args)
+        self.attn_norm = make_norm(args, linear)
         self.attn = Attention(args, d, linear)
-        self.mlp_norm = make_norm(args)
+        self.mlp_norm = make_norm(args, linear)
         self.mlp = make_mlp(args, d, linear)
 
     def forward(self, x, cos, sin, mask, cache, input_pos, kv_len):
@@ -520,8 +530,8 @@ class SandwichDecoderLayer(DecoderLayer):
 
     def __init__(self, args: ModelArgs, d: Dist, linear: TorchKernel):
         super().__init__(args, d, linear)
-        self.attn_post_norm = make_norm(args)
-        self.mlp_post_norm = make_norm(args)
+        self.attn_post_norm = make_norm(args, linear)
+        self.mlp_post_norm = make_norm(args, linear)
 
     def forward(self, x, cos, sin, mask, cache, input_pos, kv_len):
         h = x + self.attn_post_norm(self.attn(self.attn_norm(x), cos, sin, mask, cache, input_pos, kv_len))
@@ -533,9 +543,9 @@ class ParallelDecoderLayer(nn.Module):
 
     def __init__(self, args: ModelArgs, d: Dist, linear: TorchKernel):
         super().__init__()
-        self.attn_norm = make_norm(args)
+        self.attn_norm = make_norm(args, linear)
         self.attn = Attention(args, d, linear)
-        self.mlp_norm = make_norm(args) if args.residual == "parallel" else None
+        self.mlp_norm = make_norm(args, linear) if args.residual == "parallel" else None
         self.mlp = make_mlp(args, d, linear)
 
     def forward(self, x, cos, sin, mask, cache, input_pos, kv_len):
@@ -585,7 +595,7 @@ class EngineModel(nn.Module):
         self.args, self.d, self.linear = args, d, linear
         self.embed = Embedding(args, d, args.vocab_size) if d.is_first_stage else None
         self.pos_embed = Embedding(args, d, args.max_positions) if d.is_first_stage and args.max_positions else None
-        self.embed_norm = make_norm(args) if d.is_first_stage and args.embedding_norm else None
+        self.embed_norm = make_norm(args, linear) if d.is_first_stage and args.embedding_norm else None
         layer = {"sequential": DecoderLayer, "post_norm": PostNormDecoderLayer,
                  "sandwich": SandwichDecoderLayer}.get(args.residual, ParallelDecoderLayer)
         self.layers = nn.ModuleList(layer(args, d, linear) for _ in args.layers)
@@ -595,7 +605,7 @@ class EngineModel(nn.Module):
             self.register_buffer("alibi_slopes", alibi_slopes(args.num_heads, args.alibi_bias_max)[local] * args.alibi_scale,
                                  persistent=False)
         if d.is_last_stage:
-            self.final_norm = make_norm(args) if args.final_norm else nn.Identity()
+            self.final_norm = make_norm(args, linear) if args.final_norm else nn.Identity()
             self.lm_head = nn.Parameter(torch.empty(args.vocab_padded // args.tp_size, args.hidden_size))
             self.lm_head_bias = _bias(args.lm_head_bias, args.vocab_padded // args.tp_size)
         dtype = DTYPES[args.dtype]

@@ -20,8 +20,10 @@
 #include <c10/util/Float8_e4m3fn.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 namespace {
 
@@ -251,9 +253,152 @@ at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& weight, int64_
   return y.reshape(sizes);
 }
 
+
+// RMSNorm of float32 rows: w * (x * rsqrt(mean(x^2) + eps)), the engine's formula in its order of float operations
+// (each square and product rounded to float32; the module is built without FMA contraction). The squares are summed
+// in double and the sum rounded once: torch sums them in float32 in another order, so the two can differ in the last
+// bit of the mean (and then of the output), never more.
+at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat, "rms_norm: float32 expected");
+  const int64_t n = x_in.size(-1);
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == n, "rms_norm: weight of ", n, " values expected");
+  at::Tensor x = x_in.contiguous();
+  at::Tensor w = weight.contiguous();
+  at::Tensor y = at::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const float feps = static_cast<float>(eps);
+  const int64_t rows = n ? x.numel() / n : 0;
+  // One row is too little work to share between threads (a decode step's rows take a microsecond each).
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* xr = xp + r * n;
+      float* yr = yp + r * n;
+      double sum = 0.0;
+      for (int64_t j = 0; j < n; ++j) sum += static_cast<double>(xr[j] * xr[j]);
+      const float mean = static_cast<float>(sum) / static_cast<float>(n);
+      const float inv = 1.f / std::sqrt(mean + feps);
+      for (int64_t j = 0; j < n; ++j) yr[j] = wp[j] * (xr[j] * inv);
+    }
+  });
+  return y;
+}
+
+
+// Attention of a few query positions per sequence (decode steps) for the engine's plain layer: full rotate-half
+// (neox) RoPE on q and k, the KV cache written at each sequence's positions, causal attention over cache positions
+// [0, kv_len) with key position <= query position, grouped KV heads. One call does what the Python path does in
+// about fifteen ops (view, RoPE, two scatters, SDPA with its mask, the output transpose); the result is laid out as
+// the output projection reads it, [B, T, heads * D].
+//   qkv [B, T, (heads + 2 * kv_heads) * D] float32 (the fused projection's output); cos, sin [B, 1, T, D];
+//   k_cache, v_cache [rows >= B, kv_heads, S, D] float32 (rows may be a view); positions [B, T] int64 < S.
+// RoPE rounds as the Python path does (x * cos, rotated * sin, then their sum); scores, softmax and the weighted sum
+// of values accumulate in float32 in another order than SDPA's, so results agree to float32 rounding.
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), acc1);
+  }
+  float s = hsum(_mm256_add_ps(acc0, acc1));
+  for (; j < n; ++j) s += a[j] * b[j];
+  return s;
+}
+
+inline void rope(const float* x, const float* c, const float* sn, float* out, int64_t d) {
+  const int64_t half = d / 2;
+  for (int64_t j = 0; j < half; ++j) out[j] = x[j] * c[j] + (-x[j + half]) * sn[j];
+  for (int64_t j = half; j < d; ++j) out[j] = x[j] * c[j] + x[j - half] * sn[j];
+}
+
+at::Tensor decode_attention(const at::Tensor& qkv_in, const at::Tensor& cos_in, const at::Tensor& sin_in,
+                            at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& positions_in, int64_t kv_len,
+                            int64_t heads, int64_t kv_heads, double scale) {
+  TORCH_CHECK(qkv_in.dim() == 3 && qkv_in.scalar_type() == at::kFloat, "decode_attention: qkv [B, T, H] float32");
+  const int64_t b = qkv_in.size(0), t = qkv_in.size(1);
+  const int64_t d = qkv_in.size(2) / (heads + 2 * kv_heads);
+  TORCH_CHECK(heads % kv_heads == 0 && d * (heads + 2 * kv_heads) == qkv_in.size(2) && d % 2 == 0,
+              "decode_attention: qkv width");
+  TORCH_CHECK(k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat && k_cache.dim() == 4 &&
+              k_cache.sizes() == v_cache.sizes() && k_cache.size(0) >= b && k_cache.size(1) == kv_heads &&
+              k_cache.size(3) == d && k_cache.stride(3) == 1 && k_cache.stride(2) == d &&
+              v_cache.strides() == k_cache.strides(), "decode_attention: cache layout");
+  const int64_t slots = k_cache.size(2);
+  TORCH_CHECK(kv_len >= 1 && kv_len <= slots, "decode_attention: kv_len ", kv_len, " outside the cache's ", slots);
+  at::Tensor qkv = qkv_in.contiguous();
+  at::Tensor cs = cos_in.to(at::kFloat).contiguous(), sn = sin_in.to(at::kFloat).contiguous();
+  at::Tensor positions = positions_in.to(at::kLong).contiguous();
+  TORCH_CHECK(cs.numel() == b * t * d && sn.numel() == b * t * d && positions.numel() == b * t,
+              "decode_attention: cos/sin [B, 1, T, D] and positions [B, T] expected");
+  const float* q_all = qkv.data_ptr<float>();
+  const float* cp = cs.data_ptr<float>();
+  const float* sp = sn.data_ptr<float>();
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  float* kc = k_cache.data_ptr<float>();
+  float* vc = v_cache.data_ptr<float>();
+  const int64_t row_stride = k_cache.stride(0), head_stride = k_cache.stride(1);
+  const int64_t width = (heads + 2 * kv_heads) * d;
+  for (int64_t i = 0; i < b * t; ++i) {
+    TORCH_CHECK(pos[i] >= 0 && pos[i] < slots, "decode_attention: position ", pos[i], " outside the cache's ", slots);
+  }
+  // Keys and values first: a query sees the keys written in this same call at positions up to its own.
+  for (int64_t bi = 0; bi < b; ++bi) {
+    for (int64_t ti = 0; ti < t; ++ti) {
+      const int64_t r = bi * t + ti;
+      const float* src = q_all + r * width;
+      for (int64_t g = 0; g < kv_heads; ++g) {
+        const int64_t at_slot = bi * row_stride + g * head_stride + pos[r] * d;
+        rope(src + (heads + g) * d, cp + r * d, sp + r * d, kc + at_slot, d);
+        std::copy(src + (heads + kv_heads + g) * d, src + (heads + kv_heads + g + 1) * d, vc + at_slot);
+      }
+    }
+  }
+  at::Tensor y = at::empty({b, t, heads * d}, qkv.options());
+  float* yp = y.data_ptr<float>();
+  const int64_t group = heads / kv_heads;
+  const float fscale = static_cast<float>(scale);
+  at::parallel_for(0, b * heads, 1, [&](int64_t w0, int64_t w1) {
+    std::vector<float> q(d), scores(kv_len);
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t bi = w / heads, h = w % heads;
+      const float* keys = kc + bi * row_stride + (h / group) * head_stride;
+      const float* values = vc + bi * row_stride + (h / group) * head_stride;
+      for (int64_t ti = 0; ti < t; ++ti) {
+        const int64_t r = bi * t + ti;
+        rope(q_all + r * width + h * d, cp + r * d, sp + r * d, q.data(), d);
+        const int64_t visible = std::min(kv_len, pos[r] + 1);  // keys 0 .. position
+        float top = -INFINITY;
+        for (int64_t j = 0; j < visible; ++j) {
+          scores[j] = dot(q.data(), keys + j * d, d) * fscale;
+          top = std::max(top, scores[j]);
+        }
+        float total = 0.f;
+        for (int64_t j = 0; j < visible; ++j) {
+          scores[j] = std::exp(scores[j] - top);
+          total += scores[j];
+        }
+        float* out = yp + r * heads * d + h * d;
+        std::fill(out, out + d, 0.f);
+        for (int64_t j = 0; j < visible; ++j) {
+          const float p = scores[j];
+          const float* v = values + j * d;
+          for (int64_t e = 0; e < d; ++e) out[e] += p * v[e];
+        }
+        const float inv = 1.f / total;
+        for (int64_t e = 0; e < d; ++e) out[e] *= inv;
+      }
+    }
+  });
+  return y;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_linear", &quant_linear, "weight-only quantized linear (see quant_gemm.cpp)");
+  m.def("rms_norm", &rms_norm, "float32 RMSNorm of the last dim, times weight");
+  m.def("decode_attention", &decode_attention, "RoPE, KV-cache write and causal attention for a few positions");
   m.def("prepare_activations", &prepare_activations, "x * prequant, then INT8/FP8 fake quantization");
 }
