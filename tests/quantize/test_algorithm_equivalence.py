@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.quantize.algorithms import InputStats, _asymmetric_grid, awq_scales, gptq_quantize, output_error
+from pipeline.quantize.algorithms import (InputStats, _asymmetric_grid, awq_scales, factored_output_error, gptq_quantize,
+                                         hessian_factor, output_error)
 from pipeline.quantize.calibrate import _Accumulator
 from pipeline.quantize.numerics import group_view, symmetric_per_group
 
@@ -39,6 +40,27 @@ def _awq_reference(weight, stats, group_size, grid):
         if err < best_err:
             best, best_err = s, err
     return best
+
+
+def test_factored_error_equals_the_full_product():
+    """||dW L||^2 over the triangular blocks equals trace(dW H dW^T), for widths that do and do not split evenly."""
+    for cols, blocks in ((96, 8), (70, 8), (45, 1), (64, 3)):
+        _, stats = _stats(cols, seed=cols)
+        delta = torch.randn(33, cols, generator=torch.Generator().manual_seed(3)) * 1e-3
+        factor = hessian_factor(stats.hessian)
+        assert torch.equal(factor, factor.tril())
+        expected = output_error(delta, stats.hessian)
+        assert abs(factored_output_error(delta, factor, blocks) - expected) <= 1e-5 * expected
+
+
+def test_singular_hessian_has_no_factor():
+    _, stats = _stats(16)
+    h = stats.hessian.clone()
+    h[3], h[:, 3] = 0.0, 0.0  # a channel the calibration never activated
+    assert hessian_factor(h) is None
+    w = torch.randn(8, 16, generator=torch.Generator().manual_seed(1)) * 0.05
+    dead = InputStats(absmax=stats.absmax, absmean=stats.absmean, hessian=h, tokens=stats.tokens)
+    assert awq_scales(w, dead, 8, 10, torch.float32, "w").shape == (16,)  # the full product decides instead
 
 
 def test_awq_search_equals_the_plain_loop():
