@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -40,16 +39,6 @@ def native_weights(fmt: str, layers: int):
     return out
 
 
-def time_step(call, steps: int) -> float:
-    call()  # warm: pages resident
-    best = float("inf")
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        call()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
@@ -57,6 +46,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     args = p.parse_args()
     import torch
+
+    from decode_speed import timed  # a warm-up call, then the best of `steps` (this script's folder is on sys.path)
 
     from pipeline.runtime import native
 
@@ -74,7 +65,7 @@ def main() -> None:
             for w, (_, k, _) in zip(packed, f32):
                 torch.ops.mkldnn._linear_pointwise(xs[k], w, None, "none", [], "")
 
-        rows[("onednn f32", batch)] = (time_step(onednn, args.steps), sum(w.numel() * 4 for w, _, _ in f32))
+        rows[("onednn f32", batch)] = (timed(onednn, args.steps), sum(w.numel() * 4 for w, _, _ in f32))
         del packed
         for fmt, code in FORMATS.items():
             weights = f32 if fmt == "f32" else native_weights(fmt, args.layers)
@@ -83,7 +74,7 @@ def main() -> None:
                 for w, k, s in weights:
                     kernels.quant_linear(xs[k], w, code, k, s, None, None, None, None, 0)
 
-            rows[(f"native {fmt}", batch)] = (time_step(step, args.steps),
+            rows[(f"native {fmt}", batch)] = (timed(step, args.steps),
                                               sum(w.numel() * w.element_size() for w, _, _ in weights))
     print(f"{'kernel':<12} {'batch':>5} {'ms/step':>8} {'GB/s':>6} {'vs onednn f32':>14}")
     for (name, batch), (secs, nbytes) in rows.items():

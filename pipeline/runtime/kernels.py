@@ -116,6 +116,7 @@ class NativeKernel(OneDnnKernel):
     widths (RoPE, the cache write and causal attention; `attend` is about fifteen ops, ~190 us a layer at batch 1)."""
 
     name = "native"
+    MAX_FUSED_POSITIONS = 8  # query positions per sequence the fused attention takes (decode); more: SDPA
 
     @functools.cached_property
     def kernels(self):
@@ -132,8 +133,6 @@ class NativeKernel(OneDnnKernel):
         if x.dtype != torch.float32 or weight.dtype != torch.float32:
             return super().rms_norm(x, weight, eps)
         return self.kernels.rms_norm(x, weight, eps)
-
-    MAX_FUSED_POSITIONS = 8  # query positions per sequence the fused attention takes (decode); more: SDPA
 
     def attention(self, layer, qkv, cos, sin, mask, cache, input_pos, kv_len):
         if not (layer.plain and qkv.dtype == torch.float32 and qkv.shape[1] <= self.MAX_FUSED_POSITIONS):
