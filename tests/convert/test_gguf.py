@@ -75,3 +75,80 @@ def test_transformers_loads_through_the_source_equal_plain_transformers_loads(sm
     plain = AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
     text = "Summarize: the quick brown fox jumps over the lazy dog. <|im_start|>user\nHi ünïcode 123"
     assert tokenizer.get_vocab() == plain.get_vocab() and tokenizer(text).input_ids == plain(text).input_ids
+
+
+def _tokenizer_gguf(path, arch: str, name: str) -> None:
+    """A one-block GGUF of `arch` whose vocabulary is byte-level BPE (gpt2 model: 256 bytes, a few merges and two
+    special tokens) or, for gemma3, sentencepiece (llama model: pieces with scores and token types)."""
+    import gguf
+    import numpy as np
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(name)
+    for add, value in ((writer.add_block_count, 1), (writer.add_embedding_length, 64), (writer.add_head_count, 4),
+                       (writer.add_feed_forward_length, 96), (writer.add_head_count_kv, 2),
+                       (writer.add_context_length, 128)):
+        add(value)
+    if arch == "gemma3":
+        pieces = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{b:02X}>" for b in range(256)] + ["▁", "h", "i", "▁hi", "▁the"]
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(pieces)
+        writer.add_token_scores([0.0] * 260 + [-1.0, -2.0, -3.0, -0.5, -0.25])
+        writer.add_token_types([3, 3, 3, 2] + [6] * 256 + [1] * 5)
+        writer.add_bos_token_id(2)
+        writer.add_eos_token_id(1)
+    else:
+        byte_tokens = list(bytes_to_unicode().values())
+        merges = ["Ġ t", "h e", "Ġt he", "i n"]
+        tokens = byte_tokens + [m.replace(" ", "") for m in merges] + ["<|endoftext|>", "<|im_start|>"]
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("qwen2" if arch == "qwen2" else "smollm")
+        writer.add_token_list(tokens)
+        writer.add_token_merges(merges)
+        writer.add_token_types([1] * (len(tokens) - 2) + [3, 3])
+        writer.add_bos_token_id(len(tokens) - 2)
+        writer.add_eos_token_id(len(tokens) - 2)
+    vocab = 265 if arch == "gemma3" else 262
+    writer.add_tensor("token_embd.weight", np.zeros((vocab, 64), dtype=np.float32))
+    writer.add_tensor("output_norm.weight", np.ones(64, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("arch, name", [("llama", "tiny-smol"), ("qwen2", "tiny-qwen"), ("gemma3", "tiny-gemma"),
+                                        ("llama", "Mistral-tiny")])
+def test_tokenizer_from_the_header_equals_transformers_own(tmp_path, arch, name):
+    """GGUFSource answers AutoTokenizer's config-only parse from its struct header (the model type and name that
+    pick the tokenizer class): the tokenizer is the one transformers builds on its own: same class, backend
+    (normalizer, pre-tokenizer, model, decoder, added tokens), settings and ids; gguf-py's parse is not run."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    path = tmp_path / f"{arch}.gguf"
+    _tokenizer_gguf(path, arch, name)
+    plain = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    parses = []
+    original = gguf.GGUFReader
+
+    class CountingReader(original):
+        def __init__(self, *args, **kwargs):
+            parses.append(args)
+            super().__init__(*args, **kwargs)
+
+    gguf.GGUFReader = CountingReader
+    source = open_source("gguf", path)
+    try:
+        got = source.tokenizer()
+    finally:
+        gguf.GGUFReader = original
+        source.close()
+    assert type(got) is type(plain)
+    assert got.backend_tokenizer.to_str() == plain.backend_tokenizer.to_str()
+    assert got.init_kwargs == plain.init_kwargs
+    text = " the hi <|im_start|>in the ünï"
+    assert got(text).input_ids == plain(text).input_ids
+    # a Mistral-named llama file keeps transformers' own parse (transformers renames its architecture)
+    assert len(parses) == (1 if "mistral" in name.lower() else 0)

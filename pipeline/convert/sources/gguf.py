@@ -277,9 +277,41 @@ class GGUFSource(SourceModel):
         from transformers import AutoTokenizer
 
         if self._tokenizer is None:
-            with self._gguf_py_shared():
+            with self._gguf_py_shared(), self._tokenizer_config_from_header():
                 self._tokenizer = AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
         return self._tokenizer
+
+    @contextlib.contextmanager
+    def _tokenizer_config_from_header(self):
+        """AutoTokenizer parses the whole file through gguf-py (~5 s for a 49k-token vocabulary) only to learn the
+        model type and name that pick the tokenizer class; the class then reads the vocabulary with transformers'
+        own fast metadata reader (`integrations.gguf.get_gguf_tokenizer`). Within this block that config-only parse
+        of this file is answered from the struct header: the model type transformers derives for our architectures
+        (gemma3 -> gemma3_text, as ours) and `general.name`. Transformers without that reader take the whole parse
+        from the same call, and a file named like Mistral (transformers renames its architecture), keep it too."""
+        try:
+            import transformers.modeling_gguf_pytorch_utils as loader
+            from transformers.integrations.gguf import get_gguf_tokenizer  # noqa: F401  (the fast vocabulary reader)
+        except ImportError:
+            yield
+            return
+        name = self._field("general.name")
+        if isinstance(name, str) and "mistral" in name.lower():
+            yield
+            return
+        original = loader.load_gguf_checkpoint
+        config = {"model_type": self._arch.hf_model_type, **({"_model_name_or_path": name} if name else {})}
+
+        def config_only(path, return_tensors=False, *args, **kwargs):
+            if return_tensors or args or kwargs or Path(path).resolve() != self.path.resolve():
+                return original(path, return_tensors, *args, **kwargs)
+            return {"config": dict(config)}
+
+        loader.load_gguf_checkpoint = config_only
+        try:
+            yield
+        finally:
+            loader.load_gguf_checkpoint = original
 
     def transformers_model(self, dtype: torch.dtype):
         from transformers import AutoModelForCausalLM
