@@ -152,3 +152,28 @@ def test_tokenizer_from_the_header_equals_transformers_own(tmp_path, arch, name)
     assert got(text).input_ids == plain(text).input_ids
     # a Mistral-named llama file keeps transformers' own parse (transformers renames its architecture)
     assert len(parses) == (1 if "mistral" in name.lower() else 0)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+def test_torch_dequantizers_equal_gguf_py_bit_for_bit(qtype):
+    """The whole-tensor torch dequantizers give gguf-py's values exactly, on random block bytes whose f16 scales
+    include subnormals, zeros, negatives, infinities and NaN (the bytes are arbitrary), in a 3-d and a 1-row shape."""
+    import gguf
+    import numpy as np
+    from gguf.quants import dequantize
+
+    from pipeline.convert.sources.gguf import GGUFTensor, TORCH_DEQUANTIZERS, dequantize_tensor
+
+    kind = gguf.GGMLQuantizationType[qtype]
+    block, size = gguf.GGML_QUANT_SIZES[kind]
+    rng = np.random.default_rng(0)
+    for rows in ((3, 5), (1,)):
+        raw = rng.integers(0, 256, size=(*rows, 7 * size), dtype=np.uint8)
+        scales = raw.reshape(-1, size)[:, :2].copy().view(np.float16)
+        scales[:6, 0] = [0.0, -0.0, 6e-8, -np.inf, np.nan, 65504.0]  # rows of blocks: specials in the first ones
+        raw.reshape(-1, size)[:, :2] = scales.view(np.uint8)
+        with np.errstate(invalid="ignore"):  # inf * 0 in the reference
+            want = dequantize(raw, kind)
+        got = dequantize_tensor(GGUFTensor("t", kind, (7 * block, *reversed(rows)), raw))
+        assert qtype in TORCH_DEQUANTIZERS and got.dtype == torch.float32
+        assert np.array_equal(got.reshape(want.shape).numpy(), want, equal_nan=True)

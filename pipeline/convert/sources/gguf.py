@@ -157,6 +157,54 @@ def _tensor_view(mapping: np.ndarray, header: GGUFHeader, info: GGUFTensorInfo) 
     return GGUFTensor(info.name, qtype, info.dims, data)
 
 
+def _blocks(raw: np.ndarray, type_size: int) -> torch.Tensor:
+    """The tensor's blocks as rows of bytes, copied out of the read-only file mapping (the quantized bytes are a
+    fraction of the float32 result)."""
+    return torch.from_numpy(np.array(raw, dtype=np.uint8).reshape(-1, type_size))
+
+
+def _f16(blocks: torch.Tensor, at: int) -> torch.Tensor:
+    return blocks[:, at:at + 2].contiguous().view(torch.float16).float()
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """A block's 4-bit values: the low nibbles of its bytes first, then the high ones (ggml's order)."""
+    return torch.cat([qs & 0x0F, qs >> 4], dim=1)
+
+
+def _q4_0(raw: np.ndarray) -> torch.Tensor:  # d (f16), 16 bytes: w = d * (q - 8)
+    b = _blocks(raw, 18)
+    return (_nibbles(b[:, 2:]).to(torch.int8) - 8).float().mul_(_f16(b, 0))
+
+
+def _q4_1(raw: np.ndarray) -> torch.Tensor:  # d, m (f16), 16 bytes: w = d * q + m
+    b = _blocks(raw, 20)
+    return (_f16(b, 0) * _nibbles(b[:, 4:]).float()).add_(_f16(b, 2))
+
+
+def _q8_0(raw: np.ndarray) -> torch.Tensor:  # d (f16), 32 int8: w = q * d
+    b = _blocks(raw, 34)
+    return b[:, 2:].contiguous().view(torch.int8).float().mul_(_f16(b, 0))
+
+
+# The common llama.cpp types dequantized in torch over the whole tensor at once: the same float32 operations, in the
+# same order, as gguf-py's numpy code (bit for bit), about 3x faster than its 16-row groups. Other types use gguf-py.
+TORCH_DEQUANTIZERS = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q8_0": _q8_0}
+
+
+def dequantize_tensor(t: GGUFTensor) -> torch.Tensor:
+    """float32 values of one GGUF tensor, flat or in the file's (numpy) shape."""
+    fast = TORCH_DEQUANTIZERS.get(t.tensor_type.name)
+    if fast is not None:
+        return fast(t.data)
+    from gguf.quants import dequantize
+
+    data = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+    if not data.flags.writeable:  # unquantized types come back as views of the read-only file mapping
+        data = data.copy()
+    return torch.from_numpy(data)
+
+
 # Unquantized GGML types and their numpy element types (the rest are presented as bytes, as gguf-py does).
 _PLAIN_TYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8, "I16": np.int16,
                 "I32": np.int32, "I64": np.int64}
@@ -245,16 +293,11 @@ class GGUFSource(SourceModel):
         return tuple(int(d) for d in reversed(self._tensors[name].shape))
 
     def read(self, name: str) -> torch.Tensor:
-        from gguf.quants import dequantize
-
         t = self._tensors[name]
         try:
-            data = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+            w = dequantize_tensor(t).reshape(self.shape(name))
         except Exception as e:
             raise PipelineError(f"cannot dequantize {self.where(name)} ({t.tensor_type.name}): {e}") from None
-        if not data.flags.writeable:  # unquantized types come back as views of the read-only file mapping
-            data = data.copy()
-        w = torch.from_numpy(data).reshape(self.shape(name))
         if self._arch.norm_offset and name.endswith("norm.weight"):
             w = w - self._arch.norm_offset
         if self._arch.permute_qk:
