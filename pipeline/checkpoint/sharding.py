@@ -95,7 +95,7 @@ def _pad_rows(t: torch.Tensor, tp: int) -> torch.Tensor:
         return t
     import torch  # the split rules are imported by key computations, which need no tensor library
 
-    return torch.cat([t, t.new_zeros((pad, *t.shape[1:]))], dim=0)
+    return concat([t, t.new_zeros((pad, *t.shape[1:]))], dim=0)
 
 
 def _duplicate_kv_heads(t: torch.Tensor, ctx: ShardContext) -> torch.Tensor:
@@ -116,7 +116,7 @@ def shard(parts: Sequence[torch.Tensor], split: Split, rank: int, ctx: ShardCont
         q, k, v = parts
         pieces = [_chunk(q, 0, rank, tp, what)]
         pieces += [_chunk(_duplicate_kv_heads(x, ctx), 0, rank, tp, what) for x in (k, v)]
-        return torch.cat(pieces, dim=0)
+        return concat(pieces, dim=0)
     if split is Split.EMBEDDING:
         if not ctx.use_parallel_embedding:
             split = Split.REPLICATE
@@ -140,11 +140,27 @@ def shard(parts: Sequence[torch.Tensor], split: Split, rank: int, ctx: ShardCont
         dim = 1 if split is Split.EXPERT_COLUMN else 2
         pieces = [_chunk(_chunk(p, 0, moe_ep_rank, ctx.moe_ep_size, what, "moe_ep_size"), dim, moe_tp_rank,
                          ctx.moe_tp_size, what, "moe_tp_size") for p in parts]
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+        return concat(pieces, dim=1)
     raise AssertionError(f"unhandled split kind {split}")
 
 
 def _fuse(pieces: list[torch.Tensor]) -> torch.Tensor:
+    return concat(pieces, dim=0)
+
+
+def concat(pieces: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
+    """torch.cat (a single piece is returned as is). Meta tensors of one dtype and matching shapes, which the layout
+    plan shards to learn every tensor's shape, get the result's shape directly: torch's meta `cat` is a Python
+    registration whose first call imports torch._dynamo, about 2 s of every convert's start."""
     import torch
 
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
+    if len(pieces) == 1:
+        return pieces[0]
+    first = pieces[0]
+    if all(p.is_meta and p.dtype == first.dtype and p.dim() == first.dim() for p in pieces) and first.dim():
+        d = dim % first.dim()
+        if all(p.shape[:d] == first.shape[:d] and p.shape[d + 1:] == first.shape[d + 1:] for p in pieces):
+            shape = list(first.shape)
+            shape[d] = sum(p.shape[d] for p in pieces)
+            return torch.empty(shape, dtype=first.dtype, device="meta")
+    return torch.cat(list(pieces), dim=dim)

@@ -85,6 +85,8 @@ def fake_quant_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def pack_int4_rows(q: torch.Tensor) -> torch.Tensor:
     """(out, in) int4 values -> (out / 2, in) int8: byte [r, k] = q[2r, k] in the low nibble, q[2r + 1, k] in the
     high nibble (ModelOpt's AWQ packing: pairs along the output dim)."""
+    if q.is_meta:
+        return _packed_meta((q.shape[0] // 2, *q.shape[1:]))
     lo, hi = q[0::2].to(torch.int16) & 0xF, q[1::2].to(torch.int16) & 0xF
     return ((hi << 4) | lo).to(torch.uint8).view(torch.int8)
 
@@ -98,8 +100,16 @@ def unpack_int4_rows(packed: torch.Tensor) -> torch.Tensor:
 
 def pack_int4_cols(q: torch.Tensor) -> torch.Tensor:
     """(rows, n) int4 values -> (rows, n / 2) int8, element 2k in the low nibble (pairs along the last dim)."""
+    if q.is_meta:
+        return _packed_meta((*q.shape[:-1], q.shape[-1] // 2))
     lo, hi = q[..., 0::2].to(torch.int16) & 0xF, q[..., 1::2].to(torch.int16) & 0xF
     return ((hi << 4) | lo).to(torch.uint8).view(torch.int8)
+
+
+def _packed_meta(shape: tuple[int, ...]) -> torch.Tensor:
+    """The packed tensor's shape alone, for the layout plan's meta tensors: torch's meta bitwise ops are Python
+    registrations whose first call imports torch._dynamo (about 2 s of a run's start)."""
+    return torch.empty(shape, dtype=torch.int8, device="meta")
 
 
 def unpack_int4_cols(packed: torch.Tensor) -> torch.Tensor:

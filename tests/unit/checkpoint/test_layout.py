@@ -41,3 +41,38 @@ def test_plan_places_embedding_first_and_head_last():
 def test_check_fits(kw, message):
     with pytest.raises(PipelineError, match=message):
         check_fits(config(**kw))
+
+
+@pytest.mark.parametrize("shapes, dim", [([(4, 3), (2, 3)], 0), ([(4, 3), (4, 5), (4, 1)], 1), ([(2, 3, 4)] * 2, -1),
+                                         ([(7,)], 0)])
+def test_meta_concat_has_torch_cat_shape(shapes, dim):
+    from pipeline.checkpoint.sharding import concat
+
+    cpu = [torch.zeros(s, dtype=torch.float16) for s in shapes]
+    meta = [torch.empty(s, dtype=torch.float16, device="meta") for s in shapes]
+    got, want = concat(meta, dim), torch.cat(cpu, dim=dim)
+    assert got.is_meta and got.shape == want.shape and got.dtype == want.dtype
+    assert torch.equal(concat(cpu, dim), want)
+
+
+def test_meta_concat_of_mismatched_shapes_is_torch_cats_error():
+    from pipeline.checkpoint.sharding import concat
+
+    with pytest.raises(RuntimeError):
+        concat([torch.empty(2, 3, device="meta"), torch.empty(2, 4, device="meta")], 0)
+
+
+def test_planning_every_scheme_leaves_torch_dynamo_unimported(smollm2_gguf):
+    """The plan shards meta tensors; torch's meta cat and bitwise ops would import torch._dynamo (~2 s per run)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys\n"
+            "from tests.recipes_util import compose_recipe\n"
+            "from pipeline.plan import convert_plan\n"
+            "for algo in ['none', 'w8a16', 'w4a16', 'w4a16_awq', 'w4a8_awq', 'w4a16_gptq', 'fp8', 'w8a8_sq_per_channel']:\n"
+            "    convert_plan(compose_recipe(['+experiment=smollm2_quant_ppl', 'quantization=' + algo]))\n"
+            "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo was imported'\n")
+    root = Path(__file__).resolve().parents[3]
+    subprocess.run([sys.executable, "-c", code], cwd=root, check=True, timeout=300)
