@@ -115,24 +115,22 @@ def gptq_quantize(weight: torch.Tensor, stats: InputStats, bits: int, group_size
     q_u = torch.empty(cols, rows, dtype=torch.float64)
     scale = torch.empty(groups, rows, dtype=torch.float64)
     zero = torch.empty(groups, rows, dtype=torch.float64)
+    columns = _gptq_columns_kernel()
     for start in range(0, cols, block):
         end = min(start + block, cols)
         wb = wt[start:end]  # updated in place; columns from `end` on get this block's errors in one GEMM below
         errs = torch.empty(end - start, rows, dtype=torch.float64)
-        hb = hinv[start:end, start:end]
-        for j in range(end - start):
-            col = start + j
-            g = col // group_size
-            if col % group_size == 0:
+        hb = hinv[start:end, start:end].contiguous()
+        # the block's columns in runs that share a group (a group's grid is chosen when its first column is reached)
+        a = start
+        while a < end:
+            g = a // group_size
+            b = min(end, (g + 1) * group_size)
+            if a % group_size == 0:
                 # the group's columns as they stand now: updated within this block, not yet beyond it
-                scale[g], zero[g] = _asymmetric_grid(wt[col:col + group_size].t(), umax, scale_dtype)
-            s, z = scale[g], zero[g]
-            x = wb[j]
-            qc = torch.clamp(torch.round(x / s) + z, 0, umax)
-            q_u[col] = qc
-            err = (x - (qc - z) * s) / hb[j, j]
-            wb[j + 1:] -= hb[j, j + 1:].unsqueeze(1) * err
-            errs[j] = err
+                scale[g], zero[g] = _asymmetric_grid(wt[a:a + group_size].t(), umax, scale_dtype)
+            columns(wb, hb, q_u[start:end], errs, scale[g], zero[g], a - start, b - start, umax)
+            a = b
         wt[end:] -= hinv[start:end, end:].t() @ errs
     q_u = q_u.t().to(torch.int16)
     scale, zero = scale.t(), zero.t()
@@ -141,6 +139,28 @@ def gptq_quantize(weight: torch.Tensor, stats: InputStats, bits: int, group_size
     # w ~ (q_u - z) * s = (q_u - offset) * s + (offset - z) * s
     zero_value = (offset - zero) * scale
     return q_signed, scale.float(), zero_value.float()
+
+
+def _gptq_columns_python(wb: torch.Tensor, hb: torch.Tensor, q: torch.Tensor, errs: torch.Tensor, s: torch.Tensor,
+                         z: torch.Tensor, j0: int, j1: int, umax: int) -> None:
+    """GPTQ's column loop over block columns [j0, j1) of one group (rows of wb): each column rounded on the group's
+    grid, its error divided by the inverse factor's diagonal and spread onto the block's later columns."""
+    for j in range(j0, j1):
+        x = wb[j]
+        qc = torch.clamp(torch.round(x / s) + z, 0, umax)
+        q[j] = qc
+        err = (x - (qc - z) * s) / hb[j, j]
+        wb[j + 1:] -= hb[j, j + 1:].unsqueeze(1) * err
+        errs[j] = err
+
+
+def _gptq_columns_kernel():
+    """The compiled column loop (pipeline.runtime.native's gptq_columns: the same float64 operations, bit for bit,
+    without ten torch calls per column) where the compiled kernels are available, else the Python loop."""
+    from pipeline.runtime.native import load
+
+    kernels = load()
+    return kernels.gptq_columns if kernels is not None else _gptq_columns_python
 
 
 def _asymmetric_grid(w: torch.Tensor, umax: int, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

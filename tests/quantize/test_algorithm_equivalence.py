@@ -107,3 +107,25 @@ def test_gptq_equals_the_column_by_column_reference():
         ref = _gptq_reference(w, stats, 4, group_size, 0.01, block)
         for a, b in zip(got, ref):
             assert torch.equal(a, b)
+
+
+def test_gptq_compiled_column_loop_equals_the_python_loop(monkeypatch):
+    """The compiled column loop computes the Python loop's float64 operations bit for bit: groups inside blocks,
+    groups straddling blocks and larger than a block, int4 and int8, every scale dtype, a ragged last block."""
+    import pytest
+
+    from pipeline.quantize import algorithms
+    from pipeline.runtime import native
+
+    if native.load() is None:
+        pytest.skip("the compiled kernels are not available here")
+    _, stats = _stats(192, seed=4)
+    w = torch.randn(37, 192, generator=torch.Generator().manual_seed(5)) * 0.05
+    for bits, group_size, block, dtype in ((4, 32, 64, torch.float16), (4, 48, 64, torch.bfloat16),
+                                           (8, 96, 64, torch.float32), (4, 64, 128, torch.float16)):
+        compiled = gptq_quantize(w, stats, bits, group_size, 0.01, dtype, "w", block=block)
+        with monkeypatch.context() as m:
+            m.setattr(algorithms, "_gptq_columns_kernel", lambda: algorithms._gptq_columns_python)
+            python = gptq_quantize(w, stats, bits, group_size, 0.01, dtype, "w", block=block)
+        for a, b in zip(compiled, python):
+            assert torch.equal(a, b)

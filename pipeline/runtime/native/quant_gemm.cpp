@@ -396,9 +396,52 @@ at::Tensor decode_attention(const at::Tensor& qkv_in, const at::Tensor& cos_in, 
 
 }  // namespace
 
+// GPTQ's column loop (the converter's pipeline.quantize.algorithms.gptq_quantize) over columns [j0, j1) of one block,
+// all in one group: in float64, operation for operation what the Python loop computes (no FMA contraction), once per
+// column instead of about ten torch calls. Column j of the block is row j of wb [block, rows]; it is rounded on the
+// group's grid (scale, zero [rows]), q[j] = clamp(round(x / scale) + zero, 0, umax) (half to even, as torch.round),
+// its error err[j] = (x - (q - zero) * scale) / h[j, j], and h[j, i] * err[j] is subtracted from each later column i
+// of the block. Rows are independent: the work is split over them.
+void gptq_columns(at::Tensor wb, const at::Tensor& hb, at::Tensor q, at::Tensor errs, const at::Tensor& scale,
+                  const at::Tensor& zero, int64_t j0, int64_t j1, int64_t umax) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&wb, &hb, &q, &errs, &scale, &zero})
+    TORCH_CHECK(t->scalar_type() == at::kDouble && t->is_contiguous(), "gptq_columns: contiguous float64 tensors");
+  const int64_t block = wb.size(0), rows = wb.size(1);
+  TORCH_CHECK(hb.size(0) == block && hb.size(1) == block && q.sizes() == wb.sizes() && errs.sizes() == wb.sizes() &&
+              scale.numel() == rows && zero.numel() == rows && 0 <= j0 && j0 <= j1 && j1 <= block,
+              "gptq_columns: mismatched shapes");
+  double* w = wb.data_ptr<double>();
+  const double* h = hb.data_ptr<double>();
+  double* qo = q.data_ptr<double>();
+  double* e = errs.data_ptr<double>();
+  const double* s = scale.data_ptr<double>();
+  const double* z = zero.data_ptr<double>();
+  const double top = static_cast<double>(umax);
+  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const double diag = h[j * block + j];
+      const double* x = w + j * rows;
+      double* qj = qo + j * rows;
+      double* ej = e + j * rows;
+      for (int64_t r = r0; r < r1; ++r) {
+        double v = std::nearbyint(x[r] / s[r]) + z[r];
+        if (!std::isnan(v)) v = std::min(std::max(v, 0.0), top);  // torch.clamp keeps NaN
+        qj[r] = v;
+        ej[r] = (x[r] - (v - z[r]) * s[r]) / diag;
+      }
+      for (int64_t i = j + 1; i < block; ++i) {
+        const double hv = h[j * block + i];
+        double* wi = w + i * rows;
+        for (int64_t r = r0; r < r1; ++r) wi[r] -= hv * ej[r];
+      }
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_linear", &quant_linear, "weight-only quantized linear (see quant_gemm.cpp)");
   m.def("rms_norm", &rms_norm, "float32 RMSNorm of the last dim, times weight");
   m.def("decode_attention", &decode_attention, "RoPE, KV-cache write and causal attention for a few positions");
   m.def("prepare_activations", &prepare_activations, "x * prequant, then INT8/FP8 fake quantization");
+  m.def("gptq_columns", &gptq_columns, "GPTQ's column loop over part of one block, in float64");
 }
