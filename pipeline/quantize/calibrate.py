@@ -37,6 +37,7 @@ STATS_KEYS = {"qkv_weight": "attention.qkv", "dense_weight": "attention.dense", 
               "fc_weight": "mlp.fc", "proj_weight": "mlp.proj"}
 
 
+TOKENIZE_BATCH = 256  # calibration texts per tokenizer call
 # Column blocks of the Hessian's lower triangle: (blocks + 1) / (2 blocks) of the full x^T x product's work.
 HESSIAN_BLOCKS = 4
 
@@ -127,10 +128,14 @@ def calibration_tokens(tokenizer, cfg: Mapping[str, Any]) -> torch.Tensor:
     texts = calibration_texts(cfg)
     random.Random(cfg.get("seed", 0)).shuffle(texts)
     sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    stream: list[int] = []
-    for t in texts:
-        stream += tokenizer(t, add_special_tokens=False)["input_ids"] + sep
     n, length = int(cfg["calib_size"]), int(cfg["calib_max_seq_length"])
+    stream: list[int] = []
+    # in batches (the fast tokenizer's threads), until the windows are filled: the stream's prefix is all they take
+    for start in range(0, len(texts), TOKENIZE_BATCH):
+        for ids in tokenizer(texts[start:start + TOKENIZE_BATCH], add_special_tokens=False)["input_ids"]:
+            stream += ids + sep
+        if len(stream) >= n * length:
+            break
     if len(stream) < n * length:
         raise PipelineError(f"quantization.calibration: the calibration text {path} has {len(stream)} tokens, fewer "
                             f"than calib_size x calib_max_seq_length = {n} x {length}; lower one of them or give a "

@@ -63,3 +63,26 @@ def test_calibration_text_field_is_checked(quant_model, tmp_path):
 
     with pytest.raises(PipelineError, match="no field 'body'"):
         calibration_tokens(AutoTokenizer.from_pretrained(quant_model), {**CALIBRATION, "text_field": "body"})
+
+
+@pytest.mark.parametrize("windows", [(4, 64), (2, 8)])
+def test_calibration_tokens_are_the_per_text_stream(quant_model, monkeypatch, windows):
+    """Tokenized in batches and stopped once the windows are filled: the windows are the first calib_size x
+    calib_max_seq_length tokens of the shuffled texts tokenized one at a time and joined by EOS."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from pipeline.quantize import calibrate
+
+    monkeypatch.setattr(calibrate, "TOKENIZE_BATCH", 3)  # several batches, and an early stop at the small window
+    tokenizer = AutoTokenizer.from_pretrained(quant_model)
+    n, length = windows
+    cfg = {**CALIBRATION, "calib_size": n, "calib_max_seq_length": length}
+    texts = calibrate.calibration_texts(cfg)
+    random.Random(cfg.get("seed", 0)).shuffle(texts)
+    stream = []
+    for text in texts:
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    want = torch.tensor(stream[: n * length]).view(n, length)
+    assert torch.equal(calibrate.calibration_tokens(tokenizer, cfg), want)
