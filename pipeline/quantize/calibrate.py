@@ -38,6 +38,7 @@ STATS_KEYS = {"qkv_weight": "attention.qkv", "dense_weight": "attention.dense", 
 
 
 TOKENIZE_BATCH = 256  # calibration texts per tokenizer call
+
 # Column blocks of the Hessian's lower triangle: (blocks + 1) / (2 blocks) of the full x^T x product's work.
 HESSIAN_BLOCKS = 4
 

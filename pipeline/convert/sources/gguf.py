@@ -315,7 +315,7 @@ class GGUFSource(SourceModel):
         return self._has_tokenizer
 
     def tokenizer(self):
-        """transformers' tokenizer from the file's vocabulary, built once per opened source (seconds for a 49k-token
+        """transformers' tokenizer from the file's vocabulary, built once per opened source (~3 s for a 49k-token
         vocabulary; a run's calibrate, convert and reference stages each ask, and only read it)."""
         from transformers import AutoTokenizer
 
@@ -364,11 +364,11 @@ class GGUFSource(SourceModel):
 
     @contextlib.contextmanager
     def _gguf_py_shared(self):
-        """transformers reads a GGUF file through gguf-py: a full parse for the tokenizer and two for the model
-        (config, then weights; ~5 s each for a 49k-token vocabulary, whose every entry becomes a numpy view), and
-        gguf-py's tensor-name table rebuilt for every submodule (~400 times, ~28 ms each). Within this block this
-        file's reader is parsed once per source and the name table built once per (architecture, blocks): both are
-        only read, so transformers builds the same tokenizer and model (the reference stays independent of this
+        """transformers reads a GGUF file through gguf-py: two full parses for the model (config, then weights; ~5 s
+        each for a 49k-token vocabulary, whose every entry becomes a numpy view) and one for the tokenizer where
+        `_tokenizer_config_from_header` cannot answer it, and gguf-py's tensor-name table rebuilt for every
+        submodule (~400 times, ~28 ms each). Within this block this file's reader is parsed once per source and the
+        name table built once per (architecture, blocks): both are only read, so transformers builds the same tokenizer and model (the reference stays independent of this
         package's own GGUF reader), in about half the time."""
         import gguf
 
