@@ -368,8 +368,9 @@ class GGUFSource(SourceModel):
         each for a 49k-token vocabulary, whose every entry becomes a numpy view) and one for the tokenizer where
         `_tokenizer_config_from_header` cannot answer it, and gguf-py's tensor-name table rebuilt for every
         submodule (~400 times, ~28 ms each). Within this block this file's reader is parsed once per source and the
-        name table built once per (architecture, blocks): both are only read, so transformers builds the same tokenizer and model (the reference stays independent of this
-        package's own GGUF reader), in about half the time."""
+        name table built once per (architecture, blocks): both are only read, so transformers builds the same
+        tokenizer and model (the reference stays independent of this package's own GGUF reader), in about half the
+        time."""
         import gguf
 
         original_reader, original_names = gguf.GGUFReader, gguf.get_tensor_name_map
