@@ -16,7 +16,8 @@ from pipeline.runtime.quant_linear import QuantLinear
 
 BITS = {"int8": 8, "int4": 4, "fp8": 0}
 # (out, in, groups): odd group counts (9 groups of 64), tp-split widths (288 = 576 / 2, 768 = 1536 / 2), widths not a
-# multiple of 8 or 32 (20, 40 in groups of 8, 48 in groups of 16), one group per row.
+# multiple of 8 or 32 (20, 40 in groups of 8, 48 in groups of 16), one group per row. Batches 1 and 2 of groups of whole
+# 32-value blocks run the kernel that scales each group's sum once (rows_kernel_factored), the others rows_kernel.
 SHAPES = [(13, 20, 1), (17, 40, 5), (5, 48, 3), (33, 288, 9), (96, 576, 9), (64, 768, 1), (31, 96, 3)]
 
 

@@ -1,8 +1,10 @@
 // Weight-only quantized GEMV / small GEMM for the CPU engine (AVX2 + FMA + F16C), float32 activations.
 //
 // y[m, n] = sum_k x'[m, k] * w[n, k] (+ bias[n]) with w[n, k] = q[n, k] * scale[n, g] (+ zero[n, g]), g = k / group:
-// each weight is dequantized exactly as the reference does (one float multiply, then one add; no fused rounding:
-// the module is built with -ffp-contract=off) and multiplied with float32 activations, accumulated in float32.
+// from three activation rows on, each weight is dequantized exactly as the reference does (one float multiply, then
+// one add; no fused rounding: the module is built with -ffp-contract=off) and multiplied with float32 activations,
+// accumulated in float32; at one or two rows (decode steps) the exact integer values are multiplied with x and each
+// group's sum is scaled once (rows_kernel_factored: the same sum in exact arithmetic, rounded in another order).
 // x' is x, optionally multiplied by `prequant` (AWQ/SmoothQuant factors) and fake-quantized per tensor with
 // `act_scale` (INT8: round half to even, clamp to [-128, 127]; FP8 e4m3: clamp to +-448, round to nearest even),
 // which is what the engine's Python path computes.
@@ -52,15 +54,16 @@ struct Int4Row {
   using T = uint8_t;
   const uint8_t* p;
   static constexpr float kUnit = 1.0f;
+  // Bytes 0-7 and 8-15 of the block, each widened to 32-bit lanes by the load itself (vpmovzxbd m64): the low
+  // nibbles are values 0-15, the high ones 16-31; the mask or shift leaves one nibble per lane.
   inline void decode(int64_t k, __m256 w[4]) const {
-    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + k / 2));
-    const __m128i mask = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
-    const __m128i lo = _mm_sub_epi8(_mm_and_si128(b, mask), eight);
-    const __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), mask), eight);
-    w[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
-    w[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)));
-    w[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
-    w[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
+    const __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + k / 2)));
+    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + k / 2 + 8)));
+    const __m256i mask = _mm256_set1_epi32(0x0F), eight = _mm256_set1_epi32(8);
+    w[0] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(a, mask), eight));
+    w[1] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(b, mask), eight));
+    w[2] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(a, 4), eight));
+    w[3] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(b, 4), eight));
   }
   inline float at(int64_t k) const {
     const int64_t j = k % kBlock;
@@ -106,6 +109,7 @@ struct Problem {
   const float* zero;   // (n, groups) or null
   const float* bias;   // (n,) or null
   float* y;            // (m, n)
+  const float* xsum;   // (m, groups) sums of x over each group, where zero is given (the factored kernel's zero term)
 };
 
 // Rows [n0, n1) of the output for activation rows [m0, m0 + B).
@@ -164,16 +168,79 @@ void rows_kernel(const Problem& P, const typename Row::T* base, int64_t stride, 
   }
 }
 
+// One or two activation rows (decode steps), groups of whole blocks: each group's scale multiplies the group's sum of
+// q * x once, and its zero multiplies the group's sum of x (precomputed per call): s * sum(q x) + z * sum(x) is the
+// reference's sum((q s + z) x) in exact arithmetic, rounded in another order like any change of summation order. At
+// one row the per-weight multiply of rows_kernel is a third of the work of a weight, which is what bounds it there;
+// from three rows on a decoded block serves enough rows that rows_kernel's dequantization costs little.
+template <int B, class Row>
+void rows_kernel_factored(const Problem& P, const typename Row::T* base, int64_t stride, int64_t m0, int64_t n0,
+                          int64_t n1) {
+  constexpr int kChains = B == 1 ? 4 : 2;
+  const float* x = P.x + m0 * P.k;
+  for (int64_t n = n0; n < n1; ++n) {
+    const Row row{base + n * stride};
+    const float* scale = P.scale + n * P.groups;
+    __m256 acc[B];
+    float zero_term[B];
+    _Pragma("GCC unroll 8")
+    for (int b = 0; b < B; ++b) {
+      acc[b] = _mm256_setzero_ps();
+      zero_term[b] = 0.f;
+    }
+    for (int64_t g = 0; g < P.groups; ++g) {
+      __m256 part[B][kChains];
+      _Pragma("GCC unroll 8")
+      for (int b = 0; b < B; ++b) {
+        _Pragma("GCC unroll 8")
+        for (int c = 0; c < kChains; ++c) part[b][c] = _mm256_setzero_ps();
+      }
+      for (int64_t k = g * P.group, k1 = k + P.group; k < k1; k += kBlock) {
+        __m256 w[4];
+        row.decode(k, w);
+        _Pragma("GCC unroll 8")
+        for (int c = 0; c < 4; ++c) {
+          _Pragma("GCC unroll 8")
+          for (int b = 0; b < B; ++b)
+            part[b][c % kChains] = _mm256_fmadd_ps(w[c], _mm256_loadu_ps(x + b * P.k + k + 8 * c), part[b][c % kChains]);
+        }
+      }
+      const __m256 vs = _mm256_set1_ps(scale[g] * Row::kUnit);
+      _Pragma("GCC unroll 8")
+      for (int b = 0; b < B; ++b) {
+        __m256 sum = part[b][0];
+        _Pragma("GCC unroll 8")
+        for (int c = 1; c < kChains; ++c) sum = _mm256_add_ps(sum, part[b][c]);
+        acc[b] = _mm256_fmadd_ps(sum, vs, acc[b]);
+      }
+      if (P.zero) {
+        const float z = P.zero[n * P.groups + g];
+        _Pragma("GCC unroll 8")
+        for (int b = 0; b < B; ++b) zero_term[b] += z * P.xsum[(m0 + b) * P.groups + g];
+      }
+    }
+    _Pragma("GCC unroll 8")
+    for (int b = 0; b < B; ++b) P.y[(m0 + b) * P.n + n] = hsum(acc[b]) + zero_term[b] + (P.bias ? P.bias[n] : 0.f);
+  }
+}
+
 template <class Row>
 void run(const Problem& P, const typename Row::T* w, int64_t stride) {
   // Enough rows per task that each thread streams a long contiguous stretch of weights.
   const int64_t grain = std::max<int64_t>(16, P.n / (4 * at::get_num_threads()));
+  const bool whole_blocks = P.group % kBlock == 0;
   for (int64_t m0 = 0; m0 < P.m; m0 += kMaxRows) {
     const int64_t mb = std::min<int64_t>(kMaxRows, P.m - m0);
     at::parallel_for(0, P.n, grain, [&](int64_t n0, int64_t n1) {
       switch (mb) {
-        case 1: rows_kernel<1, Row>(P, w, stride, m0, n0, n1); break;
-        case 2: rows_kernel<2, Row>(P, w, stride, m0, n0, n1); break;
+        case 1:
+          if (whole_blocks) rows_kernel_factored<1, Row>(P, w, stride, m0, n0, n1);
+          else rows_kernel<1, Row>(P, w, stride, m0, n0, n1);
+          break;
+        case 2:
+          if (whole_blocks) rows_kernel_factored<2, Row>(P, w, stride, m0, n0, n1);
+          else rows_kernel<2, Row>(P, w, stride, m0, n0, n1);
+          break;
         case 3: rows_kernel<3, Row>(P, w, stride, m0, n0, n1); break;
         case 4: rows_kernel<4, Row>(P, w, stride, m0, n0, n1); break;
         case 5: rows_kernel<5, Row>(P, w, stride, m0, n0, n1); break;
@@ -183,6 +250,19 @@ void run(const Problem& P, const typename Row::T* w, int64_t stride) {
       }
     });
   }
+}
+
+// Sums of x over each group of each row, for the factored kernel's zero term (float32, in k order).
+std::vector<float> group_sums(const float* x, int64_t m, int64_t k, int64_t group) {
+  const int64_t groups = k / group;
+  std::vector<float> sums(m * groups, 0.f);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t g = 0; g < groups; ++g) {
+      float s = 0.f;
+      for (int64_t j = g * group; j < (g + 1) * group; ++j) s += x[i * k + j];
+      sums[i * groups + g] = s;
+    }
+  return sums;
 }
 
 // x * prequant, then the activation fake quantization, as the engine's Python path computes them.
@@ -231,9 +311,12 @@ at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& weight, int64_
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_zero) TORCH_CHECK(zero->is_contiguous() && zero->sizes() == scale.sizes(), "quant_linear: zero shape");
   at::Tensor b = has_bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  Problem P{x.data_ptr<float>(), x.size(0), in_features, n, in_features / groups, groups, scale.data_ptr<float>(),
+  const int64_t group = in_features / groups;
+  const std::vector<float> xsum =
+      has_zero ? group_sums(x.data_ptr<float>(), x.size(0), in_features, group) : std::vector<float>();
+  Problem P{x.data_ptr<float>(), x.size(0), in_features, n, group, groups, scale.data_ptr<float>(),
             has_zero ? zero->data_ptr<float>() : nullptr, has_bias ? b.data_ptr<float>() : nullptr,
-            y.data_ptr<float>()};
+            y.data_ptr<float>(), has_zero ? xsum.data() : nullptr};
   const int64_t stride = weight.size(1);
   if (format == 0) {
     TORCH_CHECK(weight.scalar_type() == at::kChar && stride == in_features, "quant_linear: int8 weight layout");
