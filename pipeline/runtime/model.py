@@ -399,10 +399,10 @@ class GatedMLP(nn.Module):
         self.proj_bias = _bias(args.mlp_bias, h)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fc, gate = self.linear(x, self.fc_gate_weight, self.fc_gate_bias).chunk(2, dim=-1)
-        if self.linear_first:  # fixed per model (Phi-3: [up; gate], silu on the second half)
-            fc, gate = gate, fc
-        y = tp_all_reduce(self.linear(self.act(fc) * gate, self.proj_weight), self.d)
+        fused = self.linear(x, self.fc_gate_weight, self.fc_gate_bias)
+        # linear_first is fixed per model (Phi-3: [up; gate], the activation on the second half)
+        h = self.linear.gated_activation(fused, self.act, self.linear_first)
+        y = tp_all_reduce(self.linear(h, self.proj_weight), self.d)
         return y if self.proj_bias is None else y + self.proj_bias
 
 

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pipeline.quantize.engine_format import EngineQuant
 from pipeline.quantize.numerics import dequantize_groups, fake_quant_fp8, fake_quant_int8
 from pipeline.runtime import native
-from pipeline.runtime.kernels import OneDnnKernel, TorchKernel, choose_kernel
+from pipeline.runtime.kernels import NativeKernel, OneDnnKernel, TorchKernel, choose_kernel
 from pipeline.runtime.quant_linear import QuantLinear
 
 BITS = {"int8": 8, "int4": 4, "fp8": 0}
@@ -115,3 +116,25 @@ def test_a_build_killed_midway_does_not_block_the_next(kernels):
     (native.build_dir() / "lock").write_text("")
     assert native.build() is not None
     assert not (native.build_dir() / "lock").exists()
+
+
+@pytest.mark.parametrize("act_on_second", [False, True])
+def test_gated_silu_is_torchs_bits(kernels, act_on_second):
+    """The native kernel's silu(fc) * gate equals torch's chunk, F.silu and multiply bit for bit: rows of decode and
+    prefill widths, halves that are not a multiple of the vector run (19, 23, 1000), saturating and zero inputs."""
+    native_kernel, reference_kernel = NativeKernel(), TorchKernel()
+    g = torch.Generator().manual_seed(3)
+    for shape in [(1, 1, 3072), (8, 1, 3072), (3, 5, 38), (2, 46), (4, 7, 2000)]:
+        for magnitude in (1.0, 30.0):
+            fused = torch.randn(shape, generator=g) * magnitude
+            fused[..., :3] = torch.tensor([-100.0, 100.0, 0.0])
+            got = native_kernel.gated_activation(fused, F.silu, act_on_second)
+            want = reference_kernel.gated_activation(fused, F.silu, act_on_second)
+            assert torch.equal(got, want), (shape, magnitude, (got - want).abs().max().item())
+    # other activations and dtypes keep torch's ops
+    fused = torch.randn(2, 8, generator=g)
+    assert torch.equal(native_kernel.gated_activation(fused, F.gelu, act_on_second),
+                       reference_kernel.gated_activation(fused, F.gelu, act_on_second))
+    half = fused.to(torch.bfloat16)
+    assert torch.equal(native_kernel.gated_activation(half, F.silu, act_on_second),
+                       reference_kernel.gated_activation(half, F.silu, act_on_second))

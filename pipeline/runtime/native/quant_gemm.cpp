@@ -20,6 +20,13 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Float8_e4m3fn.h>
+// ATen's AVX2 vector type (and through it SLEEF's exp, which libtorch exports), so that silu computes what torch's
+// own AVX2 kernel computes.
+#ifndef CPU_CAPABILITY
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#endif
+#include <ATen/cpu/vec/vec.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -369,6 +376,48 @@ at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& weight, double eps
 }
 
 
+// silu(a) * b for a gated MLP, a and b the two halves of each row of the fused [fc; gate] projection's output
+// (`act_on_second`: silu of the second half, Phi-3's [up; gate] order); one call instead of torch's chunk, silu and
+// multiply, ~25 us a layer at batch 1. Bit-identical to F.silu(a) * b: torch's float32 silu is x / (1 + exp(-x)),
+// ATen's vectorized exp over runs of 16 values from the start of each row and std::exp for the rest of the row, and
+// this is the same code on the same values.
+at::Tensor silu_mul(const at::Tensor& fused_in, bool act_on_second) {
+  TORCH_CHECK(fused_in.scalar_type() == at::kFloat, "silu_mul: float32 expected");
+  const int64_t width = fused_in.size(-1);
+  TORCH_CHECK(width % 2 == 0, "silu_mul: the last dim holds two halves, got ", width);
+  const int64_t half = width / 2;
+  at::Tensor fused = fused_in.contiguous();
+  auto sizes = fused.sizes().vec();
+  sizes.back() = half;
+  at::Tensor y = at::empty(sizes, fused.options());
+  const int64_t rows = half ? y.numel() / half : 0;
+  const float* src = fused.data_ptr<float>();
+  float* dst = y.data_ptr<float>();
+  using Vec = at::vec::Vectorized<float>;
+  constexpr int64_t kRun = 2 * Vec::size();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(half, 1)), [&](int64_t r0, int64_t r1) {
+    const Vec one(1.f);
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* a = src + r * width + (act_on_second ? half : 0);
+      const float* b = src + r * width + (act_on_second ? 0 : half);
+      float* out = dst + r * half;
+      int64_t j = 0;
+      for (; j + kRun <= half; j += kRun) {
+        for (int64_t v = 0; v < kRun; v += Vec::size()) {
+          const Vec x = Vec::loadu(a + j + v);
+          ((x / (one + x.neg().exp())) * Vec::loadu(b + j + v)).store(out + j + v);
+        }
+      }
+      for (; j < half; ++j) {
+        const float silu = a[j] / (1.f + std::exp(-a[j]));
+        out[j] = silu * b[j];
+      }
+    }
+  });
+  return y;
+}
+
+
 // Attention of a few query positions per sequence (decode steps) for the engine's plain layer: full rotate-half
 // (neox) RoPE on q and k, the KV cache written at each sequence's positions, causal attention over cache positions
 // [0, kv_len) with key position <= query position, grouped KV heads. One call does what the Python path does in
@@ -523,6 +572,7 @@ void gptq_columns(at::Tensor wb, const at::Tensor& hb, at::Tensor q, at::Tensor 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_linear", &quant_linear, "weight-only quantized linear (see quant_gemm.cpp)");
+  m.def("silu_mul", &silu_mul, "silu of one half of each row times the other half (a gated MLP's activation)");
   m.def("rms_norm", &rms_norm, "float32 RMSNorm of the last dim, times weight");
   m.def("decode_attention", &decode_attention, "RoPE, KV-cache write and causal attention for a few positions");
   m.def("prepare_activations", &prepare_activations, "x * prequant, then INT8/FP8 fake quantization");
