@@ -122,8 +122,10 @@ struct Problem {
 // Rows [n0, n1) of the output for activation rows [m0, m0 + B).
 // The loops over activation rows and 8-value chunks are unrolled by pragma: GCC otherwise unrolls them after its
 // scalar replacement of the accumulator arrays, leaves the arrays on the stack and stores every accumulator on every
-// block (a store-to-load round trip in each FMA chain: half the speed at one row).
-template <int B, class Row>
+// block (a store-to-load round trip in each FMA chain: half the speed at one row). `kWholeBlocks` (every group a
+// whole number of 32-value blocks, as for groups of 64 or 128) compiles the kernel without the scalar tail: with the
+// tail's code in the group loop GCC moved all eight rows' accumulators to the stack and back at every group.
+template <int B, class Row, bool kWholeBlocks>
 void rows_kernel(const Problem& P, const typename Row::T* base, int64_t stride, int64_t m0, int64_t n0, int64_t n1) {
   // Independent accumulators per activation row (FMA latency), as many as the 16 vector registers allow.
   constexpr int kChains = B <= 2 ? 4 : B <= 4 ? 2 : 1;
@@ -144,7 +146,7 @@ void rows_kernel(const Problem& P, const typename Row::T* base, int64_t stride, 
       const float z = P.zero ? P.zero[n * P.groups + g] : 0.f;
       const __m256 vs = _mm256_set1_ps(s * Row::kUnit), vz = _mm256_set1_ps(z);
       int64_t k = k0;
-      if (k0 % kBlock == 0) {
+      if (kWholeBlocks || k0 % kBlock == 0) {
         for (; k + kBlock <= k1; k += kBlock) {
           __m256 w[4];
           row.decode(k, w);
@@ -158,11 +160,13 @@ void rows_kernel(const Problem& P, const typename Row::T* base, int64_t stride, 
           }
         }
       }
-      for (; k < k1; ++k) {
-        float w = row.at(k) * (s * Row::kUnit);
-        if (P.zero) w = w + z;
-        _Pragma("GCC unroll 8")
-        for (int b = 0; b < B; ++b) tail[b] += w * x[b * P.k + k];
+      if constexpr (!kWholeBlocks) {
+        for (; k < k1; ++k) {
+          float w = row.at(k) * (s * Row::kUnit);
+          if (P.zero) w = w + z;
+          _Pragma("GCC unroll 8")
+          for (int b = 0; b < B; ++b) tail[b] += w * x[b * P.k + k];
+        }
       }
     }
     _Pragma("GCC unroll 8")
@@ -231,6 +235,21 @@ void rows_kernel_factored(const Problem& P, const typename Row::T* base, int64_t
   }
 }
 
+// rows_kernel for `mb` (1 to 8) activation rows.
+template <class Row, bool kWholeBlocks>
+void rows(const Problem& P, const typename Row::T* w, int64_t stride, int64_t m0, int64_t n0, int64_t n1, int64_t mb) {
+  switch (mb) {
+    case 1: rows_kernel<1, Row, kWholeBlocks>(P, w, stride, m0, n0, n1); break;
+    case 2: rows_kernel<2, Row, kWholeBlocks>(P, w, stride, m0, n0, n1); break;
+    case 3: rows_kernel<3, Row, kWholeBlocks>(P, w, stride, m0, n0, n1); break;
+    case 4: rows_kernel<4, Row, kWholeBlocks>(P, w, stride, m0, n0, n1); break;
+    case 5: rows_kernel<5, Row, kWholeBlocks>(P, w, stride, m0, n0, n1); break;
+    case 6: rows_kernel<6, Row, kWholeBlocks>(P, w, stride, m0, n0, n1); break;
+    case 7: rows_kernel<7, Row, kWholeBlocks>(P, w, stride, m0, n0, n1); break;
+    default: rows_kernel<8, Row, kWholeBlocks>(P, w, stride, m0, n0, n1); break;
+  }
+}
+
 template <class Row>
 void run(const Problem& P, const typename Row::T* w, int64_t stride) {
   // Enough rows per task that each thread streams a long contiguous stretch of weights.
@@ -239,21 +258,14 @@ void run(const Problem& P, const typename Row::T* w, int64_t stride) {
   for (int64_t m0 = 0; m0 < P.m; m0 += kMaxRows) {
     const int64_t mb = std::min<int64_t>(kMaxRows, P.m - m0);
     at::parallel_for(0, P.n, grain, [&](int64_t n0, int64_t n1) {
-      switch (mb) {
-        case 1:
-          if (whole_blocks) rows_kernel_factored<1, Row>(P, w, stride, m0, n0, n1);
-          else rows_kernel<1, Row>(P, w, stride, m0, n0, n1);
-          break;
-        case 2:
-          if (whole_blocks) rows_kernel_factored<2, Row>(P, w, stride, m0, n0, n1);
-          else rows_kernel<2, Row>(P, w, stride, m0, n0, n1);
-          break;
-        case 3: rows_kernel<3, Row>(P, w, stride, m0, n0, n1); break;
-        case 4: rows_kernel<4, Row>(P, w, stride, m0, n0, n1); break;
-        case 5: rows_kernel<5, Row>(P, w, stride, m0, n0, n1); break;
-        case 6: rows_kernel<6, Row>(P, w, stride, m0, n0, n1); break;
-        case 7: rows_kernel<7, Row>(P, w, stride, m0, n0, n1); break;
-        default: rows_kernel<8, Row>(P, w, stride, m0, n0, n1); break;
+      if (whole_blocks) {
+        switch (mb) {
+          case 1: rows_kernel_factored<1, Row>(P, w, stride, m0, n0, n1); break;
+          case 2: rows_kernel_factored<2, Row>(P, w, stride, m0, n0, n1); break;
+          default: rows<Row, true>(P, w, stride, m0, n0, n1, mb); break;
+        }
+      } else {
+        rows<Row, false>(P, w, stride, m0, n0, n1, mb);
       }
     });
   }
