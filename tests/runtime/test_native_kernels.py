@@ -18,8 +18,9 @@ from pipeline.runtime.quant_linear import QuantLinear
 BITS = {"int8": 8, "int4": 4, "fp8": 0}
 # (out, in, groups): odd group counts (9 groups of 64), tp-split widths (288 = 576 / 2, 768 = 1536 / 2), widths not a
 # multiple of 8 or 32 (20, 40 in groups of 8, 48 in groups of 16), one group per row. Batches 1 and 2 of groups of whole
-# 32-value blocks run the kernel that scales each group's sum once (rows_kernel_factored), the others rows_kernel.
-SHAPES = [(13, 20, 1), (17, 40, 5), (5, 48, 3), (33, 288, 9), (96, 576, 9), (64, 768, 1), (31, 96, 3)]
+# 32-value blocks run the kernel that scales each group's sum once (rows_kernel_factored; groups of 64 and 128 have
+# their own instances), the others rows_kernel.
+SHAPES = [(13, 20, 1), (17, 40, 5), (5, 48, 3), (33, 288, 9), (96, 576, 9), (40, 384, 3), (64, 768, 1), (31, 96, 3)]
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +124,14 @@ def test_gated_silu_is_torchs_bits(kernels, act_on_second):
     """The native kernel's silu(fc) * gate equals torch's chunk, F.silu and multiply bit for bit: rows of decode and
     prefill widths, halves that are not a multiple of the vector run (19, 23, 1000), saturating and zero inputs."""
     native_kernel, reference_kernel = NativeKernel(), TorchKernel()
+    calls = []
+
+    class CountingKernels:  # the compiled module, counting the calls that reach silu_mul
+        def silu_mul(self, *args):
+            calls.append(args[0].shape)
+            return kernels.silu_mul(*args)
+
+    native_kernel.__dict__["kernels"] = CountingKernels()  # NativeKernel.kernels is a cached_property
     g = torch.Generator().manual_seed(3)
     for shape in [(1, 1, 3072), (8, 1, 3072), (3, 5, 38), (2, 46), (4, 7, 2000)]:
         for magnitude in (1.0, 30.0):
@@ -131,6 +140,7 @@ def test_gated_silu_is_torchs_bits(kernels, act_on_second):
             got = native_kernel.gated_activation(fused, F.silu, act_on_second)
             want = reference_kernel.gated_activation(fused, F.silu, act_on_second)
             assert torch.equal(got, want), (shape, magnitude, (got - want).abs().max().item())
+    assert len(calls) == 10  # every float32 silu above ran the compiled kernel
     # other activations and dtypes keep torch's ops
     fused = torch.randn(2, 8, generator=g)
     assert torch.equal(native_kernel.gated_activation(fused, F.gelu, act_on_second),
@@ -138,3 +148,4 @@ def test_gated_silu_is_torchs_bits(kernels, act_on_second):
     half = fused.to(torch.bfloat16)
     assert torch.equal(native_kernel.gated_activation(half, F.silu, act_on_second),
                        reference_kernel.gated_activation(half, F.silu, act_on_second))
+    assert len(calls) == 10

@@ -184,7 +184,9 @@ void rows_kernel(const Problem& P, const typename Row::T* base, int64_t stride, 
 // reference's sum((q s + z) x) in exact arithmetic, rounded in another order like any change of summation order. At
 // one row the per-weight multiply of rows_kernel is a third of the work of a weight, which is what bounds it there;
 // from three rows on a decoded block serves enough rows that rows_kernel's dequantization costs little.
-template <int B, class Row>
+// `kGroupBlocks` (2 or 4: groups of 64 or 128) fixes the blocks per group at compile time, so that the block loop
+// is unrolled into the group's; 0 reads it from the problem.
+template <int B, class Row, int kGroupBlocks>
 void rows_kernel_factored(const Problem& P, const typename Row::T* base, int64_t stride, int64_t m0, int64_t n0,
                           int64_t n1) {
   constexpr int kChains = B == 1 ? 4 : 2;
@@ -206,7 +208,10 @@ void rows_kernel_factored(const Problem& P, const typename Row::T* base, int64_t
         _Pragma("GCC unroll 8")
         for (int c = 0; c < kChains; ++c) part[b][c] = _mm256_setzero_ps();
       }
-      for (int64_t k = g * P.group, k1 = k + P.group; k < k1; k += kBlock) {
+      const int64_t blocks = kGroupBlocks ? kGroupBlocks : P.group / kBlock;
+      _Pragma("GCC unroll 4")
+      for (int64_t i = 0; i < blocks; ++i) {
+        const int64_t k = g * P.group + i * kBlock;
         __m256 w[4];
         row.decode(k, w);
         _Pragma("GCC unroll 8")
@@ -235,6 +240,16 @@ void rows_kernel_factored(const Problem& P, const typename Row::T* base, int64_t
   }
 }
 
+// rows_kernel_factored for this problem's group size.
+template <int B, class Row>
+void factored(const Problem& P, const typename Row::T* w, int64_t stride, int64_t m0, int64_t n0, int64_t n1) {
+  switch (P.group) {
+    case 2 * kBlock: rows_kernel_factored<B, Row, 2>(P, w, stride, m0, n0, n1); break;
+    case 4 * kBlock: rows_kernel_factored<B, Row, 4>(P, w, stride, m0, n0, n1); break;
+    default: rows_kernel_factored<B, Row, 0>(P, w, stride, m0, n0, n1); break;
+  }
+}
+
 // rows_kernel for `mb` (1 to 8) activation rows.
 template <class Row, bool kWholeBlocks>
 void rows(const Problem& P, const typename Row::T* w, int64_t stride, int64_t m0, int64_t n0, int64_t n1, int64_t mb) {
@@ -260,8 +275,8 @@ void run(const Problem& P, const typename Row::T* w, int64_t stride) {
     at::parallel_for(0, P.n, grain, [&](int64_t n0, int64_t n1) {
       if (whole_blocks) {
         switch (mb) {
-          case 1: rows_kernel_factored<1, Row>(P, w, stride, m0, n0, n1); break;
-          case 2: rows_kernel_factored<2, Row>(P, w, stride, m0, n0, n1); break;
+          case 1: factored<1, Row>(P, w, stride, m0, n0, n1); break;
+          case 2: factored<2, Row>(P, w, stride, m0, n0, n1); break;
           default: rows<Row, true>(P, w, stride, m0, n0, n1, mb); break;
         }
       } else {
