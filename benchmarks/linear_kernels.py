@@ -1,6 +1,6 @@
 """The CPU engine's linear kernels alone, on one decode step's worth of weights of the default model's shapes.
 
-    python benchmarks/linear_kernels.py [--threads 2] [--layers 30] [--steps 10]
+    python benchmarks/linear_kernels.py [--threads 2] [--layers 30] [--steps 10] [--before REV [--rounds 3]]
 
 Per layer SmolLM2-135M multiplies by four weights, (960, 576) qkv, (576, 576) dense, (3072, 576) fc+gate and
 (576, 1536) proj; `--layers` distinct random sets of them (30: the model's, 106 MB of float32 at one byte per
@@ -9,15 +9,24 @@ rows. Kernels: oneDNN's packed float32 GEMM (the `onednn` kernel) and the compil
 pipeline.runtime.native on float32 (the `native` kernel's GEMV), int8, int4 (groups of 64) and FP8 weights. Prints
 the milliseconds per step, the weight bytes streamed per second and each kernel's time relative to oneDNN float32 in
 the same command (the figures are machine-dependent; the ratios compare across machines).
+
+`--before REV` also builds the compiled kernels of another revision of this repository (its `quant_gemm.cpp`, with
+this tree's flags, under its own module name in a temporary directory) and times both modules' calls on the same
+weights in the same process, alternately for `--rounds` rounds (best of each), with int4 in groups of 64 with zeros
+(GPTQ's form) added; it prints the after/before time ratio per format and batch.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
 FORMATS = {"f32": 3, "int8": 0, "int4": 1, "fp8": 2}  # the compiled kernel's storage formats
@@ -39,11 +48,64 @@ def native_weights(fmt: str, layers: int):
     return out
 
 
+def zero_points(weights):
+    """The same weights with a float zero per group (int4 as GPTQ stores it)."""
+    import torch
+
+    return [(w, k, s, torch.rand(s.shape)) for w, k, s in weights]
+
+
+def kernels_of_revision(rev: str, into: Path):
+    """The compiled kernels of revision `rev` of this repository, built from its quant_gemm.cpp under their own name."""
+    from torch.utils import cpp_extension
+
+    from pipeline.runtime import native
+
+    shown = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:pipeline/runtime/native/quant_gemm.cpp"],
+                           capture_output=True)
+    if shown.returncode != 0:
+        sys.exit(f"--before {rev}: no pipeline/runtime/native/quant_gemm.cpp there ({shown.stderr.decode().strip()})")
+    source = into / "quant_gemm_before.cpp"
+    source.write_bytes(shown.stdout)
+    name = "quant_gemm_before_" + hashlib.sha256(shown.stdout).hexdigest()[:12]
+    print(f"building the compiled kernels of {rev} (about a minute)", file=sys.stderr)
+    return cpp_extension.load(name=name, sources=[str(source)], extra_cflags=list(native.CFLAGS),
+                              extra_ldflags=list(native.LDFLAGS), build_directory=str(into))
+
+
+def compare(before, after, args) -> None:
+    """Both modules' calls on the same weights, alternately, best of `rounds` x `steps` each; after/before ratios."""
+    import torch
+
+    from decode_speed import timed
+
+    print(f"{'format':<10} {'batch':>5} {'before ms':>10} {'after ms':>9} {'after/before':>13}")
+    for fmt in [*FORMATS, "int4+zero"]:
+        code = FORMATS["int4" if fmt == "int4+zero" else fmt]
+        weights = native_weights("int4" if fmt == "int4+zero" else fmt, args.layers)
+        weights = zero_points(weights) if fmt == "int4+zero" else [(w, k, s, None) for w, k, s in weights]
+        for batch in (1, 8):
+            xs = {k: torch.randn(batch, k) for k in {k for _, k in SHAPES}}
+
+            def step(module):
+                for w, k, s, z in weights:
+                    module.quant_linear(xs[k], w, code, k, s, z, None, None, None, 0)
+
+            best = {"before": float("inf"), "after": float("inf")}
+            for _ in range(args.rounds):
+                for label, module in (("before", before), ("after", after)):
+                    best[label] = min(best[label], timed(lambda: step(module), args.steps))
+            print(f"{fmt:<10} {batch:>5} {best['before'] * 1e3:>10.2f} {best['after'] * 1e3:>9.2f} "
+                  f"{best['after'] / best['before']:>12.2f}x", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--layers", type=int, default=30)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--before", metavar="REV", help="compare with the compiled kernels of this git revision")
+    p.add_argument("--rounds", type=int, default=3, help="alternations of before and after (with --before)")
     args = p.parse_args()
     import torch
 
@@ -55,6 +117,10 @@ def main() -> None:
     kernels = native.load()
     if kernels is None:
         sys.exit("the compiled kernels of pipeline.runtime.native are not available here")
+    if args.before:
+        with tempfile.TemporaryDirectory(prefix="linear_kernels_") as tmp:
+            compare(kernels_of_revision(args.before, Path(tmp)), kernels, args)
+        return
     rows = {}
     for batch in (1, 8):
         xs = {k: torch.randn(batch, k) for k in {k for _, k in SHAPES}}
