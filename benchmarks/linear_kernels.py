@@ -81,9 +81,9 @@ def compare(before, after, args) -> None:
 
     print(f"{'format':<10} {'batch':>5} {'before ms':>10} {'after ms':>9} {'after/before':>13}")
     for fmt in [*FORMATS, "int4+zero"]:
-        code = FORMATS["int4" if fmt == "int4+zero" else fmt]
-        weights = native_weights("int4" if fmt == "int4+zero" else fmt, args.layers)
-        weights = zero_points(weights) if fmt == "int4+zero" else [(w, k, s, None) for w, k, s in weights]
+        stored = fmt.removesuffix("+zero")
+        code, weights = FORMATS[stored], native_weights(stored, args.layers)
+        weights = zero_points(weights) if fmt != stored else [(w, k, s, None) for w, k, s in weights]
         for batch in (1, 8):
             xs = {k: torch.randn(batch, k) for k in {k for _, k in SHAPES}}
 

@@ -250,12 +250,19 @@ void factored(const Problem& P, const typename Row::T* w, int64_t stride, int64_
   }
 }
 
-// rows_kernel for `mb` (1 to 8) activation rows.
+// The kernel for `mb` (1 to 8) activation rows: rows_kernel_factored at one or two rows where groups are whole
+// blocks, rows_kernel otherwise.
 template <class Row, bool kWholeBlocks>
 void rows(const Problem& P, const typename Row::T* w, int64_t stride, int64_t m0, int64_t n0, int64_t n1, int64_t mb) {
   switch (mb) {
-    case 1: rows_kernel<1, Row, kWholeBlocks>(P, w, stride, m0, n0, n1); break;
-    case 2: rows_kernel<2, Row, kWholeBlocks>(P, w, stride, m0, n0, n1); break;
+    case 1:
+      if constexpr (kWholeBlocks) factored<1, Row>(P, w, stride, m0, n0, n1);
+      else rows_kernel<1, Row, false>(P, w, stride, m0, n0, n1);
+      break;
+    case 2:
+      if constexpr (kWholeBlocks) factored<2, Row>(P, w, stride, m0, n0, n1);
+      else rows_kernel<2, Row, false>(P, w, stride, m0, n0, n1);
+      break;
     case 3: rows_kernel<3, Row, kWholeBlocks>(P, w, stride, m0, n0, n1); break;
     case 4: rows_kernel<4, Row, kWholeBlocks>(P, w, stride, m0, n0, n1); break;
     case 5: rows_kernel<5, Row, kWholeBlocks>(P, w, stride, m0, n0, n1); break;
@@ -273,15 +280,8 @@ void run(const Problem& P, const typename Row::T* w, int64_t stride) {
   for (int64_t m0 = 0; m0 < P.m; m0 += kMaxRows) {
     const int64_t mb = std::min<int64_t>(kMaxRows, P.m - m0);
     at::parallel_for(0, P.n, grain, [&](int64_t n0, int64_t n1) {
-      if (whole_blocks) {
-        switch (mb) {
-          case 1: factored<1, Row>(P, w, stride, m0, n0, n1); break;
-          case 2: factored<2, Row>(P, w, stride, m0, n0, n1); break;
-          default: rows<Row, true>(P, w, stride, m0, n0, n1, mb); break;
-        }
-      } else {
-        rows<Row, false>(P, w, stride, m0, n0, n1, mb);
-      }
+      if (whole_blocks) rows<Row, true>(P, w, stride, m0, n0, n1, mb);
+      else rows<Row, false>(P, w, stride, m0, n0, n1, mb);
     });
   }
 }
