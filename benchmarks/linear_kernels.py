@@ -30,6 +30,10 @@ sys.path.insert(0, str(REPO))
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
 FORMATS = {"f32": 3, "int8": 0, "int4": 1, "fp8": 2}  # the compiled kernel's storage formats
+# --before's further forms of a call: (stored format, a zero per group, a pre-quant factor, activation quantization
+# 0 none / 1 INT8 / 2 FP8): GPTQ's zeros, AWQ's factor, W4A8's FP8 activations and SmoothQuant's INT8 activations
+FORMS = {"int4+zero": ("int4", True, False, 0), "int4+prequant": ("int4", False, True, 0),
+         "int4+fp8 act": ("int4", False, True, 2), "int8+int8 act": ("int8", False, False, 1)}
 
 
 def native_weights(fmt: str, layers: int):
@@ -46,13 +50,6 @@ def native_weights(fmt: str, layers: int):
             groups = k // 64 if fmt == "int4" else 1
             out.append((w.contiguous(), k, torch.rand(n, groups)))
     return out
-
-
-def zero_points(weights):
-    """The same weights with a float zero per group (int4 as GPTQ stores it)."""
-    import torch
-
-    return [(w, k, s, torch.rand(s.shape)) for w, k, s in weights]
 
 
 def kernels_of_revision(rev: str, into: Path):
@@ -79,23 +76,24 @@ def compare(before, after, args) -> None:
 
     from decode_speed import timed
 
-    print(f"{'format':<10} {'batch':>5} {'before ms':>10} {'after ms':>9} {'after/before':>13}")
-    for fmt in [*FORMATS, "int4+zero"]:
-        stored = fmt.removesuffix("+zero")
+    print(f"{'format':<14} {'batch':>5} {'before ms':>10} {'after ms':>9} {'after/before':>13}")
+    for fmt, (stored, zero, prequant, act_kind) in {**{f: (f, False, False, 0) for f in FORMATS}, **FORMS}.items():
         code, weights = FORMATS[stored], native_weights(stored, args.layers)
-        weights = zero_points(weights) if fmt != stored else [(w, k, s, None) for w, k, s in weights]
+        zeros = [torch.rand(s.shape) if zero else None for _, _, s in weights]
+        factors = {k: torch.rand(k) + 0.5 if prequant else None for _, k in SHAPES}
+        act_scale = torch.tensor([0.05]) if act_kind else None
         for batch in (1, 8):
             xs = {k: torch.randn(batch, k) for k in {k for _, k in SHAPES}}
 
             def step(module):
-                for w, k, s, z in weights:
-                    module.quant_linear(xs[k], w, code, k, s, z, None, None, None, 0)
+                for (w, k, s), z in zip(weights, zeros):
+                    module.quant_linear(xs[k], w, code, k, s, z, None, factors[k], act_scale, act_kind)
 
             best = {"before": float("inf"), "after": float("inf")}
             for _ in range(args.rounds):
                 for label, module in (("before", before), ("after", after)):
                     best[label] = min(best[label], timed(lambda: step(module), args.steps))
-            print(f"{fmt:<10} {batch:>5} {best['before'] * 1e3:>10.2f} {best['after'] * 1e3:>9.2f} "
+            print(f"{fmt:<14} {batch:>5} {best['before'] * 1e3:>10.2f} {best['after'] * 1e3:>9.2f} "
                   f"{best['after'] / best['before']:>12.2f}x", flush=True)
 
 

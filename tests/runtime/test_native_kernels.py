@@ -85,6 +85,46 @@ def test_fp8_decoding_covers_every_byte(kernels):
     assert torch.equal(got[:, 0], q.float()[0] * 0.75)
 
 
+def activation_cases(act: str, scale: float) -> torch.Tensor:
+    """Values whose quantization is easy to get wrong: exact ties between two neighbours of the grid and one float32
+    step either side of them, the clamp's edges, FP8's subnormal range and its lower edge, zeros and infinities (not
+    NaN: through the identity weights one NaN makes its whole row NaN), then random values over eight decades. `scale` is a power of two, so x / scale is exact and a tie stays a tie."""
+    if act == "fp8":
+        grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+        grid = grid[grid.isfinite()].unique()  # sorted, -448 .. 448
+        ties = (grid[1:] + grid[:-1]) / 2
+        edges = [448.0, 464.0, 480.0, 2.0**-6, 2.0**-9, 2.0**-10, 3 * 2.0**-11]
+    else:
+        ties = torch.arange(-130, 130) + 0.5
+        edges = [127.0, 127.5, 128.0, 128.5, 200.0]
+    special = torch.tensor(edges + [-e for e in edges] + [0.0, -0.0, float("inf"), -float("inf")])
+    near = torch.cat([ties, ties.nextafter(torch.tensor(float("inf"))), ties.nextafter(torch.tensor(-float("inf")))])
+    g = torch.Generator().manual_seed(3)
+    spread = torch.randn(20000, generator=g) * 10.0 ** torch.empty(20000).uniform_(-6, 2, generator=g)
+    return torch.cat([near, special]) * scale, spread * scale
+
+
+@pytest.mark.parametrize("act", ["int8", "fp8"])
+def test_activation_quantization_is_torchs_bits(kernels, act):
+    """The compiled activation quantization (8 values at a time, then one at a time for the rest of a row) equals
+    torch's, bit for bit: y = fake_quant(x * prequant) through identity int8 weights, rows of 203 values (25 vectors
+    and 3 more), one and two rows a call."""
+    k, scale = 203, 2.0**-4
+    cases, spread = activation_cases(act, scale)
+    x = torch.cat([cases, spread])
+    x = torch.cat([x, torch.zeros(-len(x) % k)]).reshape(-1, k)
+    prequant = torch.ones(k)
+    prequant[::2] = 1.5  # exact products: the edge cases stay edges in every second column
+    eye = EngineQuant(torch.eye(k, dtype=torch.int8), torch.ones(k, 1), 8, prequant=prequant,
+                      act_scale=torch.tensor([scale]))
+    linear = QuantLinear(eye, act, torch.float32, True, OneDnnKernel())
+    assert linear.mode == "native"
+    want = {"int8": fake_quant_int8, "fp8": fake_quant_fp8}[act](x * prequant, eye.act_scale)
+    for rows in (1, 2):
+        got = torch.cat([linear(x[i:i + rows]) for i in range(0, len(x), rows)])
+        assert torch.equal(got, want)
+
+
 def test_int4_padding_and_torch_kernel_stay_on_the_exact_path(kernels):
     w = quantized("int4", 3, 20, 1, False, None)
     assert QuantLinear(w, None, torch.float32, False, TorchKernel()).mode is None  # what the exporters run
