@@ -512,6 +512,85 @@ inline void rope(const float* x, const float* c, const float* sn, float* out, in
   for (int64_t j = half; j < d; ++j) out[j] = x[j] * c[j] + x[j - half] * sn[j];
 }
 
+// scores[j] = q . keys[j] * scale for `n` keys of `d` values: 8 keys at a time, their 8 dot products summed
+// together by one transposed reduction (a horizontal sum per key costs as much as its dot product at d = 64).
+inline void key_scores(const float* q, const float* keys, int64_t n, int64_t d, float scale, float* scores) {
+  const int64_t vec_d = d / 8 * 8;
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    __m256 acc[8];
+    for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t e = 0; e < vec_d; e += 8) {
+      const __m256 qe = _mm256_loadu_ps(q + e);
+      for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(qe, _mm256_loadu_ps(keys + (j + i) * d + e), acc[i]);
+    }
+    // [sum acc0, ..., sum acc7]: pairwise hadds within 128-bit lanes, then the two lanes added
+    const __m256 h01 = _mm256_hadd_ps(acc[0], acc[1]), h23 = _mm256_hadd_ps(acc[2], acc[3]);
+    const __m256 h45 = _mm256_hadd_ps(acc[4], acc[5]), h67 = _mm256_hadd_ps(acc[6], acc[7]);
+    const __m256 h0123 = _mm256_hadd_ps(h01, h23), h4567 = _mm256_hadd_ps(h45, h67);
+    __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(h0123, h4567, 0x20), _mm256_permute2f128_ps(h0123, h4567, 0x31));
+    if (vec_d < d) {
+      alignas(32) float tail[8];
+      for (int i = 0; i < 8; ++i) {
+        float t = 0.f;
+        for (int64_t e = vec_d; e < d; ++e) t += q[e] * keys[(j + i) * d + e];
+        tail[i] = t;
+      }
+      sums = _mm256_add_ps(sums, _mm256_load_ps(tail));
+    }
+    _mm256_storeu_ps(scores + j, _mm256_mul_ps(sums, _mm256_set1_ps(scale)));
+  }
+  for (; j < n; ++j) scores[j] = dot(q, keys + j * d, d) * scale;
+}
+
+// out[0, d) = sum over j < n of p[j] * values[j]: up to 64 output values held in registers across all keys.
+inline void weighted_values(const float* p, const float* values, int64_t n, int64_t d, float* out) {
+  int64_t e = 0;
+  for (; e + 64 <= d; e += 64) {
+    __m256 acc[8];
+    for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) {
+      const __m256 pj = _mm256_set1_ps(p[j]);
+      for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(values + j * d + e + 8 * i), acc[i]);
+    }
+    for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + e + 8 * i, acc[i]);
+  }
+  for (; e + 8 <= d; e += 8) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) acc = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(values + j * d + e), acc);
+    _mm256_storeu_ps(out + e, acc);
+  }
+  for (; e < d; ++e) {
+    float acc = 0.f;
+    for (int64_t j = 0; j < n; ++j) acc += p[j] * values[j * d + e];
+    out[e] = acc;
+  }
+}
+
+// scores[j] = exp(scores[j] - max) over n scores (ATen's vectorized exp, then std::exp for the rest); returns their sum.
+inline float softmax_numerators(float* scores, int64_t n) {
+  using Vec = at::vec::Vectorized<float>;
+  float top = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) top = std::max(top, scores[j]);
+  const Vec vtop(top);
+  Vec vsum(0.f);
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) {
+    const Vec x = (Vec::loadu(scores + j) - vtop).exp();
+    x.store(scores + j);
+    vsum = vsum + x;
+  }
+  alignas(32) float lanes[Vec::size()];
+  vsum.store(lanes);
+  float total = 0.f;
+  for (float v : lanes) total += v;
+  for (; j < n; ++j) {
+    scores[j] = std::exp(scores[j] - top);
+    total += scores[j];
+  }
+  return total;
+}
+
 at::Tensor decode_attention(const at::Tensor& qkv_in, const at::Tensor& cos_in, const at::Tensor& sin_in,
                             at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& positions_in, int64_t kv_len,
                             int64_t heads, int64_t kv_heads, double scale) {
@@ -568,23 +647,10 @@ at::Tensor decode_attention(const at::Tensor& qkv_in, const at::Tensor& cos_in, 
         const int64_t r = bi * t + ti;
         rope(q_all + r * width + h * d, cp + r * d, sp + r * d, q.data(), d);
         const int64_t visible = std::min(kv_len, pos[r] + 1);  // keys 0 .. position
-        float top = -INFINITY;
-        for (int64_t j = 0; j < visible; ++j) {
-          scores[j] = dot(q.data(), keys + j * d, d) * fscale;
-          top = std::max(top, scores[j]);
-        }
-        float total = 0.f;
-        for (int64_t j = 0; j < visible; ++j) {
-          scores[j] = std::exp(scores[j] - top);
-          total += scores[j];
-        }
+        key_scores(q.data(), keys, visible, d, fscale, scores.data());
+        const float total = softmax_numerators(scores.data(), visible);
         float* out = yp + r * heads * d + h * d;
-        std::fill(out, out + d, 0.f);
-        for (int64_t j = 0; j < visible; ++j) {
-          const float p = scores[j];
-          const float* v = values + j * d;
-          for (int64_t e = 0; e < d; ++e) out[e] += p * v[e];
-        }
+        weighted_values(scores.data(), values, visible, d, out);
         const float inv = 1.f / total;
         for (int64_t e = 0; e < d; ++e) out[e] *= inv;
       }
