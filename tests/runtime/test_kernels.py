@@ -85,10 +85,12 @@ def _attention_layer(heads: int, kv_heads: int, head_size: int):
                     "available here (no C++ compiler or no AVX2/FMA)")
 @pytest.mark.parametrize("heads,kv_heads,head_size", [(9, 3, 64), (4, 4, 16), (6, 1, 34)])
 @pytest.mark.parametrize("steps", [1, 3])  # query positions per sequence: decode, and a few (speculative-style)
-def test_native_attention_equals_the_layers_own(heads, kv_heads, head_size, steps):
+@pytest.mark.parametrize("slots,starts", [(40, (5, 17, 30)), (700, (9, 255, 600))])  # one chunk of keys, or several
+def test_native_attention_equals_the_layers_own(heads, kv_heads, head_size, steps, slots, starts):
     """The fused RoPE + cache write + causal attention gives the torch path's output and leaves the same cache,
     for sequences at different positions (each sees only its own keys up to its position), grouped KV heads, and a
-    cache viewed from a later row (as a prefill chunk's is)."""
+    cache viewed from a later row (as a prefill chunk's is). Long contexts are split into chunks of keys merged
+    afterwards; a sequence can end inside the first chunk, on a chunk's edge or in a later one."""
     from pipeline.runtime.kv_cache import KVCache
     from pipeline.runtime.model import causal_mask, rope_tables
 
@@ -96,13 +98,13 @@ def test_native_attention_equals_the_layers_own(heads, kv_heads, head_size, step
     layer, args = _attention_layer(heads, kv_heads, head_size)
     native = kernels.choose_kernel("native", torch.float32)
     assert layer.plain
-    b, slots = 3, 40
+    b = 3
     caches = [KVCache(b + 1, kv_heads, slots, head_size, torch.float32) for _ in range(2)]
     history = torch.randn(b + 1, kv_heads, slots, head_size)  # earlier positions' keys and values
     for c in caches:
         c.k.copy_(history)
         c.v.copy_(-history)
-    start = torch.tensor([[5], [17], [30]])
+    start = torch.tensor(starts).unsqueeze(1)
     input_pos = start + torch.arange(steps)  # [B, T]
     kv_len = int(input_pos.max()) + 1
     cos_table, sin_table = rope_tables(args, slots)

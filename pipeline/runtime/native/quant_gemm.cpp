@@ -38,6 +38,7 @@ namespace {
 
 constexpr int kBlock = 32;     // values per vector step (4 AVX registers of 8 floats)
 constexpr int kMaxRows = 8;    // activation rows per pass over the weights
+constexpr int64_t kChunkKeys = 256;  // keys per work item of the decode attention (64 KB of keys at 64 values)
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -567,10 +568,11 @@ inline void weighted_values(const float* p, const float* values, int64_t n, int6
   }
 }
 
-// scores[j] = exp(scores[j] - max) over n scores (ATen's vectorized exp, then std::exp for the rest); returns their sum.
-inline float softmax_numerators(float* scores, int64_t n) {
+// scores[j] = exp(scores[j] - top) over n scores, top their max (ATen's vectorized exp, then std::exp for the rest);
+// returns the sum of the exponentials.
+inline float softmax_numerators(float* scores, int64_t n, float& top) {
   using Vec = at::vec::Vectorized<float>;
-  float top = -INFINITY;
+  top = -INFINITY;
   for (int64_t j = 0; j < n; ++j) top = std::max(top, scores[j]);
   const Vec vtop(top);
   Vec vsum(0.f);
@@ -637,25 +639,62 @@ at::Tensor decode_attention(const at::Tensor& qkv_in, const at::Tensor& cos_in, 
   float* yp = y.data_ptr<float>();
   const int64_t group = heads / kv_heads;
   const float fscale = static_cast<float>(scale);
-  at::parallel_for(0, b * heads, 1, [&](int64_t w0, int64_t w1) {
-    std::vector<float> q(d), scores(kv_len);
+  // Work items: a sequence's KV head and a chunk of its keys, for all the query heads that share the KV head, so
+  // each key and value is read from memory once (the group's other heads find it in the core's cache) and a long
+  // context is shared between threads. Each item leaves, per query, its unnormalized output, its scores' max and the
+  // sum of their exponentials; the chunks are merged afterwards (flash-decoding's split over keys).
+  const int64_t chunks = (kv_len + kChunkKeys - 1) / kChunkKeys;
+  const int64_t part_size = d + 2;
+  std::vector<float> partial(b * kv_heads * chunks * t * group * part_size);
+  at::parallel_for(0, b * kv_heads * chunks, 1, [&](int64_t w0, int64_t w1) {
+    std::vector<float> q(d), scores(kChunkKeys);
     for (int64_t w = w0; w < w1; ++w) {
-      const int64_t bi = w / heads, h = w % heads;
-      const float* keys = kc + bi * row_stride + (h / group) * head_stride;
-      const float* values = vc + bi * row_stride + (h / group) * head_stride;
+      const int64_t bi = w / (kv_heads * chunks), g = w / chunks % kv_heads, first = w % chunks * kChunkKeys;
+      const float* keys = kc + bi * row_stride + g * head_stride + first * d;
+      const float* values = vc + bi * row_stride + g * head_stride + first * d;
       for (int64_t ti = 0; ti < t; ++ti) {
         const int64_t r = bi * t + ti;
-        rope(q_all + r * width + h * d, cp + r * d, sp + r * d, q.data(), d);
         const int64_t visible = std::min(kv_len, pos[r] + 1);  // keys 0 .. position
-        key_scores(q.data(), keys, visible, d, fscale, scores.data());
-        const float total = softmax_numerators(scores.data(), visible);
-        float* out = yp + r * heads * d + h * d;
-        weighted_values(scores.data(), values, visible, d, out);
+        const int64_t n = std::min(visible - first, kChunkKeys);
+        for (int64_t hq = 0; hq < group; ++hq) {
+          float* part = partial.data() + ((w * t + ti) * group + hq) * part_size;
+          if (n <= 0) {  // a chunk past this query's position
+            part[d] = -INFINITY;
+            part[d + 1] = 0.f;
+            continue;
+          }
+          rope(q_all + r * width + (g * group + hq) * d, cp + r * d, sp + r * d, q.data(), d);
+          key_scores(q.data(), keys, n, d, fscale, scores.data());
+          part[d + 1] = softmax_numerators(scores.data(), n, part[d]);
+          weighted_values(scores.data(), values, n, d, part);
+        }
+      }
+    }
+  });
+  for (int64_t bi = 0; bi < b; ++bi) {
+    for (int64_t ti = 0; ti < t; ++ti) {
+      for (int64_t h = 0; h < heads; ++h) {
+        const int64_t g = h / group, hq = h % group;
+        auto part = [&](int64_t c) {
+          return partial.data() + ((((bi * kv_heads + g) * chunks + c) * t + ti) * group + hq) * part_size;
+        };
+        float top = -INFINITY;
+        for (int64_t c = 0; c < chunks; ++c) top = std::max(top, part(c)[d]);
+        float* out = yp + (bi * t + ti) * heads * d + h * d;
+        std::fill(out, out + d, 0.f);
+        float total = 0.f;
+        for (int64_t c = 0; c < chunks; ++c) {
+          const float* pc = part(c);
+          if (pc[d + 1] == 0.f) continue;  // no visible keys in this chunk
+          const float f = std::exp(pc[d] - top);
+          total += f * pc[d + 1];
+          for (int64_t e = 0; e < d; ++e) out[e] += f * pc[e];
+        }
         const float inv = 1.f / total;
         for (int64_t e = 0; e < d; ++e) out[e] *= inv;
       }
     }
-  });
+  }
   return y;
 }
 
