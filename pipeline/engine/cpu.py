@@ -369,21 +369,8 @@ class CpuBackend:
 
     def _build_rank(self, src: Path, dst: Path, ckpt, limits, family: RuntimeFamily, rank: int,
                     quant: "QuantReader | None" = None) -> int:
-        tp_rank, pp_rank = rank % ckpt["mapping"]["tp_size"], rank // ckpt["mapping"]["tp_size"]
         with safe_open(str(src), framework="pt") as f:
-            names = set(f.keys())
-            args = model_args(ckpt, tp_rank, pp_rank, names, family)
-            plan = []
-            for t, j in _instances(family.tensors + QUANT_TENSORS, len(args.layers), pp_rank,
-                                   ckpt["mapping"]["pp_size"]):
-                if t.when is not None and not t.when(ckpt):
-                    continue
-                parts = [p.format(j=j) for p in t.parts]
-                missing = [p for p in parts if p not in names]
-                if missing and not t.optional:
-                    raise PipelineError(f"{src}: tensor {missing[0]} is missing")
-                if not missing:
-                    plan.append((t.name.format(j=j), parts))
+            args, plan = rank_plan(f, src, ckpt, family, rank)
             declared = []
             for name, parts in plan:
                 if quant is not None and quant.covers(parts):
@@ -410,6 +397,55 @@ class CpuBackend:
                 writer.abort()
                 raise
         return dst.stat().st_size
+
+
+def rank_plan(f, src: Path, ckpt: dict[str, Any], family: RuntimeFamily,
+              rank: int) -> tuple[ModelArgs, list[tuple[str, list[str]]]]:
+    """The runtime model of one rank (`f` its open checkpoint file, `src` that file's path) and its engine tensors in
+    order: (engine name, the checkpoint tensors concatenated along dim 0 into it)."""
+    tp_rank, pp_rank = rank % ckpt["mapping"]["tp_size"], rank // ckpt["mapping"]["tp_size"]
+    names = set(f.keys())
+    args = model_args(ckpt, tp_rank, pp_rank, names, family)
+    plan = []
+    for t, j in _instances(family.tensors + QUANT_TENSORS, len(args.layers), pp_rank, ckpt["mapping"]["pp_size"]):
+        if t.when is not None and not t.when(ckpt):
+            continue
+        parts = [p.format(j=j) for p in t.parts]
+        missing = [p for p in parts if p not in names]
+        if missing and not t.optional:
+            raise PipelineError(f"{src}: tensor {missing[0]} is missing")
+        if not missing:
+            plan.append((t.name.format(j=j), parts))
+    return args, plan
+
+
+class CheckpointRank:
+    """One rank of an unquantized checkpoint read as its engine would hold it, each engine tensor computed from the
+    checkpoint when asked for, without writing an engine: what calibration runs (its float engine is read once,
+    layer by layer, so an engine file would only be written and read back once more). Use as a context manager."""
+
+    def __init__(self, checkpoint_dir: Path, build_config: dict[str, Any], rank: int = 0):
+        ckpt = json.loads((checkpoint_dir / "config.json").read_text())
+        CpuBackend().preflight(ckpt, build_config)
+        if (ckpt.get("quantization") or {}).get("quant_algo"):
+            raise PipelineError(f"{checkpoint_dir}: CheckpointRank reads float checkpoints only")
+        src = checkpoint_dir / f"rank{rank}.safetensors"
+        self._file = safe_open(str(src), framework="pt")
+        self.args, plan = rank_plan(self._file, src, ckpt, RUNTIME_LAYOUTS[ckpt["architecture"]], rank)
+        self._parts = dict(plan)
+
+    def keys(self) -> list[str]:
+        return list(self._parts)
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        parts = [self._file.get_tensor(p) for p in self._parts[name]]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+    def __enter__(self) -> "CheckpointRank":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file = None  # safe_open's handle closes when dropped
 
 
 # Present in any family's checkpoint when the KV cache is quantized.

@@ -2,9 +2,10 @@
 linear layer's input, the per-channel ranges (max and mean |x|), optionally the Hessian sum x x^T, the range of the
 layer's output, and the per-layer K and V ranges as the KV cache stores them.
 
-The model is our own fp32 CPU engine (converted and built into a temporary directory), so calibration covers every
-architecture the runtime runs, and the statistics are named by TensorRT-LLM module (`attention.qkv`, `mlp.fc`, ...)
-exactly as the quantizing converter looks them up. Memory: the hidden states of the calibration set
+The model is our own fp32 CPU engine (converted into a temporary checkpoint, whose tensors are read as the engine
+holds them, without writing an engine file), so calibration covers every architecture the runtime runs, and the
+statistics are named by TensorRT-LLM module (`attention.qkv`, `mlp.fc`, ...) exactly as the quantizing converter
+looks them up. Memory: the hidden states of the calibration set
 ([samples, tokens, hidden] fp32) plus one layer's weights and statistics at a time.
 """
 
@@ -19,11 +20,10 @@ from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from pipeline.checkpoint.safetensors_stream import read_header
+from pipeline.engine.cpu import CheckpointRank
 from pipeline.errors import PipelineError
 from pipeline.quantize.stats import META_FILE, module_prefix, stats_file
 from pipeline.runtime.kernels import TorchKernel
@@ -156,16 +156,16 @@ def _load(model: EngineModel, f, names: list[str], rename: tuple[str, str] | Non
     model.load_weights(tensors)
 
 
-def collect(engine_file: Path, tokens: torch.Tensor, hessian: bool, batch_size: int, out_dir: Path,
+def collect(f: CheckpointRank, tokens: torch.Tensor, hessian: bool, batch_size: int, out_dir: Path,
             progress: bool = True) -> dict[str, Any]:
-    """Run the engine's layers over `tokens` one layer at a time, writing one statistics file per layer."""
-    meta = json.loads(read_header(engine_file)[0]["__metadata__"]["engine"])
-    args = ModelArgs(**meta["model"])
+    """Run the float engine's layers (read from its checkpoint by `f`) over `tokens` one layer at a time, writing one
+    statistics file per layer."""
+    args = f.args
     n, seq = tokens.shape
     batches = [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
     pos = torch.arange(seq).unsqueeze(0)
-    with safe_open(str(engine_file), framework="pt") as f, torch.no_grad():
-        names = list(f.keys())
+    with torch.no_grad():
+        names = f.keys()
         first = _stage_model(args, [], "first", batch_size, seq, TorchKernel())
         _load(first, f, [k for k in names if k.startswith(("embed.", "pos_embed."))])
         hidden = torch.cat([first.step(tokens[b], pos.expand(b.stop - b.start, -1), seq) for b in batches])
@@ -197,11 +197,11 @@ def collect(engine_file: Path, tokens: torch.Tensor, hessian: bool, batch_size: 
 
 def calibrate(source, out_dir: Path, cfg: Mapping[str, Any], hessian: bool, architecture: str | None,
               progress: bool = True) -> dict[str, Any]:
-    """Convert the source to a temporary fp32 tp1 engine, tokenize the calibration set, collect statistics into
-    `out_dir`. Returns what `calibration.json` records."""
+    """Convert the source to a temporary fp32 tp1 checkpoint, tokenize the calibration set, collect statistics into
+    `out_dir` running that checkpoint as the cpu engine would (no engine file is written). Returns what
+    `calibration.json` records."""
     from pipeline.convert.converter import convert
     from pipeline.convert.registry import MappingArgs
-    from pipeline.engine.cpu import CpuBackend
 
     tokenizer = source.tokenizer()
     if tokenizer is None:
@@ -209,13 +209,13 @@ def calibrate(source, out_dir: Path, cfg: Mapping[str, Any], hessian: bool, arch
     tokens = calibration_tokens(tokenizer, cfg)
     seq = tokens.shape[1]
     with tempfile.TemporaryDirectory(prefix="calib-", dir=out_dir) as tmp:
-        ckpt, engine = Path(tmp) / "checkpoint", Path(tmp) / "engine"
+        ckpt = Path(tmp) / "checkpoint"
         convert(source, ckpt, "float32", MappingArgs(), architecture, progress)
         build = {"max_batch_size": int(cfg["batch_size"]), "max_input_len": seq, "max_seq_len": seq,
                  "max_num_tokens": None, "max_beam_width": 1, "gather_context_logits": False,
                  "gather_generation_logits": False, "logits_dtype": "float32"}
-        CpuBackend().build(ckpt, engine, build)
-        record = collect(engine / "rank0.engine", tokens, hessian, int(cfg["batch_size"]), out_dir, progress)
+        with CheckpointRank(ckpt, build) as f:
+            record = collect(f, tokens, hessian, int(cfg["batch_size"]), out_dir, progress)
     record.update(dataset=cfg.get("dataset") or SHIPPED_CALIBRATION.name, seed=cfg.get("seed", 0))
     (out_dir / META_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return record
