@@ -147,7 +147,7 @@ class NativeKernel(OneDnnKernel):
     def gated_activation(self, fused, act, act_on_second):
         if act is not F.silu or fused.dtype != torch.float32:
             return super().gated_activation(fused, act, act_on_second)
-        return self.kernels.silu_mul(fused, act_on_second)
+        return self.kernels.silu_mul(fused, act_on_second, torch_vector_run())
 
     def attention(self, layer, qkv, cos, sin, mask, cache, input_pos, kv_len):
         if not (layer.plain and qkv.dtype == torch.float32 and qkv.shape[1] <= self.MAX_FUSED_POSITIONS):
@@ -158,6 +158,14 @@ class NativeKernel(OneDnnKernel):
 
 
 KERNELS = {k.name: k for k in (TorchKernel, BlasKernel, OneDnnKernel, NativeKernel)}
+
+
+@functools.cache
+def torch_vector_run() -> int:
+    """float32 values per run of torch's vectorized elementwise loops on this CPU (two of its vectors: 16 where it
+    dispatches to AVX2, 32 where to AVX-512; ATEN_CPU_CAPABILITY can lower it); a row's values after the last whole
+    run take the scalar path. The compiled silu_mul runs the same to give torch's bits."""
+    return 32 if torch.backends.cpu.get_cpu_capability() == "AVX512" else 16
 
 
 def onednn_available() -> bool:

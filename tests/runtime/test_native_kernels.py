@@ -5,6 +5,10 @@ machine without a compiler falls back to torch's kernels with one line."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -65,7 +69,7 @@ def test_native_kernel_equals_reference_dequantization(kernels, fmt, zero, act):
         linear = QuantLinear(w, act, torch.float32, True, OneDnnKernel())
         assert linear.mode == "native"
         bias = torch.randn(n) if zero else None
-        for batch in (1, 2, 3, 5, 8, 11):
+        for batch in (1, 2, 3, 5, 8, 10, 11):  # 10: a pass of 8 rows, then the factored kernel's 2
             x = torch.randn(batch, 2, k) if batch == 3 else torch.randn(batch, k)  # 3: a (B, T, K) input
             got = linear(x, bias)
             want = reference(w, x, act, bias)
@@ -189,3 +193,15 @@ def test_gated_silu_is_torchs_bits(kernels, act_on_second):
     assert torch.equal(native_kernel.gated_activation(half, F.silu, act_on_second),
                        reference_kernel.gated_activation(half, F.silu, act_on_second))
     assert len(calls) == 10
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512",
+                    reason="torch dispatches to AVX2 here, which the test above covers")
+def test_gated_silu_follows_torchs_dispatch(kernels):
+    """torch's elementwise runs are two of its vectors: 32 values under AVX-512, 16 under AVX2, and the values after
+    a row's last run take the scalar exp. The test above ran under AVX-512 here; the same test in a process that
+    tells torch to dispatch to AVX2 (ATEN_CPU_CAPABILITY=avx2) checks the other run length on this machine."""
+    test = f"{__file__}::test_gated_silu_is_torchs_bits"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+                          env={**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}, capture_output=True, text=True)
+    assert done.returncode == 0 and "2 passed" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]

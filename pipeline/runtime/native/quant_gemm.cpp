@@ -51,6 +51,7 @@ struct Int8Row {
   using T = int8_t;
   const int8_t* p;
   static constexpr float kUnit = 1.0f;
+  static constexpr bool kOffset = false;
   inline void decode(int64_t k, __m256 w[4]) const {
     for (int c = 0; c < 4; ++c)
       w[c] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + k + 8 * c))));
@@ -62,16 +63,23 @@ struct Int4Row {
   using T = uint8_t;
   const uint8_t* p;
   static constexpr float kUnit = 1.0f;
+  // The factored kernel multiplies the stored values u = q + 8 (decode_offset) and subtracts 8 * sum(x) per group.
+  static constexpr bool kOffset = true;
   // Bytes 0-7 and 8-15 of the block, each widened to 32-bit lanes by the load itself (vpmovzxbd m64): the low
   // nibbles are values 0-15, the high ones 16-31; the mask or shift leaves one nibble per lane.
-  inline void decode(int64_t k, __m256 w[4]) const {
+  inline void decode_offset(int64_t k, __m256 w[4]) const {
     const __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + k / 2)));
     const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + k / 2 + 8)));
-    const __m256i mask = _mm256_set1_epi32(0x0F), eight = _mm256_set1_epi32(8);
-    w[0] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(a, mask), eight));
-    w[1] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(b, mask), eight));
-    w[2] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(a, 4), eight));
-    w[3] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(b, 4), eight));
+    const __m256i mask = _mm256_set1_epi32(0x0F);
+    w[0] = _mm256_cvtepi32_ps(_mm256_and_si256(a, mask));
+    w[1] = _mm256_cvtepi32_ps(_mm256_and_si256(b, mask));
+    w[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4));
+    w[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+  }
+  inline void decode(int64_t k, __m256 w[4]) const {
+    decode_offset(k, w);
+    const __m256 eight = _mm256_set1_ps(8.f);
+    for (int c = 0; c < 4; ++c) w[c] = _mm256_sub_ps(w[c], eight);  // exact: small integers
   }
   inline float at(int64_t k) const {
     const int64_t j = k % kBlock;
@@ -87,6 +95,7 @@ struct Fp8Row {
   using T = uint8_t;
   const uint8_t* p;
   static constexpr float kUnit = 256.0f;
+  static constexpr bool kOffset = false;
   inline void decode(int64_t k, __m256 w[4]) const {
     const __m128i keep = _mm_set1_epi16(static_cast<short>(0xBFFF));
     for (int c = 0; c < 4; ++c) {
@@ -104,6 +113,7 @@ struct F32Row {
   using T = float;
   const float* p;
   static constexpr float kUnit = 1.0f;
+  static constexpr bool kOffset = false;
   inline void decode(int64_t k, __m256 w[4]) const {
     for (int c = 0; c < 4; ++c) w[c] = _mm256_loadu_ps(p + k + 8 * c);
   }
@@ -117,7 +127,7 @@ struct Problem {
   const float* zero;   // (n, groups) or null
   const float* bias;   // (n,) or null
   float* y;            // (m, n)
-  const float* xsum;   // (m, groups) sums of x over each group, where zero is given (the factored kernel's zero term)
+  const float* xsum;   // (m, groups) sums of x over each group where the factored kernel needs them, or null
 };
 
 // Rows [n0, n1) of the output for activation rows [m0, m0 + B).
@@ -185,12 +195,18 @@ void rows_kernel(const Problem& P, const typename Row::T* base, int64_t stride, 
 // reference's sum((q s + z) x) in exact arithmetic, rounded in another order like any change of summation order. At
 // one row the per-weight multiply of rows_kernel is a third of the work of a weight, which is what bounds it there;
 // from three rows on a decoded block serves enough rows that rows_kernel's dequantization costs little.
+// int4 (Row::kOffset) multiplies the stored values q + 8 and starts each group's sum at -8 * sum(x): one integer
+// subtraction fewer per weight, at one row a fifth of the instructions of a weight; the sum is s * (sum((q + 8) x) -
+// 8 sum(x)), again the same in exact arithmetic (its rounding error is bounded by a few units of float32 in
+// sum(|x|) s, as before).
 // `kGroupBlocks` (2 or 4: groups of 64 or 128) fixes the blocks per group at compile time, so that the block loop
 // is unrolled into the group's; 0 reads it from the problem.
 template <int B, class Row, int kGroupBlocks>
 void rows_kernel_factored(const Problem& P, const typename Row::T* base, int64_t stride, int64_t m0, int64_t n0,
                           int64_t n1) {
-  constexpr int kChains = B == 1 ? 4 : 2;
+  // Two independent sums per row: each group starts new ones, so consecutive groups overlap in the core and two
+  // chains hide the FMA latency; more would cost vector adds per group.
+  constexpr int kChains = 2;
   const float* x = P.x + m0 * P.k;
   for (int64_t n = n0; n < n1; ++n) {
     const Row row{base + n * stride};
@@ -208,13 +224,16 @@ void rows_kernel_factored(const Problem& P, const typename Row::T* base, int64_t
       for (int b = 0; b < B; ++b) {
         _Pragma("GCC unroll 8")
         for (int c = 0; c < kChains; ++c) part[b][c] = _mm256_setzero_ps();
+        if constexpr (Row::kOffset)  // lane 0 of the first chain starts at -8 * sum(x)
+          part[b][0] = _mm256_zextps128_ps256(_mm_set_ss(-8.f * P.xsum[(m0 + b) * P.groups + g]));
       }
       const int64_t blocks = kGroupBlocks ? kGroupBlocks : P.group / kBlock;
       _Pragma("GCC unroll 4")
       for (int64_t i = 0; i < blocks; ++i) {
         const int64_t k = g * P.group + i * kBlock;
         __m256 w[4];
-        row.decode(k, w);
+        if constexpr (Row::kOffset) row.decode_offset(k, w);
+        else row.decode(k, w);
         _Pragma("GCC unroll 8")
         for (int c = 0; c < 4; ++c) {
           _Pragma("GCC unroll 8")
@@ -287,15 +306,16 @@ void run(const Problem& P, const typename Row::T* w, int64_t stride) {
   }
 }
 
-// Sums of x over each group of each row, for the factored kernel's zero term (float32, in k order).
+// Sums of x over each group of each row, for the factored kernel (its zero term, and int4's offset): groups of whole
+// 32-value blocks, 8 lanes at a time.
 std::vector<float> group_sums(const float* x, int64_t m, int64_t k, int64_t group) {
   const int64_t groups = k / group;
   std::vector<float> sums(m * groups, 0.f);
   for (int64_t i = 0; i < m; ++i)
     for (int64_t g = 0; g < groups; ++g) {
-      float s = 0.f;
-      for (int64_t j = g * group; j < (g + 1) * group; ++j) s += x[i * k + j];
-      sums[i * groups + g] = s;
+      __m256 s = _mm256_setzero_ps();
+      for (int64_t j = g * group; j < (g + 1) * group; j += 8) s = _mm256_add_ps(s, _mm256_loadu_ps(x + i * k + j));
+      sums[i * groups + g] = hsum(s);
     }
   return sums;
 }
@@ -388,10 +408,12 @@ at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& weight, int64_
   if (has_zero) TORCH_CHECK(zero->is_contiguous() && zero->sizes() == scale.sizes(), "quant_linear: zero shape");
   at::Tensor b = has_bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const int64_t group = in_features / groups;
-  const std::vector<float> xsum = has_zero ? group_sums(xp, m, in_features, group) : std::vector<float>();
+  // the factored kernel's group sums (it runs on passes of one or two rows, groups of whole blocks)
+  const bool sums = (has_zero || format == 1) && group % kBlock == 0 && (m % kMaxRows == 1 || m % kMaxRows == 2);
+  const std::vector<float> xsum = sums ? group_sums(xp, m, in_features, group) : std::vector<float>();
   Problem P{xp, m, in_features, n, group, groups, scale.data_ptr<float>(),
             has_zero ? zero->data_ptr<float>() : nullptr, has_bias ? b.data_ptr<float>() : nullptr,
-            y.data_ptr<float>(), has_zero ? xsum.data() : nullptr};
+            y.data_ptr<float>(), sums ? xsum.data() : nullptr};
   const int64_t stride = weight.size(1);
   if (format == 0) {
     TORCH_CHECK(weight.scalar_type() == at::kChar && stride == in_features, "quant_linear: int8 weight layout");
@@ -447,10 +469,13 @@ at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& weight, double eps
 // silu(a) * b for a gated MLP, a and b the two halves of each row of the fused [fc; gate] projection's output
 // (`act_on_second`: silu of the second half, Phi-3's [up; gate] order); one call instead of torch's chunk, silu and
 // multiply, ~25 us a layer at batch 1. Bit-identical to F.silu(a) * b: torch's float32 silu is x / (1 + exp(-x)),
-// ATen's vectorized exp over runs of 16 values from the start of each row and std::exp for the rest of the row, and
-// this is the same code on the same values.
-at::Tensor silu_mul(const at::Tensor& fused_in, bool act_on_second) {
+// ATen's vectorized exp over runs of `run` values from the start of each row (two of torch's vectors: 16 values
+// where torch dispatches to AVX2, 32 where to AVX-512) and std::exp for the rest of the row, and this is the same
+// code on the same values (SLEEF's 8-lane exp gives each lane the bits of its 16-lane one).
+at::Tensor silu_mul(const at::Tensor& fused_in, bool act_on_second, int64_t run) {
   TORCH_CHECK(fused_in.scalar_type() == at::kFloat, "silu_mul: float32 expected");
+  using Vec = at::vec::Vectorized<float>;
+  TORCH_CHECK(run > 0 && run % Vec::size() == 0, "silu_mul: a run of whole vectors expected, got ", run);
   const int64_t width = fused_in.size(-1);
   TORCH_CHECK(width % 2 == 0, "silu_mul: the last dim holds two halves, got ", width);
   const int64_t half = width / 2;
@@ -461,8 +486,6 @@ at::Tensor silu_mul(const at::Tensor& fused_in, bool act_on_second) {
   const int64_t rows = half ? y.numel() / half : 0;
   const float* src = fused.data_ptr<float>();
   float* dst = y.data_ptr<float>();
-  using Vec = at::vec::Vectorized<float>;
-  constexpr int64_t kRun = 2 * Vec::size();
   at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(half, 1)), [&](int64_t r0, int64_t r1) {
     const Vec one(1.f);
     for (int64_t r = r0; r < r1; ++r) {
@@ -470,8 +493,8 @@ at::Tensor silu_mul(const at::Tensor& fused_in, bool act_on_second) {
       const float* b = src + r * width + (act_on_second ? 0 : half);
       float* out = dst + r * half;
       int64_t j = 0;
-      for (; j + kRun <= half; j += kRun) {
-        for (int64_t v = 0; v < kRun; v += Vec::size()) {
+      for (; j + run <= half; j += run) {
+        for (int64_t v = 0; v < run; v += Vec::size()) {
           const Vec x = Vec::loadu(a + j + v);
           ((x / (one + x.neg().exp())) * Vec::loadu(b + j + v)).store(out + j + v);
         }
