@@ -65,8 +65,8 @@ struct Int4Row {
   using T = uint8_t;
   const uint8_t* p;
   static constexpr float kUnit = 1.0f;
-  // The factored kernel multiplies the stored values u = q + 8 (decode_offset) and subtracts 8 * sum(x) per group.
   static constexpr int64_t kBlockBytes = 16;  // bytes of one 32-value block
+  // The factored kernel multiplies the stored values u = q + 8 (decode_offset) and subtracts 8 * sum(x) per group.
   static constexpr bool kOffset = true;
   // Bytes 0-7 and 8-15 of the block, each widened to 32-bit lanes by the load itself (vpmovzxbd m64): the low
   // nibbles are values 0-15, the high ones 16-31; the mask or shift leaves one nibble per lane.
