@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import pytest
 import torch
@@ -24,7 +23,7 @@ from pipeline.engine.onnx_export import FORBIDDEN_OPS, profiles  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
 from pipeline.runtime import ModelRunner  # noqa: E402
 from pipeline.stages.build import backend_environment  # noqa: E402
-from tests.conftest import TINY_MODELS, make_tiny_model  # noqa: E402
+from tests.conftest import TINY_MODELS, make_tiny_model, needs_mpirun  # noqa: E402
 from tests.engine.checkpoints import BUILD, make_checkpoint  # noqa: E402
 
 PROMPTS = [[5, 17, 3, 9, 22, 41, 7], [11, 2], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 12], [8, 8, 8, 1]]
@@ -97,7 +96,7 @@ def test_exporter_versions_are_part_of_the_cache_key():
     assert backend_environment({"build": BUILD}) is None
 
 
-@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not installed (pip install mpi4py mpich)")
+@needs_mpirun
 def test_pipeline_parallel_onnx_engine_under_mpirun_equals_single_rank(exported, tmp_path):
     from tests.runtime.test_multirank import PROMPTS as MPI_PROMPTS, generate_on_ranks
 
@@ -113,7 +112,7 @@ def test_pipeline_parallel_onnx_engine_under_mpirun_equals_single_rank(exported,
         assert (result["generation_logits"] - single["generation_logits"]).abs().max() < 1e-5
 
 
-@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not installed (pip install mpi4py mpich)")
+@needs_mpirun
 @pytest.mark.parametrize("tp,pp", [(2, 1), (2, 2)] if os.environ.get("TRTLLM_PIPELINE_ALL_ARCHS") else [(2, 1)])
 def test_tensor_parallel_onnx_engine_under_mpirun(exported, tmp_path, tp, pp):
     """Each tp rank's graphs are cut at the all-reduce / all-gather points into segments; the runtime performs the

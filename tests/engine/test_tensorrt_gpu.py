@@ -12,14 +12,13 @@ build.backend=tensorrt (evaluate stage; decode tokens/s printed next to the cpu 
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
 
 from pipeline.engine.backends import get_backend
 from pipeline.runtime import ModelRunner
-from tests.conftest import make_tiny_model
+from tests.conftest import make_tiny_model, mpi_launcher
 from tests.engine.checkpoints import BUILD, make_checkpoint
 from tests.engine.test_onnx_backend import ARCHS, PROMPTS
 
@@ -55,7 +54,7 @@ def test_tensorrt_engine_matches_the_cpu_engine(tmp_path, arch, dtype):
         assert got["output_ids"][i, 0, len(p)] == want["output_ids"][i, 0, len(p)], (arch, dtype, i)
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2 or shutil.which("mpirun") is None,
+@pytest.mark.skipif(torch.cuda.device_count() < 2 or mpi_launcher() is None,
                     reason="tensor parallelism on TensorRT needs two CUDA GPUs and mpirun")
 def test_tensor_parallel_tensorrt_engine_equals_single_rank(tmp_path):
     from tests.runtime.test_multirank import generate_on_ranks

@@ -4,7 +4,6 @@ cache key, the errors, and the evaluate wiring (in-process and under mpirun)."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ import torch
 from pipeline.engine.backends import get_backend
 from pipeline.errors import PipelineError
 from pipeline.stages.build import backend_environment
-from tests.conftest import make_tiny_model
+from tests.conftest import make_tiny_model, needs_mpirun
 from tests.engine.checkpoints import BUILD, make_checkpoint
 from tests.engine.fake_trtllm import activate, install_fake_trtllm, set_fake_version
 
@@ -95,7 +94,7 @@ def test_model_runner_runs_trtllm_engines_through_tensorrt_llm(checkpoints, fake
     assert run_engine_eval(runner, request)["outputs"] == [[3, 4, 5]]
 
 
-@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun is not installed (pip install mpich)")
+@needs_mpirun
 def test_evaluate_runs_multi_rank_trtllm_engines_under_mpirun(checkpoints, fake, tmp_path):
     from pipeline.runtime.launch import run_module_on_ranks
 

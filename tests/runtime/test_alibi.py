@@ -3,14 +3,13 @@ against transformers; tensor parallelism splits the slopes by head."""
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import torch
 
 from pipeline.runtime import ModelRunner
 from pipeline.runtime.model import alibi_slopes
-from tests.conftest import make_tiny_model
+from tests.conftest import make_tiny_model, needs_mpirun
 from tests.runtime.engines import build_engine
 from tests.runtime.test_parity import PROMPTS, hf_greedy, hf_model
 
@@ -66,7 +65,7 @@ def test_alibi_models_match_transformers(falcon_alibi, tmp_path, name):
         assert out["output_ids"][i, 0, len(prompt): len(prompt) + n].tolist() == hf_greedy(ref, prompt, n), name
 
 
-@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not installed (pip install mpi4py mpich)")
+@needs_mpirun
 def test_alibi_tp2_pp2_equals_single_rank(falcon_alibi, tmp_path):
     from tests.runtime.test_multirank import generate_on_ranks
 
@@ -141,7 +140,7 @@ def test_alibi_gpt_matches_reference(nemo_alibi_gpt, tiny_models, tmp_path):
         assert out["output_ids"][i, 0, len(prompt): len(prompt) + n].tolist() == reference_greedy(ref, prompt, n)
 
 
-@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not installed (pip install mpi4py mpich)")
+@needs_mpirun
 def test_alibi_gpt_tp2_equals_single_rank(nemo_alibi_gpt, tmp_path):
     from tests.runtime.test_multirank import generate_on_ranks
 
@@ -163,7 +162,7 @@ def test_slopes_with_alibi_bias_max_are_mpts(heads, bias_max):
     assert torch.allclose(alibi_slopes(heads, bias_max), want, rtol=1e-6, atol=0)
 
 
-@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not installed (pip install mpi4py mpich)")
+@needs_mpirun
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
 def test_mpt_tp2_and_pp2_equal_single_rank(tiny_models, tmp_path, tp, pp):
     from tests.runtime.test_multirank import generate_on_ranks

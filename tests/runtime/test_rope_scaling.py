@@ -3,13 +3,12 @@ the model's (original) positions, so the scaled range is exercised: context logi
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import torch
 
 from pipeline.runtime import ModelRunner
-from tests.conftest import make_tiny_model
+from tests.conftest import make_tiny_model, needs_mpirun
 from tests.runtime.engines import build_engine
 from tests.runtime.test_parity import hf_greedy, hf_model
 
@@ -88,7 +87,7 @@ def test_rope_scaling_matches_transformers_beyond_the_original_length(tmp_path, 
     check_against_transformers(runner, hf_model(model_dir))
 
 
-@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not installed (pip install mpi4py mpich)")
+@needs_mpirun
 def test_length_dependent_scaling_tp2_pp2_equals_single_rank(tmp_path):
     from tests.runtime.test_multirank import generate_on_ranks
 

@@ -4,13 +4,12 @@ with the prefill chunked by max_num_tokens; TPxPP equals single rank."""
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import torch
 
 from pipeline.runtime import ModelRunner
-from tests.conftest import make_tiny_model
+from tests.conftest import make_tiny_model, needs_mpirun
 from tests.runtime.engines import build_engine
 from tests.runtime.test_parity import PROMPTS, hf_greedy, hf_model
 
@@ -47,7 +46,7 @@ def test_ring_cache_generations_past_the_window_match_transformers(models, tmp_p
         assert out["output_ids"][i, 0, len(prompt): len(prompt) + n].tolist() == hf_greedy(ref, prompt, n), (name, i)
 
 
-@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not installed (pip install mpi4py mpich)")
+@needs_mpirun
 def test_ring_cache_tp2_pp2_equals_single_rank(models, tmp_path):
     from tests.runtime.test_multirank import generate_on_ranks
 
