@@ -3,7 +3,6 @@ against transformers; tensor parallelism splits the slopes by head."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 

@@ -3,7 +3,6 @@ the model's (original) positions, so the scaled range is exercised: context logi
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 

@@ -4,7 +4,6 @@ with the prefill chunked by max_num_tokens; TPxPP equals single rank."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 

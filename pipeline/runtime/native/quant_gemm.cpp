@@ -298,8 +298,11 @@ void factored(const Problem& P, const typename Row::T* w, int64_t stride, int64_
   }
 }
 
+// Whether a pass over the weights with `mb` activation rows runs rows_kernel_factored (which reads Problem::xsum).
+inline bool factored_pass(int64_t mb, int64_t group) { return mb <= 2 && group % kBlock == 0; }
+
 // The kernel for `mb` (1 to 8) activation rows: rows_kernel_factored at one or two rows where groups are whole
-// blocks, rows_kernel otherwise.
+// blocks (factored_pass), rows_kernel otherwise.
 template <class Row, bool kWholeBlocks>
 void rows(const Problem& P, const typename Row::T* w, int64_t stride, int64_t m0, int64_t n0, int64_t n1, int64_t mb) {
   switch (mb) {
@@ -436,8 +439,9 @@ at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& weight, int64_
   if (has_zero) TORCH_CHECK(zero->is_contiguous() && zero->sizes() == scale.sizes(), "quant_linear: zero shape");
   at::Tensor b = has_bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const int64_t group = in_features / groups;
-  // the factored kernel's group sums (it runs on passes of one or two rows, groups of whole blocks)
-  const bool sums = (has_zero || format == 1) && group % kBlock == 0 && (m % kMaxRows == 1 || m % kMaxRows == 2);
+  // the factored kernel's group sums, for its zero term and int4's offset: only the last pass over the weights can be
+  // a factored one (every earlier pass has kMaxRows rows)
+  const bool sums = (has_zero || format == 1) && factored_pass((m - 1) % kMaxRows + 1, group);
   const std::vector<float> xsum = sums ? group_sums(xp, m, in_features, group) : std::vector<float>();
   Problem P{xp, m, in_features, n, group, groups, scale.data_ptr<float>(),
             has_zero ? zero->data_ptr<float>() : nullptr, has_bias ? b.data_ptr<float>() : nullptr,
