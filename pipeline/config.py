@@ -61,6 +61,11 @@ class KvCacheQuantAlgo(str, Enum):
     NVFP4 = "NVFP4"
 
 
+class AwqSearch(str, Enum):
+    coarse_to_fine = "coarse_to_fine"  # every other grid point, then the two neighbours of the best
+    full = "full"  # every grid point (AutoAWQ's search)
+
+
 class Backend(str, Enum):
     cpu = "cpu"
     onnx = "onnx"  # the runtime's modules exported to ONNX, run by onnxruntime
@@ -152,8 +157,10 @@ class QuantizationConfig:
     exclude_modules: Optional[List[str]] = None
     # GPTQ: fraction of the mean Hessian diagonal added to it (AutoGPTQ's damp_percent) and the column block size.
     gptq_damp: float = 0.01
-    # AWQ: grid points searched for the scale exponent alpha in [0, 1).
+    # AWQ: grid points for the scale exponent alpha in [0, 1), and how many of them are evaluated: coarse_to_fine
+    # takes about 60% of full's time (see docs/QUANTIZATION.md).
     awq_grid: int = 20
+    awq_search: AwqSearch = AwqSearch.coarse_to_fine
     # GPTQ: the GPU (SM version) whose mixed-GEMM kernel layout the stored weights take; TensorRT-LLM's own
     # converter uses the GPU it runs on, so a GPTQ checkpoint is tied to a GPU generation.
     gptq_sm: int = 80

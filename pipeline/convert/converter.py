@@ -256,6 +256,30 @@ def convert(
     return ConvertResult(cfg, written, bytes_written)
 
 
+class FloatCheckpointView:
+    """The single-rank float checkpoint `convert` writes for `source` (its config and tensors), each tensor computed
+    from the source when asked for and nothing written: what calibration runs its float engine from. Memory holds
+    the tensors asked for; a written checkpoint would be the whole model, written once and read back once."""
+
+    def __init__(self, source: SourceModel, dtype: str, architecture: str | None = None, check_finite: bool = True):
+        prepared = prepare(source, dtype, MappingArgs(), architecture)
+        self.config = prepared.config
+        self._source = _FiniteChecked(source) if check_finite else source
+        self._binding = prepared.binding
+        self._ctx = ShardContext.from_config(self.config)
+        (rank,) = prepared.plans
+        self._plan = {t.name: t for t in rank.tensors}
+
+    def keys(self) -> list[str]:
+        return list(self._plan)
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        """What `convert` writes as `name` into rank0.safetensors."""
+        t = self._plan[name]
+        parts = [_read_canonical(self._binding[c.at(t.layer)], self._source, self.config, t.dtype) for c in t.canons]
+        return _shard_any(parts, t.split, 0, self._ctx, name).contiguous()
+
+
 class _FiniteChecked:
     """A source whose reads refuse NaN and Inf values (model.check_finite), naming the tensor and its file."""
 
@@ -309,6 +333,7 @@ def _quantizer(spec, source, binding, cfg, quantization, stats_dir) -> TargetQua
                         smoothquant_val=float(quantization.get("smoothquant_val", 0.5)),
                         gptq_damp=float(quantization.get("gptq_damp", 0.01)),
                         awq_grid=int(quantization.get("awq_grid", 20)),
+                        awq_search=str(quantization.get("awq_search", "coarse_to_fine")),
                         gptq_sm=int(quantization.get("gptq_sm", 80)))
 
     def read_parts(canons, layer):

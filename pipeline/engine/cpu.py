@@ -399,9 +399,9 @@ class CpuBackend:
         return dst.stat().st_size
 
 
-def rank_plan(f, src: Path, ckpt: dict[str, Any], family: RuntimeFamily,
+def rank_plan(f, src: str | Path, ckpt: dict[str, Any], family: RuntimeFamily,
               rank: int) -> tuple[ModelArgs, list[tuple[str, list[str]]]]:
-    """The runtime model of one rank (`f` its open checkpoint file, `src` that file's path) and its engine tensors in
+    """The runtime model of one rank (`f` its open checkpoint file, `src` that file's path or what the tensors are read from) and its engine tensors in
     order: (engine name, the checkpoint tensors concatenated along dim 0 into it)."""
     tp_rank, pp_rank = rank % ckpt["mapping"]["tp_size"], rank // ckpt["mapping"]["tp_size"]
     names = set(f.keys())
@@ -422,17 +422,24 @@ def rank_plan(f, src: Path, ckpt: dict[str, Any], family: RuntimeFamily,
 class CheckpointRank:
     """One rank of an unquantized checkpoint read as its engine would hold it, each engine tensor computed from the
     checkpoint when asked for, without writing an engine: what calibration runs (its float engine is read once,
-    layer by layer, so an engine file would only be written and read back once more). Use as a context manager."""
+    layer by layer, so an engine file would only be written and read back once more). `tensors` reads the rank's
+    checkpoint tensors (`keys()`, `get_tensor(name)`): its safetensors file (`CheckpointRank.open`) or a converter's
+    view that computes them from the source. Use as a context manager."""
 
-    def __init__(self, checkpoint_dir: Path, build_config: dict[str, Any], rank: int = 0):
-        ckpt = json.loads((checkpoint_dir / "config.json").read_text())
+    def __init__(self, ckpt: dict[str, Any], tensors, build_config: dict[str, Any], where: str | Path,
+                 rank: int = 0):
         CpuBackend().preflight(ckpt, build_config)
         if (ckpt.get("quantization") or {}).get("quant_algo"):
-            raise PipelineError(f"{checkpoint_dir}: CheckpointRank reads float checkpoints only")
-        src = checkpoint_dir / f"rank{rank}.safetensors"
-        self._file = safe_open(str(src), framework="pt")
-        self.args, plan = rank_plan(self._file, src, ckpt, RUNTIME_LAYOUTS[ckpt["architecture"]], rank)
+            raise PipelineError(f"{where}: CheckpointRank reads float checkpoints only")
+        self._file = tensors
+        self.args, plan = rank_plan(self._file, where, ckpt, RUNTIME_LAYOUTS[ckpt["architecture"]], rank)
         self._parts = dict(plan)
+
+    @classmethod
+    def open(cls, checkpoint_dir: Path, build_config: dict[str, Any], rank: int = 0) -> "CheckpointRank":
+        ckpt = json.loads((checkpoint_dir / "config.json").read_text())
+        src = checkpoint_dir / f"rank{rank}.safetensors"
+        return cls(ckpt, safe_open(str(src), framework="pt"), build_config, src, rank)
 
     def keys(self) -> list[str]:
         return list(self._parts)
@@ -445,7 +452,7 @@ class CheckpointRank:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._file = None  # safe_open's handle closes when dropped
+        self._file = None  # a safe_open handle closes when dropped
 
 
 # Present in any family's checkpoint when the KV cache is quantized.

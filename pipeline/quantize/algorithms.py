@@ -61,29 +61,42 @@ def factored_output_error(delta: torch.Tensor, factor: torch.Tensor, blocks: int
 
 
 def awq_scales(weight: torch.Tensor, stats: InputStats, group_size: int, grid: int, scale_dtype: torch.dtype,
-               what: str) -> torch.Tensor:
+               what: str, search: str = "full") -> torch.Tensor:
     """AWQ's activation-aware scale search: s = mean|x|^alpha (normalised by sqrt(max * min)) for alpha on a grid
-    in [0, 1); the alpha whose int4 group quantization of W * s (activations divided by s) gives the least output
-    error on the calibration set wins. Returns s (in,); alpha = 0 (s = 1, plain group quantization) is a candidate,
-    so the result is never worse than no scaling on the calibration data."""
+    i / grid in [0, 1); the alpha whose int4 group quantization of W * s (activations divided by s) gives the least
+    output error on the calibration set wins (the lowest i among equal errors). Returns s (in,); alpha = 0 (s = 1,
+    plain group quantization) is a candidate, so the result is never worse than no scaling on the calibration data.
+
+    search="full" evaluates every grid point. "coarse_to_fine" evaluates the even points, then the two odd
+    neighbours of the best of them: 12 of 20 points, the same choice as full wherever the error has no second,
+    lower dip between two even points (119 of SmolLM2's 120 inputs; the other chose an error 0.5% above full's)."""
     if stats.hessian is None:
         raise PipelineError(f"{what}: AWQ needs Hessian statistics; the calibration artifact has none")
+    if search not in ("full", "coarse_to_fine"):
+        raise PipelineError(f"{what}: quantization.awq_search={search!r}; expected full or coarse_to_fine")
     x_mean = stats.absmean.float().clamp(min=1e-4)
     weight = weight.float()
     hessian = stats.hessian.float()
     factor = hessian_factor(hessian)
-    best, best_err = torch.ones_like(x_mean), float("inf")
-    for i in range(grid):
-        alpha = i / grid
-        s = x_mean.pow(alpha)
+    errors: dict[int, tuple[float, torch.Tensor]] = {}
+
+    def evaluate(i: int) -> None:
+        s = x_mean.pow(i / grid)
         s = s / (s.max() * s.min()).sqrt()
         s = s.to(scale_dtype).float()  # the stored prequant factor is 1 / s in the model dtype
         quantized = fake_quant_per_group(weight * s, 4, group_size, scale_dtype, what)
         delta = quantized.div_(s).sub_(weight)
-        err = output_error(delta, hessian) if factor is None else factored_output_error(delta, factor)
-        if err < best_err:
-            best, best_err = s, err
-    return best
+        errors[i] = (output_error(delta, hessian) if factor is None else factored_output_error(delta, factor), s)
+
+    def best() -> int:
+        return min(errors, key=lambda i: (errors[i][0], i))
+
+    for i in range(0, grid, 1 if search == "full" else 2):
+        evaluate(i)
+    for i in (best() - 1, best() + 1):
+        if 0 <= i < grid and i not in errors:
+            evaluate(i)
+    return errors[best()][1]
 
 
 def gptq_quantize(weight: torch.Tensor, stats: InputStats, bits: int, group_size: int, damp: float,

@@ -2,18 +2,17 @@
 linear layer's input, the per-channel ranges (max and mean |x|), optionally the Hessian sum x x^T, the range of the
 layer's output, and the per-layer K and V ranges as the KV cache stores them.
 
-The model is our own fp32 CPU engine (converted into a temporary checkpoint, whose tensors are read as the engine
-holds them, without writing an engine file), so calibration covers every architecture the runtime runs, and the
-statistics are named by TensorRT-LLM module (`attention.qkv`, `mlp.fc`, ...) exactly as the quantizing converter
-looks them up. Memory: the hidden states of the calibration set
-([samples, tokens, hidden] fp32) plus one layer's weights and statistics at a time.
+The model is our own fp32 CPU engine (the fp32 checkpoint's tensors computed from the source as the engine asks for
+them, one layer at a time, without writing a checkpoint or an engine), so calibration covers every architecture the
+runtime runs, and the statistics are named by TensorRT-LLM module (`attention.qkv`, `mlp.fc`, ...) exactly as the
+quantizing converter looks them up. Memory: the hidden states of the calibration set ([samples, tokens, hidden] fp32)
+plus one layer's weights and statistics at a time.
 """
 
 from __future__ import annotations
 
 import json
 import random
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -197,25 +196,23 @@ def collect(f: CheckpointRank, tokens: torch.Tensor, hessian: bool, batch_size: 
 
 def calibrate(source, out_dir: Path, cfg: Mapping[str, Any], hessian: bool, architecture: str | None,
               progress: bool = True) -> dict[str, Any]:
-    """Convert the source to a temporary fp32 tp1 checkpoint, tokenize the calibration set, collect statistics into
-    `out_dir` running that checkpoint as the cpu engine would (no engine file is written). Returns what
-    `calibration.json` records."""
-    from pipeline.convert.converter import convert
-    from pipeline.convert.registry import MappingArgs
+    """Tokenize the calibration set and collect statistics into `out_dir`, running the source's fp32 tp1 checkpoint
+    as the cpu engine would: its tensors are computed from the source layer by layer as the engine asks for them
+    (no checkpoint or engine is written). Returns what `calibration.json` records."""
+    from pipeline.convert.converter import FloatCheckpointView
 
     tokenizer = source.tokenizer()
     if tokenizer is None:
         raise PipelineError("calibration needs the source model's tokenizer, and the source carries none")
     tokens = calibration_tokens(tokenizer, cfg)
     seq = tokens.shape[1]
-    with tempfile.TemporaryDirectory(prefix="calib-", dir=out_dir) as tmp:
-        ckpt = Path(tmp) / "checkpoint"
-        convert(source, ckpt, "float32", MappingArgs(), architecture, progress)
-        build = {"max_batch_size": int(cfg["batch_size"]), "max_input_len": seq, "max_seq_len": seq,
-                 "max_num_tokens": None, "max_beam_width": 1, "gather_context_logits": False,
-                 "gather_generation_logits": False, "logits_dtype": "float32"}
-        with CheckpointRank(ckpt, build) as f:
-            record = collect(f, tokens, hessian, int(cfg["batch_size"]), out_dir, progress)
+    view = FloatCheckpointView(source, "float32", architecture)
+    build = {"max_batch_size": int(cfg["batch_size"]), "max_input_len": seq, "max_seq_len": seq,
+             "max_num_tokens": None, "max_beam_width": 1, "gather_context_logits": False,
+             "gather_generation_logits": False, "logits_dtype": "float32"}
+    where = getattr(source, "config_path", None) or "the source model"
+    with CheckpointRank(view.config, view, build, where) as f:
+        record = collect(f, tokens, hessian, int(cfg["batch_size"]), out_dir, progress)
     record.update(dataset=cfg.get("dataset") or SHIPPED_CALIBRATION.name, seed=cfg.get("seed", 0))
     (out_dir / META_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return record

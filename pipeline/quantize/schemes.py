@@ -54,6 +54,7 @@ class Settings:
     smoothquant_val: float = 0.5
     gptq_damp: float = 0.01
     awq_grid: int = 20
+    awq_search: str = "coarse_to_fine"
     gptq_sm: int = 80
 
 
@@ -189,7 +190,7 @@ scheme(Scheme("W4A16", (), stats="none"))
 def _awq_smooth(weight: torch.Tensor, stats: InputStats, s: Settings, what: str) -> torch.Tensor:
     from pipeline.quantize.algorithms import awq_scales
 
-    return awq_scales(weight, stats, s.group_size, s.awq_grid, s.dtype, what)
+    return awq_scales(weight, stats, s.group_size, s.awq_grid, s.dtype, what, s.awq_search)
 
 
 def _awq_weights(parts, prequant, stats, s: Settings, what: str) -> dict[str, Any]:

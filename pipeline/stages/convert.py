@@ -42,7 +42,7 @@ def save_tokenizer(source, out: Path) -> bool:
 
 
 # Converter-only keys, and the algorithms that read them.
-_ALGORITHM_KEYS = {"gptq_damp": "GPTQ", "gptq_sm": "GPTQ", "awq_grid": "AWQ"}
+_ALGORITHM_KEYS = {"gptq_damp": "GPTQ", "gptq_sm": "GPTQ", "awq_grid": "AWQ", "awq_search": "AWQ"}
 
 
 def convert_view(config: dict[str, Any]) -> dict[str, Any]:

@@ -24,7 +24,7 @@ def test_checkpoint_rank_reads_what_the_engine_holds(tmp_path, arch):
     get_backend("cpu").build(ckpt, tmp_path / "cpu", BUILD)
     engine = tmp_path / "cpu" / "rank0.engine"
     meta = json.loads(read_header(engine)[0]["__metadata__"]["engine"])
-    with CheckpointRank(ckpt, BUILD) as view, safe_open(str(engine), framework="pt") as f:
+    with CheckpointRank.open(ckpt, BUILD) as view, safe_open(str(engine), framework="pt") as f:
         assert asdict(view.args) == meta["model"]
         assert sorted(view.keys()) == sorted(f.keys())
         for name in view.keys():
@@ -37,4 +37,4 @@ def test_checkpoint_rank_refuses_quantized_checkpoints(tmp_path):
     config["quantization"] = {**(config.get("quantization") or {}), "quant_algo": "W8A16"}
     (ckpt / "config.json").write_text(json.dumps(config))
     with pytest.raises(PipelineError, match="float checkpoints only"):
-        CheckpointRank(ckpt, BUILD)
+        CheckpointRank.open(ckpt, BUILD)

