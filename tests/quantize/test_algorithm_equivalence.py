@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.quantize.algorithms import (InputStats, _asymmetric_grid, awq_scales, factored_output_error, gptq_quantize,
-                                         hessian_factor, output_error)
+                                         grid_search, hessian_factor, output_error)
 from pipeline.quantize.calibrate import _Accumulator
 from pipeline.quantize.numerics import group_view, symmetric_per_group
 
@@ -73,22 +73,52 @@ def test_awq_search_equals_the_plain_loop():
     assert torch.equal(awq_scales(w, stats, 32, 20, torch.float32, "w"), _awq_reference(w, stats, 32, 20))
 
 
-def test_coarse_to_fine_awq_search_takes_the_best_even_point_or_its_neighbours():
-    """coarse_to_fine's choice is the least error among the even points and the two neighbours of the best even
-    point (errors from the plain definition), and equals the full search where the curve has no second dip."""
+def test_coarse_to_fine_awq_search_takes_the_best_even_points_or_their_neighbours():
+    """coarse_to_fine's choice is the least error among the even points and the neighbours of the two best even
+    points (errors from the plain definition), and equals the full search where the curve has no third dip."""
     agreed = 0
     for seed in range(6):
         _, stats = _stats(96, seed=seed)
         w = torch.randn(40, 96, generator=torch.Generator().manual_seed(seed + 1)) * 0.05
         for grid in (20, 7):
             errors = [e for e, _ in _awq_reference_candidates(w, stats, 32, grid)]
-            coarse = min(range(0, grid, 2), key=lambda i: (errors[i], i))
-            looked = set(range(0, grid, 2)) | {i for i in (coarse - 1, coarse + 1) if 0 <= i < grid}
+            evens = sorted(range(0, grid, 2), key=lambda i: (errors[i], i))[:2]
+            looked = set(range(0, grid, 2)) | {i for e in evens for i in (e - 1, e + 1) if 0 <= i < grid}
             expected = min(looked, key=lambda i: (errors[i], i))
             got = awq_scales(w, stats, 32, grid, torch.float32, "w", "coarse_to_fine")
             assert torch.equal(got, _awq_reference_candidates(w, stats, 32, grid)[expected][1]), (seed, grid)
             agreed += torch.equal(got, _awq_reference(w, stats, 32, grid))
     assert agreed >= 10  # these curves dip once: the two searches agree on (nearly) all of them
+
+
+def _counted(curve):
+    asked = []
+
+    def error(i):
+        asked.append(i)
+        return curve[i]
+
+    return error, asked
+
+
+def test_grid_search_refines_around_the_two_best_even_points():
+    # two dips: the least error (index 9) is beside the second-best even point (8), not the best (4)
+    curve = [9, 8, 7, 6, 2.0, 2.5, 5, 4, 2.2, 1.0, 6, 7]
+    error, asked = _counted(curve)
+    assert grid_search(len(curve), "coarse_to_fine", error) == 9
+    assert sorted(asked) == [0, 2, 3, 4, 5, 6, 7, 8, 9, 10] and len(asked) == len(set(asked))
+    error, asked = _counted(curve)
+    assert grid_search(len(curve), "full", error) == 9 and sorted(asked) == list(range(len(curve)))
+    # a lower dip beside neither of the two best even points is not seen: the documented limit of coarse_to_fine
+    curve = [5, 0.5, 4, 6, 1.0, 6, 1.1, 6, 8]
+    assert grid_search(len(curve), "coarse_to_fine", _counted(curve)[0]) == 4
+    assert grid_search(len(curve), "full", _counted(curve)[0]) == 1
+
+
+def test_grid_search_breaks_ties_by_the_lowest_point_and_takes_odd_grids():
+    assert grid_search(5, "coarse_to_fine", lambda i: [3, 1, 2, 1, 3][i]) == 1
+    assert grid_search(1, "coarse_to_fine", lambda i: 0.0) == 0
+    assert grid_search(2, "coarse_to_fine", lambda i: [1.0, 0.5][i]) == 1
 
 
 def _gptq_reference(weight, stats, bits, group_size, damp, block):
