@@ -126,7 +126,7 @@ def gptq_quantize(weight: torch.Tensor, stats: InputStats, bits: int, group_size
     w[:, dead] = 0.0
     h += torch.eye(cols, dtype=h.dtype) * damp * torch.diag(h).mean()
     try:
-        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+        hinv = inverse_upper_factor(h)
     except torch.linalg.LinAlgError as e:
         raise PipelineError(f"{what}: the calibration Hessian is not positive definite even with damping "
                             f"{damp} ({e}); raise quantization.gptq_damp or calibrate on more tokens") from None
@@ -161,6 +161,32 @@ def gptq_quantize(weight: torch.Tensor, stats: InputStats, bits: int, group_size
     # w ~ (q_u - z) * s = (q_u - offset) * s + (offset - z) * s
     zero_value = (offset - zero) * scale
     return q_signed, scale.float(), zero_value.float()
+
+
+def inverse_upper_factor(h: torch.Tensor) -> torch.Tensor:
+    """U, upper triangular with a positive diagonal, with U^T U = H^-1: what GPTQ's textbook form computes as
+    cholesky(cholesky_inverse(cholesky(H)), upper=True), from one Cholesky factorization and one triangular inverse.
+    With J the order reversal, J H J = L L^T gives H = V V^T for the upper triangular V = J L J, so
+    H^-1 = V^-T V^-1 and U = V^-1 (the factor is unique). Half the float64 arithmetic of the textbook form (~155 ->
+    ~80 ms at 1536 columns); equal to it up to rounding (~4e-16 relative)."""
+    lower = torch.linalg.cholesky(h.flip(0, 1))
+    return _upper_triangular_inverse(lower.flip(0, 1))
+
+
+def _upper_triangular_inverse(v: torch.Tensor, leaf: int = 128) -> torch.Tensor:
+    """The inverse of an upper triangular matrix by halves: [[A, B], [0, D]]^-1 = [[A^-1, -A^-1 B D^-1], [0, D^-1]]
+    (2/3 n^3 flops, where a triangular solve against the identity takes n^3)."""
+    n = v.shape[0]
+    if n <= leaf:
+        return torch.linalg.solve_triangular(v, torch.eye(n, dtype=v.dtype), upper=True)
+    half = n // 2
+    a_inv = _upper_triangular_inverse(v[:half, :half], leaf)
+    d_inv = _upper_triangular_inverse(v[half:, half:], leaf)
+    out = torch.zeros_like(v)
+    out[:half, :half] = a_inv
+    out[half:, half:] = d_inv
+    out[:half, half:] = -(a_inv @ v[:half, half:]) @ d_inv
+    return out
 
 
 def _gptq_columns_python(wb: torch.Tensor, hb: torch.Tensor, q: torch.Tensor, errs: torch.Tensor, s: torch.Tensor,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.quantize.algorithms import (InputStats, _asymmetric_grid, awq_scales, factored_output_error, gptq_quantize,
-                                         grid_search, hessian_factor, output_error)
+                                         grid_search, hessian_factor, inverse_upper_factor, output_error)
 from pipeline.quantize.calibrate import _Accumulator
 from pipeline.quantize.numerics import group_view, symmetric_per_group
 
@@ -148,6 +148,23 @@ def _gptq_reference(weight, stats, bits, group_size, damp, block):
         w[:, end:] -= errs @ hinv[start:end, end:]
     offset = 1 << (bits - 1)
     return (q - offset).to(torch.int8), scale.float(), ((offset - zero) * scale).float()
+
+
+def test_inverse_upper_factor_equals_the_textbook_form():
+    """One Cholesky and a triangular inverse by halves give cholesky(cholesky_inverse(cholesky(H)), upper=True), at
+    widths below, at and across the halving's leaf size; a matrix that is not positive definite still raises."""
+    import pytest
+
+    for cols in (1, 5, 127, 128, 129, 300, 577):
+        x, _ = _stats(cols, seed=cols)
+        h = x.double().t() @ x.double()
+        h += torch.eye(cols, dtype=h.dtype) * 0.01 * torch.diag(h).mean()
+        want = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+        got = inverse_upper_factor(h)
+        assert torch.equal(got, got.triu()) and bool((torch.diag(got) > 0).all())
+        assert (got - want).abs().max().item() <= 1e-12 * want.abs().max().item(), cols
+    with pytest.raises(torch.linalg.LinAlgError):
+        inverse_upper_factor(-torch.eye(4, dtype=torch.float64))
 
 
 def test_gptq_equals_the_column_by_column_reference():
