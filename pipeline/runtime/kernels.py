@@ -41,6 +41,11 @@ class TorchKernel:
             return w(x, b)
         return F.linear(x, w, b)
 
+    def fused_layer(self, layer):
+        """A callable computing `layer`'s whole forward for a few rows where this kernel has one (see
+        NativeKernel.fused_layer), or None: the modules compute it (what the exporters trace)."""
+        return None
+
     def attention(self, layer, qkv: torch.Tensor, cos, sin, mask, cache, input_pos, kv_len: int) -> torch.Tensor:
         """An attention layer's work between its two projections (`layer.attend`: RoPE, cache update, attention);
         a kernel may compute a layer whose `plain` is true in its own way."""
@@ -109,10 +114,36 @@ class NativeFloatLinear:
     def shape(self) -> torch.Size:
         return self.weight.shape
 
+    def native_op(self, bias: torch.Tensor | None = None):
+        """The compiled call of this layer with its arguments bound (native LinearOp: this __call__ for up to
+        MAX_ROWS rows)."""
+        return self.kernels.LinearOp(self.weight, 3, self.weight.shape[1], self.ones, None, bias, None, None, 0)
+
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if x.numel() > self.MAX_ROWS * x.shape[-1]:
             return F.linear(x, self.weight, bias)
         return self.kernels.quant_linear(x, self.weight, 3, self.weight.shape[1], self.ones, None, bias, None, None, 0)
+
+
+class FusedDecoderLayer:
+    """A plain pre-norm decoder layer's forward at up to MAX_ROWS rows (tokens x positions) as one compiled call
+    (native `decoder_layer`: the calls NativeKernel makes for the layer's modules, in their order, so the same bits).
+    At batch 1 the modules' eight compiled calls and their Python frames cost ~40 us a layer."""
+
+    MAX_ROWS = NativeFloatLinear.MAX_ROWS  # beyond it the float32 linears take MKL's GEMM
+
+    def __init__(self, layer, ops: list, kernels):
+        attn, mlp = layer.attn, layer.mlp
+        a = attn.args
+        qkv, dense, fc_gate, proj = ops
+        self.kernels = kernels
+        self.before_cache = (layer.attn_norm.weight, layer.attn_norm.eps, qkv)
+        self.after_cache = (a.local_heads, a.local_kv_heads, attn.scale, dense, attn.dense_bias, layer.mlp_norm.weight,
+                            layer.mlp_norm.eps, fc_gate, mlp.linear_first, torch_vector_run(), proj, mlp.proj_bias)
+
+    def __call__(self, x, cos, sin, cache, input_pos, kv_len: int) -> torch.Tensor:
+        return self.kernels.decoder_layer(x, *self.before_cache, cos, sin, cache.k, cache.v, input_pos, kv_len,
+                                          *self.after_cache)
 
 
 class NativeKernel(OneDnnKernel):
@@ -148,6 +179,22 @@ class NativeKernel(OneDnnKernel):
         if act is not F.silu or fused.dtype != torch.float32:
             return super().gated_activation(fused, act, act_on_second)
         return self.kernels.silu_mul(fused, act_on_second, torch_vector_run())
+
+    def fused_layer(self, layer) -> FusedDecoderLayer | None:
+        """One compiled call for a whole DecoderLayer where every part of it has a compiled form here: RMSNorms,
+        plain attention, a gated silu MLP, tp 1 (no all-reduce between a projection and its residual) and float32
+        or natively quantized linears; else None."""
+        from pipeline.runtime.model import DecoderLayer, GatedMLP, RMSNorm
+
+        attn, mlp = layer.attn, layer.mlp
+        if not (type(layer) is DecoderLayer and attn.plain and attn.d.tp_size == 1 and isinstance(mlp, GatedMLP)
+                and mlp.act is F.silu and all(isinstance(n, RMSNorm) and n.weight.dtype == torch.float32
+                                              for n in (layer.attn_norm, layer.mlp_norm))):
+            return None
+        linears = [(attn.qkv_weight, attn.qkv_bias), (attn.dense_weight, None), (mlp.fc_gate_weight, mlp.fc_gate_bias),
+                   (mlp.proj_weight, None)]
+        ops = [w.native_op(b) if hasattr(w, "native_op") else None for w, b in linears]
+        return FusedDecoderLayer(layer, ops, self.kernels) if all(op is not None for op in ops) else None
 
     def attention(self, layer, qkv, cos, sin, mask, cache, input_pos, kv_len):
         if not (layer.plain and qkv.dtype == torch.float32 and qkv.shape[1] <= self.MAX_FUSED_POSITIONS):

@@ -511,8 +511,12 @@ class DecoderLayer(nn.Module):
         self.attn = Attention(args, d, linear)
         self.mlp_norm = make_norm(args, linear)
         self.mlp = make_mlp(args, d, linear)
+        # The kernel's one-call form of this forward (NativeKernel.fused_layer), set once the weights are loaded.
+        self.fused = None
 
     def forward(self, x, cos, sin, mask, cache, input_pos, kv_len):
+        if self.fused is not None and x.shape[0] * x.shape[1] <= self.fused.MAX_ROWS:  # fixed per call shape
+            return self.fused(x, cos, sin, cache, input_pos, kv_len)
         h = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, input_pos, kv_len)
         return h + self.mlp(self.mlp_norm(h))
 
@@ -656,6 +660,9 @@ class EngineModel(nn.Module):
                 module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
         for name, parts in quantized.items():
             self._set_quantized(name, parts)
+        for layer in self.layers:
+            if isinstance(layer, DecoderLayer):
+                layer.fused = self.linear.fused_layer(layer)
         return sorted(expected)
 
     def _set_quantized(self, name: str, parts: dict[str, torch.Tensor]) -> None:

@@ -90,6 +90,14 @@ class QuantLinear:
         self.native_prequant = None if w.prequant is None else w.prequant.float().contiguous()
         self.native_act_scale = None if w.act_scale is None else w.act_scale.float().reshape(1).contiguous()
 
+    def native_op(self, bias: torch.Tensor | None = None):
+        """This layer's compiled call with its arguments bound (native LinearOp: what this __call__ computes in the
+        native mode), or None in another mode."""
+        if self.mode != "native":
+            return None
+        return self.kernels.LinearOp(self.packed, self.format, self.in_features, self.scale, self.zero, bias,
+                                     self.native_prequant, self.native_act_scale, self.native_act)
+
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.mode == "native":
             return self.kernels.quant_linear(x, self.packed, self.format, self.in_features, self.scale, self.zero, bias,

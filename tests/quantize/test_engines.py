@@ -212,3 +212,17 @@ def test_w8a16_tp2_quantizes_each_ranks_slice(engines, tmp_path):
     for rank, got in enumerate(generate_on_ranks(engine, tmp_path / "got", 2, kernel="torch")):
         assert torch.equal(got["output_ids"], want["output_ids"]), rank
         assert (got["context_logits"] - want["context_logits"]).abs().max().item() < 1e-4, rank
+
+
+@pytest.mark.parametrize("algo", ["W8A16", "W4A16", "W4A16_AWQ", "W4A16_GPTQ", *ACTIVATION_QUANTIZED])
+def test_fused_layers_compute_the_modules_bits(engines, algo):
+    """The one-call decoder layer over every compiled format (zeros, pre-quant factors, INT8 and FP8 activations)."""
+    from pipeline.runtime import native
+    from pipeline.runtime.kernels import FusedDecoderLayer
+    from tests.runtime.test_fused_layer import assert_same_outputs, run_with_and_without_fusion
+
+    if native.unavailable_reason() is not None:
+        pytest.skip(f"compiled kernels unavailable here: {native.unavailable_reason()}")
+    fused, with_fusion, without = run_with_and_without_fusion(engines(algo), PROMPTS)
+    assert all(isinstance(f, FusedDecoderLayer) for f in fused)
+    assert_same_outputs(with_fusion, without)
