@@ -181,15 +181,11 @@ class NativeKernel(OneDnnKernel):
         return self.kernels.silu_mul(fused, act_on_second, torch_vector_run())
 
     def fused_layer(self, layer) -> FusedDecoderLayer | None:
-        """One compiled call for a whole DecoderLayer where every part of it has a compiled form here: RMSNorms,
-        plain attention, a gated silu MLP, tp 1 (no all-reduce between a projection and its residual) and float32
-        or natively quantized linears; else None."""
-        from pipeline.runtime.model import DecoderLayer, GatedMLP, RMSNorm
-
+        """One compiled call for a whole DecoderLayer where every part of it has a compiled form here: a `plain`
+        layer (RMSNorms, plain attention, a gated silu MLP, tp 1) with float32 norms and float32 or natively
+        quantized linears; else None."""
         attn, mlp = layer.attn, layer.mlp
-        if not (type(layer) is DecoderLayer and attn.plain and attn.d.tp_size == 1 and isinstance(mlp, GatedMLP)
-                and mlp.act is F.silu and all(isinstance(n, RMSNorm) and n.weight.dtype == torch.float32
-                                              for n in (layer.attn_norm, layer.mlp_norm))):
+        if not (layer.plain and all(n.weight.dtype == torch.float32 for n in (layer.attn_norm, layer.mlp_norm))):
             return None
         linears = [(attn.qkv_weight, attn.qkv_bias), (attn.dense_weight, None), (mlp.fc_gate_weight, mlp.fc_gate_bias),
                    (mlp.proj_weight, None)]

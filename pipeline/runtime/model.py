@@ -514,6 +514,14 @@ class DecoderLayer(nn.Module):
         # The kernel's one-call form of this forward (NativeKernel.fused_layer), set once the weights are loaded.
         self.fused = None
 
+    @property
+    def plain(self) -> bool:
+        """Pre-norm with RMSNorms, plain attention (Attention.plain), a gated silu MLP and tp 1 (no all-reduce between
+        a projection and its residual): the layer a kernel may compute in one call (TorchKernel.fused_layer)."""
+        return (type(self) is DecoderLayer and self.attn.plain and self.attn.d.tp_size == 1
+                and isinstance(self.mlp, GatedMLP) and self.mlp.act is F.silu
+                and isinstance(self.attn_norm, RMSNorm) and isinstance(self.mlp_norm, RMSNorm))
+
     def forward(self, x, cos, sin, mask, cache, input_pos, kv_len):
         if self.fused is not None and x.shape[0] * x.shape[1] <= self.fused.MAX_ROWS:  # fixed per call shape
             return self.fused(x, cos, sin, cache, input_pos, kv_len)
