@@ -276,8 +276,8 @@ class FloatCheckpointView:
     def get_tensor(self, name: str) -> torch.Tensor:
         """What `convert` writes as `name` into rank0.safetensors."""
         t = self._plan[name]
-        parts = [_read_canonical(self._binding[c.at(t.layer)], self._source, self.config, t.dtype) for c in t.canons]
-        return _shard_any(parts, t.split, 0, self._ctx, name).contiguous()
+        return _shard_any(_read_float_parts(t, self._binding, self._source, self.config), t.split, 0, self._ctx,
+                          name).contiguous()
 
 
 class _FiniteChecked:
@@ -374,7 +374,7 @@ def _write_stage(stage, source, binding, cfg, ctx, out_dir, written, bar, quanti
                     whole = quantizer.whole(head)
                 parts = [t.to(head.quant.torch_dtype(settings)) for t in whole]
             else:
-                parts = [_read_canonical(binding[c.at(head.layer)], source, cfg, head.dtype) for c in head.canons]
+                parts = _read_float_parts(head, binding, source, cfg)
             for p, w in zip(stage, writers):
                 planned = p.tensors[i]
                 piece = _shard_any(parts, planned.split, p.tp_rank, ctx, planned.name)
@@ -456,6 +456,11 @@ def _shard_any(parts: list[torch.Tensor], split, rank: int, ctx, name: str) -> t
         dtype = parts[0].dtype
         return shard([p.view(torch.uint8) for p in parts], split, rank, ctx, name).view(dtype)
     return shard(parts, split, rank, ctx, name)
+
+
+def _read_float_parts(target, binding: dict[str, Bound], source, cfg) -> list[torch.Tensor]:
+    """The canonical parts of an unquantized planned tensor, in fuse order, cast to its dtype."""
+    return [_read_canonical(binding[c.at(target.layer)], source, cfg, target.dtype) for c in target.canons]
 
 
 def _read_canonical(bound: Bound, source, cfg, dtype: torch.dtype | None = None) -> torch.Tensor:

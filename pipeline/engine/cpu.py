@@ -401,8 +401,9 @@ class CpuBackend:
 
 def rank_plan(f, src: str | Path, ckpt: dict[str, Any], family: RuntimeFamily,
               rank: int) -> tuple[ModelArgs, list[tuple[str, list[str]]]]:
-    """The runtime model of one rank (`f` its open checkpoint file, `src` that file's path or what the tensors are read from) and its engine tensors in
-    order: (engine name, the checkpoint tensors concatenated along dim 0 into it)."""
+    """The runtime model of one rank (`f` its open checkpoint file, `src` that file's path or what else the tensors
+    are read from) and its engine tensors in order: (engine name, the checkpoint tensors concatenated along dim 0
+    into it)."""
     tp_rank, pp_rank = rank % ckpt["mapping"]["tp_size"], rank // ckpt["mapping"]["tp_size"]
     names = set(f.keys())
     args = model_args(ckpt, tp_rank, pp_rank, names, family)
@@ -431,8 +432,8 @@ class CheckpointRank:
         CpuBackend().preflight(ckpt, build_config)
         if (ckpt.get("quantization") or {}).get("quant_algo"):
             raise PipelineError(f"{where}: CheckpointRank reads float checkpoints only")
-        self._file = tensors
-        self.args, plan = rank_plan(self._file, where, ckpt, RUNTIME_LAYOUTS[ckpt["architecture"]], rank)
+        self._tensors = tensors
+        self.args, plan = rank_plan(tensors, where, ckpt, RUNTIME_LAYOUTS[ckpt["architecture"]], rank)
         self._parts = dict(plan)
 
     @classmethod
@@ -445,14 +446,14 @@ class CheckpointRank:
         return list(self._parts)
 
     def get_tensor(self, name: str) -> torch.Tensor:
-        parts = [self._file.get_tensor(p) for p in self._parts[name]]
+        parts = [self._tensors.get_tensor(p) for p in self._parts[name]]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
     def __enter__(self) -> "CheckpointRank":
         return self
 
     def __exit__(self, *exc) -> None:
-        self._file = None  # a safe_open handle closes when dropped
+        self._tensors = None  # a safe_open handle closes when dropped
 
 
 # Present in any family's checkpoint when the KV cache is quantized.

@@ -74,8 +74,6 @@ def awq_scales(weight: torch.Tensor, stats: InputStats, group_size: int, grid: i
     best even point alone differed on one, at 0.5% more error)."""
     if stats.hessian is None:
         raise PipelineError(f"{what}: AWQ needs Hessian statistics; the calibration artifact has none")
-    if search not in ("full", "coarse_to_fine"):
-        raise PipelineError(f"{what}: quantization.awq_search={search!r}; expected full or coarse_to_fine")
     x_mean = stats.absmean.float().clamp(min=1e-4)
     weight = weight.float()
     hessian = stats.hessian.float()
@@ -99,6 +97,8 @@ def grid_search(grid: int, search: str, error: Callable[[int], float]) -> int:
     """The grid point i in [0, grid) of least error(i) (the lowest i among equal errors) over the points `search`
     evaluates: all of them ("full"), or the even ones and then the odd neighbours of the two best even ones
     ("coarse_to_fine")."""
+    if search not in ("full", "coarse_to_fine"):
+        raise PipelineError(f"quantization.awq_search={search!r}; expected full or coarse_to_fine")
     errors = {i: error(i) for i in range(0, grid, 1 if search == "full" else 2)}
     # a curve with two near-equal dips is refined at both
     for even in sorted(errors, key=lambda i: (errors[i], i))[:2]:

@@ -117,12 +117,16 @@ class NativeFloatLinear:
     def native_op(self, bias: torch.Tensor | None = None):
         """The compiled call of this layer with its arguments bound (native LinearOp: this __call__ for up to
         MAX_ROWS rows)."""
-        return self.kernels.LinearOp(self.weight, 3, self.weight.shape[1], self.ones, None, bias, None, None, 0)
+        return self.kernels.LinearOp(*self._native_args(bias))
+
+    def _native_args(self, bias: torch.Tensor | None) -> tuple:
+        """quant_linear's arguments after x for the plain float32 format (3, scale 1), LinearOp's too."""
+        return self.weight, 3, self.weight.shape[1], self.ones, None, bias, None, None, 0
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if x.numel() > self.MAX_ROWS * x.shape[-1]:
             return F.linear(x, self.weight, bias)
-        return self.kernels.quant_linear(x, self.weight, 3, self.weight.shape[1], self.ones, None, bias, None, None, 0)
+        return self.kernels.quant_linear(x, *self._native_args(bias))
 
 
 class FusedDecoderLayer:

@@ -93,15 +93,16 @@ class QuantLinear:
     def native_op(self, bias: torch.Tensor | None = None):
         """This layer's compiled call with its arguments bound (native LinearOp: what this __call__ computes in the
         native mode), or None in another mode."""
-        if self.mode != "native":
-            return None
-        return self.kernels.LinearOp(self.packed, self.format, self.in_features, self.scale, self.zero, bias,
-                                     self.native_prequant, self.native_act_scale, self.native_act)
+        return self.kernels.LinearOp(*self._native_args(bias)) if self.mode == "native" else None
+
+    def _native_args(self, bias: torch.Tensor | None) -> tuple:
+        """quant_linear's arguments after x (LinearOp's, in the same order)."""
+        return (self.packed, self.format, self.in_features, self.scale, self.zero, bias, self.native_prequant,
+                self.native_act_scale, self.native_act)
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.mode == "native":
-            return self.kernels.quant_linear(x, self.packed, self.format, self.in_features, self.scale, self.zero, bias,
-                                          self.native_prequant, self.native_act_scale, self.native_act)
+            return self.kernels.quant_linear(x, *self._native_args(bias))
         if self.prequant is not None:
             x = x * self.prequant
         if self.act is not None:

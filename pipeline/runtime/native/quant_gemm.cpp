@@ -834,8 +834,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                              c10::optional<at::Tensor> prequant, c10::optional<at::Tensor> act_scale,
                              int64_t act_kind) {
         return LinearOp{weight, scale, format, in_features, act_kind, zero, bias, prequant, act_scale};
-      }))
-      .def("__call__", &LinearOp::operator());
+      }));
   m.def("decoder_layer", &decoder_layer, "a plain pre-norm decoder layer at decode widths (see quant_gemm.cpp)");
   m.def("quant_linear", &quant_linear, "weight-only quantized linear (see quant_gemm.cpp)");
   m.def("silu_mul", &silu_mul, "silu of one half of each row times the other half (a gated MLP's activation)");
