@@ -8,7 +8,8 @@ the values an INT8/FP8 GEMM would see). The weight path is either
 - `native` (float32 engines): the compiled kernels of pipeline.runtime.native on the stored integer/FP8 values
   (int8, int4 repacked once into 32-value blocks, FP8 e4m3 bytes), every format, zero points and group sizes: each
   weight dequantized exactly as the reference does (q * scale, then + zero) and multiplied with float32
-  activations, accumulated in float32; prequant and activation fake-quantization fused in. It reads the weights as
+  activations, accumulated in float32; prequant and activation fake-quantization fused in (SmoothQuant's INT8
+  activations times int8 weights are multiplied in integers, as an INT8 GEMM does). It reads the weights as
   stored (1 byte, or half a byte, per weight) and uses each decoded block for up to 8 rows (batch 8 reads the
   weights once); or
 - `fast` (16-bit engines, or where the compiled kernels are unavailable): torch's CPU weight-only kernels on the

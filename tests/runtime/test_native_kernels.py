@@ -109,12 +109,13 @@ def activation_cases(act: str, scale: float) -> torch.Tensor:
     return torch.cat([near, special, spread]) * scale
 
 
-@pytest.mark.parametrize("act", ["int8", "fp8"])
-def test_activation_quantization_is_torchs_bits(kernels, act):
+@pytest.mark.parametrize("act,k", [("int8", 203), ("int8", 224), ("fp8", 203)])
+def test_activation_quantization_is_torchs_bits(kernels, act, k):
     """The compiled activation quantization (8 values at a time, then one at a time for the rest of a row) equals
     torch's, bit for bit: y = fake_quant(x * prequant) through identity int8 weights, rows of 203 values (25 vectors
-    and 3 more), one and two rows a call."""
-    k, scale = 203, 2.0**-4
+    and 3 more), one and two rows a call. INT8 rows of 224 values (7 blocks of 32) take the integer product, whose
+    quantization to int16 is a code of its own."""
+    scale = 2.0**-4
     x = activation_cases(act, scale)
     x = torch.cat([x, torch.zeros(-len(x) % k)]).reshape(-1, k)
     prequant = torch.ones(k)
@@ -127,6 +128,55 @@ def test_activation_quantization_is_torchs_bits(kernels, act):
     for rows in (1, 2):
         got = torch.cat([linear(x[i:i + rows]) for i in range(0, len(x), rows)])
         assert torch.equal(got, want)
+
+
+def integer_product(w: EngineQuant, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """SmoothQuant's product as an INT8 GEMM computes it: the activations' integers times the weights', each group's
+    sum exact (int64 here), converted to float32 and multiplied by its scale, the group terms added in order in
+    float32, then times the activation scale (and + bias)."""
+    n, k = w.q.shape
+    groups = w.scale.shape[1]
+    r = torch.clamp(torch.round((x * w.prequant) / w.act_scale), -128, 127).to(torch.int64)
+    q = w.q.to(torch.int64)
+    y = torch.zeros(x.shape[0], n)
+    for g, cols in enumerate(torch.arange(k).chunk(groups)):
+        y = y + (r[:, cols] @ q[:, cols].T).float() * w.scale[:, g]
+    y = y * w.act_scale
+    return y if bias is None else y + bias
+
+
+@pytest.mark.parametrize("groups", [1, 3, 18])
+def test_smoothquant_multiplies_integers_exactly(kernels, groups):
+    """INT8 activations (SmoothQuant) times int8 weights in groups of whole 32-value blocks: the integers are
+    multiplied and summed exactly (to float32 only per group, bit for bit what `integer_product` computes, which the
+    float path's rounding after every product would not give). Weights and activations reach -128 (one 16-bit
+    pair of products is then 2^15), activations saturate at both ends, batches 1 to 11."""
+    n, k = 37, 576
+    g = torch.Generator().manual_seed(groups)
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    q[0] = -128
+    w = EngineQuant(q, torch.rand(n, groups, generator=g) * 0.01 + 1e-3, 8, prequant=torch.rand(k, generator=g) + 0.5,
+                    act_scale=torch.tensor([0.04]))
+    linear = QuantLinear(w, "int8", torch.float32, True, OneDnnKernel())
+    bias = torch.randn(n, generator=g)
+    for batch in (1, 2, 3, 8, 11):
+        x = torch.randn(batch, k, generator=g) * 3
+        x[0, :64] = -100.0  # r = -128 after the clamp
+        x[-1, 64:128] = 100.0  # r = 127
+        assert torch.equal(linear(x, bias), integer_product(w, x, bias)), batch
+
+
+def test_smoothquant_keeps_nan_through_the_float_path(kernels):
+    """Integers have no NaN: a call whose activations hold one computes in floats, and the row gets NaN as the
+    reference's does; the other rows are the reference's."""
+    w = quantized("int8", 16, 64, 2, False, "int8")
+    linear = QuantLinear(w, "int8", torch.float32, True, OneDnnKernel())
+    x = torch.randn(3, 64)
+    x[1, 5] = float("nan")
+    got = linear(x)
+    assert got[1].isnan().all() and not got[[0, 2]].isnan().any()
+    want = reference(w, x, "int8", None)
+    assert torch.allclose(got[[0, 2]].double(), want[[0, 2]], rtol=0, atol=2e-6 * want[[0, 2]].abs().max().item())
 
 
 def test_int4_padding_and_torch_kernel_stay_on_the_exact_path(kernels):

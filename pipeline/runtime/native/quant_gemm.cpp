@@ -7,7 +7,8 @@
 // group's sum is scaled once (rows_kernel_factored: the same sum in exact arithmetic, rounded in another order).
 // x' is x, optionally multiplied by `prequant` (AWQ/SmoothQuant factors) and fake-quantized per tensor with
 // `act_scale` (INT8: round half to even, clamp to [-128, 127]; FP8 e4m3: clamp to +-448, round to nearest even),
-// which is what the engine's Python path computes.
+// which is what the engine's Python path computes. INT8 activations times int8 weights (SmoothQuant) are multiplied in
+// integers instead (int8_activation_rows: exact integer sums, one float conversion per group).
 //
 // Storage formats (prepared once at load by pipeline.runtime.native):
 //   0 int8: (N, K) int8 values.
@@ -232,8 +233,11 @@ template <int B, class Row, int kGroupBlocks>
 void rows_kernel_factored(const Problem& P, const typename Row::T* base, int64_t stride, int64_t m0, int64_t n0,
                           int64_t n1) {
   // Two independent sums per row: each group starts new ones, so consecutive groups overlap in the core and two
-  // chains hide the FMA latency; more would cost vector adds per group.
-  constexpr int kChains = 2;
+  // chains hide the FMA latency; more would cost vector adds per group. Groups of other sizes (kGroupBlocks 0) are
+  // mostly one group per row (per-channel scales: W4A16, W8A16, FP8), a chain as long as the row: at one row four
+  // sums keep the FMA units busy (30 layers of the default model's shapes, 2-core AMD EPYC: 0.79x the time with
+  // two in int4, 0.89x in int8, 0.94x in FP8; groups of 64 and two rows unchanged).
+  constexpr int kChains = (kGroupBlocks == 0 && B == 1) ? 4 : 2;
   const float* x = P.x + m0 * P.k;
   for (int64_t n = n0; n < n1; ++n) {
     const Row row{base + n * stride};
@@ -408,6 +412,101 @@ void prepare_activations(const float* x, int64_t m, int64_t k, const float* preq
   }
 }
 
+// SmoothQuant's INT8 activations times int8 weights, in integers, as an INT8 GEMM computes them: the activations'
+// integers r = clamp(round(x * prequant / act_scale), -128, 127) (the fake quantization's, before its multiply by
+// act_scale) times the weights' integers, 16-bit products summed in pairs into 32-bit lanes (vpmaddwd: exact, every
+// product at most 2^14), each group's integer sum converted once and multiplied by the group's scale, the row's sum
+// by act_scale. The float path multiplies the same values rounded after every product; this one is exact up to those
+// last three roundings. At one row it does a sixth of the float path's instructions per weight (no conversion of the
+// weights to float), and from three rows on half of the float path's vector-unit work per weight and row.
+
+// r for m rows of k values (k a multiple of 16), as int16 into `out`; false, with `out` incomplete, where an
+// activation is NaN (the float path carries NaN through; integers cannot). The division and rounding are
+// prepare_activations' (round half to even, then the clamp), so r * act_scale is its value.
+bool quantize_int8_activations(const float* x, int64_t m, int64_t k, const float* prequant, float s, int16_t* out) {
+  const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-128.f), hi = _mm256_set1_ps(127.f);
+  __m256 nan = _mm256_setzero_ps();
+  for (int64_t i = 0; i < m * k; i += 16) {
+    __m256i r[2];
+    for (int h = 0; h < 2; ++h) {
+      __m256 v = _mm256_loadu_ps(x + i + 8 * h);
+      if (prequant) v = _mm256_mul_ps(v, _mm256_loadu_ps(prequant + (i + 8 * h) % k));
+      nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      const __m256 q = _mm256_round_ps(_mm256_div_ps(v, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      r[h] = _mm256_cvtps_epi32(_mm256_min_ps(hi, _mm256_max_ps(lo, q)));  // integers in [-128, 127]: exact
+    }
+    // packs interleaves the two registers' 128-bit halves; the permute puts the 16 values back in order
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i),
+                        _mm256_permute4x64_epi64(_mm256_packs_epi32(r[0], r[1]), 0xD8));
+  }
+  return _mm256_movemask_ps(nan) == 0;
+}
+
+inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// Output rows [n0, n1) for activation rows [m0, m0 + B) of the integer product (xq: the rows' r, k per row; groups
+// of whole 32-value blocks). One 32-bit sum per row: each block adds four vpmaddwd results to it, so its chain is
+// one integer add long per step.
+template <int B>
+void int8_activation_rows(const Problem& P, const int16_t* xq, const int8_t* base, float act_scale, int64_t m0,
+                          int64_t n0, int64_t n1) {
+  const int64_t blocks = P.group / kBlock;
+  const int16_t* x = xq + m0 * P.k;
+  for (int64_t n = n0; n < n1; ++n) {
+    const Int8Row row{base + n * P.k};
+    float sum[B];
+    _Pragma("GCC unroll 8")
+    for (int b = 0; b < B; ++b) sum[b] = 0.f;
+    for (int64_t g = 0; g < P.groups; ++g) {
+      __m256i acc[B];
+      _Pragma("GCC unroll 8")
+      for (int b = 0; b < B; ++b) acc[b] = _mm256_setzero_si256();
+      for (int64_t i = 0; i < blocks; ++i) {
+        const int64_t k = (g * blocks + i) * kBlock;
+        prefetch_ahead(row, k);
+        const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row.p + k)));
+        const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row.p + k + 16)));
+        _Pragma("GCC unroll 8")
+        for (int b = 0; b < B; ++b) {
+          const int16_t* xb = x + b * P.k + k;
+          const __m256i p0 = _mm256_madd_epi16(w0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb)));
+          const __m256i p1 = _mm256_madd_epi16(w1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 16)));
+          acc[b] = _mm256_add_epi32(acc[b], _mm256_add_epi32(p0, p1));
+        }
+      }
+      const float s = P.scale[n * P.groups + g];
+      _Pragma("GCC unroll 8")
+      for (int b = 0; b < B; ++b) sum[b] += static_cast<float>(hsum_epi32(acc[b])) * s;
+    }
+    _Pragma("GCC unroll 8")
+    for (int b = 0; b < B; ++b) P.y[(m0 + b) * P.n + n] = sum[b] * act_scale + (P.bias ? P.bias[n] : 0.f);
+  }
+}
+
+void run_int8_activations(const Problem& P, const int16_t* xq, const int8_t* w, float act_scale) {
+  const int64_t grain = std::max<int64_t>(16, P.n / (4 * at::get_num_threads()));
+  for (int64_t m0 = 0; m0 < P.m; m0 += kMaxRows) {
+    const int64_t mb = std::min<int64_t>(kMaxRows, P.m - m0);
+    at::parallel_for(0, P.n, grain, [&](int64_t n0, int64_t n1) {
+      switch (mb) {
+        case 1: int8_activation_rows<1>(P, xq, w, act_scale, m0, n0, n1); break;
+        case 2: int8_activation_rows<2>(P, xq, w, act_scale, m0, n0, n1); break;
+        case 3: int8_activation_rows<3>(P, xq, w, act_scale, m0, n0, n1); break;
+        case 4: int8_activation_rows<4>(P, xq, w, act_scale, m0, n0, n1); break;
+        case 5: int8_activation_rows<5>(P, xq, w, act_scale, m0, n0, n1); break;
+        case 6: int8_activation_rows<6>(P, xq, w, act_scale, m0, n0, n1); break;
+        case 7: int8_activation_rows<7>(P, xq, w, act_scale, m0, n0, n1); break;
+        default: int8_activation_rows<8>(P, xq, w, act_scale, m0, n0, n1); break;
+      }
+    });
+  }
+}
+
 at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& weight, int64_t format, int64_t in_features,
                         const at::Tensor& scale, const c10::optional<at::Tensor>& zero,
                         const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& prequant,
@@ -425,13 +524,6 @@ at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& weight, int64_
   const float* xp = x.data_ptr<float>();
   const bool pre = prequant.has_value() && prequant->defined();
   const bool act = act_kind != 0 && act_scale.has_value() && act_scale->defined();
-  thread_local std::vector<float> prepared;
-  if (pre || act) {
-    prepared.resize(m * in_features);
-    prepare_activations(xp, m, in_features, pre ? prequant->data_ptr<float>() : nullptr,
-                        act ? act_scale->data_ptr<float>()[0] : 1.f, act ? act_kind : 0, prepared.data());
-    xp = prepared.data();
-  }
   sizes.back() = n;
   at::Tensor y = at::empty({m, n}, x.options());
   const bool has_zero = zero.has_value() && zero->defined();
@@ -439,6 +531,26 @@ at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& weight, int64_
   if (has_zero) TORCH_CHECK(zero->is_contiguous() && zero->sizes() == scale.sizes(), "quant_linear: zero shape");
   at::Tensor b = has_bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const int64_t group = in_features / groups;
+  const int64_t stride = weight.size(1);
+  if (format == 0 && act && act_kind == 1 && !has_zero && group % kBlock == 0) {  // SmoothQuant: in integers
+    TORCH_CHECK(weight.scalar_type() == at::kChar && stride == in_features, "quant_linear: int8 weight layout");
+    const float s = act_scale->data_ptr<float>()[0];
+    thread_local std::vector<int16_t> xq;
+    xq.resize(m * in_features);
+    if (quantize_int8_activations(xp, m, in_features, pre ? prequant->data_ptr<float>() : nullptr, s, xq.data())) {
+      const Problem P{nullptr, m, in_features, n, group, groups, scale.data_ptr<float>(), nullptr,
+                      has_bias ? b.data_ptr<float>() : nullptr, y.data_ptr<float>(), nullptr};
+      run_int8_activations(P, xq.data(), weight.data_ptr<int8_t>(), s);
+      return y.reshape(sizes);
+    }
+  }
+  thread_local std::vector<float> prepared;
+  if (pre || act) {
+    prepared.resize(m * in_features);
+    prepare_activations(xp, m, in_features, pre ? prequant->data_ptr<float>() : nullptr,
+                        act ? act_scale->data_ptr<float>()[0] : 1.f, act ? act_kind : 0, prepared.data());
+    xp = prepared.data();
+  }
   // the factored kernel's group sums, for its zero term and int4's offset: only the last pass over the weights can be
   // a factored one (every earlier pass has kMaxRows rows)
   const bool sums = (has_zero || format == 1) && factored_pass((m - 1) % kMaxRows + 1, group);
@@ -446,7 +558,6 @@ at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& weight, int64_
   Problem P{xp, m, in_features, n, group, groups, scale.data_ptr<float>(),
             has_zero ? zero->data_ptr<float>() : nullptr, has_bias ? b.data_ptr<float>() : nullptr,
             y.data_ptr<float>(), sums ? xsum.data() : nullptr};
-  const int64_t stride = weight.size(1);
   if (format == 0) {
     TORCH_CHECK(weight.scalar_type() == at::kChar && stride == in_features, "quant_linear: int8 weight layout");
     run<Int8Row>(P, weight.data_ptr<int8_t>(), stride);
@@ -828,7 +939,7 @@ at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& attn_norm, doubl
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  pybind11::class_<LinearOp>(m, "LinearOp")
+  pybind11::class_<LinearOp>(m, "LinearOp", pybind11::module_local())
       .def(pybind11::init([](at::Tensor weight, int64_t format, int64_t in_features, at::Tensor scale,
                              c10::optional<at::Tensor> zero, c10::optional<at::Tensor> bias,
                              c10::optional<at::Tensor> prequant, c10::optional<at::Tensor> act_scale,
