@@ -33,6 +33,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -305,40 +306,51 @@ void factored(const Problem& P, const typename Row::T* w, int64_t stride, int64_
 // Whether a pass over the weights with `mb` activation rows runs rows_kernel_factored (which reads Problem::xsum).
 inline bool factored_pass(int64_t mb, int64_t group) { return mb <= 2 && group % kBlock == 0; }
 
+// f(std::integral_constant<int, mb>()) for mb in 1 .. kMaxRows: a kernel templated on its row count, chosen per pass.
+template <class F>
+void with_rows(int64_t mb, F&& f) {
+  switch (mb) {
+    case 1: f(std::integral_constant<int, 1>()); break;
+    case 2: f(std::integral_constant<int, 2>()); break;
+    case 3: f(std::integral_constant<int, 3>()); break;
+    case 4: f(std::integral_constant<int, 4>()); break;
+    case 5: f(std::integral_constant<int, 5>()); break;
+    case 6: f(std::integral_constant<int, 6>()); break;
+    case 7: f(std::integral_constant<int, 7>()); break;
+    default: f(std::integral_constant<int, 8>()); break;
+  }
+}
+
 // The kernel for `mb` (1 to 8) activation rows: rows_kernel_factored at one or two rows where groups are whole
 // blocks (factored_pass), rows_kernel otherwise.
 template <class Row, bool kWholeBlocks>
 void rows(const Problem& P, const typename Row::T* w, int64_t stride, int64_t m0, int64_t n0, int64_t n1, int64_t mb) {
-  switch (mb) {
-    case 1:
-      if constexpr (kWholeBlocks) factored<1, Row>(P, w, stride, m0, n0, n1);
-      else rows_kernel<1, Row, false>(P, w, stride, m0, n0, n1);
-      break;
-    case 2:
-      if constexpr (kWholeBlocks) factored<2, Row>(P, w, stride, m0, n0, n1);
-      else rows_kernel<2, Row, false>(P, w, stride, m0, n0, n1);
-      break;
-    case 3: rows_kernel<3, Row, kWholeBlocks>(P, w, stride, m0, n0, n1); break;
-    case 4: rows_kernel<4, Row, kWholeBlocks>(P, w, stride, m0, n0, n1); break;
-    case 5: rows_kernel<5, Row, kWholeBlocks>(P, w, stride, m0, n0, n1); break;
-    case 6: rows_kernel<6, Row, kWholeBlocks>(P, w, stride, m0, n0, n1); break;
-    case 7: rows_kernel<7, Row, kWholeBlocks>(P, w, stride, m0, n0, n1); break;
-    default: rows_kernel<8, Row, kWholeBlocks>(P, w, stride, m0, n0, n1); break;
+  with_rows(mb, [&](auto rows) {
+    constexpr int B = decltype(rows)::value;
+    if constexpr (kWholeBlocks && B <= 2) factored<B, Row>(P, w, stride, m0, n0, n1);
+    else rows_kernel<B, Row, kWholeBlocks>(P, w, stride, m0, n0, n1);
+  });
+}
+
+// pass(m0, mb, n0, n1) for every pass over the weights (activation rows [m0, m0 + mb), at most kMaxRows), its output
+// rows split over torch's threads.
+template <class Pass>
+void over_passes(const Problem& P, Pass&& pass) {
+  // Enough rows per task that each thread streams a long contiguous stretch of weights.
+  const int64_t grain = std::max<int64_t>(16, P.n / (4 * at::get_num_threads()));
+  for (int64_t m0 = 0; m0 < P.m; m0 += kMaxRows) {
+    const int64_t mb = std::min<int64_t>(kMaxRows, P.m - m0);
+    at::parallel_for(0, P.n, grain, [&](int64_t n0, int64_t n1) { pass(m0, mb, n0, n1); });
   }
 }
 
 template <class Row>
 void run(const Problem& P, const typename Row::T* w, int64_t stride) {
-  // Enough rows per task that each thread streams a long contiguous stretch of weights.
-  const int64_t grain = std::max<int64_t>(16, P.n / (4 * at::get_num_threads()));
   const bool whole_blocks = P.group % kBlock == 0;
-  for (int64_t m0 = 0; m0 < P.m; m0 += kMaxRows) {
-    const int64_t mb = std::min<int64_t>(kMaxRows, P.m - m0);
-    at::parallel_for(0, P.n, grain, [&](int64_t n0, int64_t n1) {
-      if (whole_blocks) rows<Row, true>(P, w, stride, m0, n0, n1, mb);
-      else rows<Row, false>(P, w, stride, m0, n0, n1, mb);
-    });
-  }
+  over_passes(P, [&](int64_t m0, int64_t mb, int64_t n0, int64_t n1) {
+    if (whole_blocks) rows<Row, true>(P, w, stride, m0, n0, n1, mb);
+    else rows<Row, false>(P, w, stride, m0, n0, n1, mb);
+  });
 }
 
 // Sums of x over each group of each row, for the factored kernel (its zero term, and int4's offset): groups of whole
@@ -376,6 +388,12 @@ inline __m256 fp8_e4m3_round(__m256 v) {
   return _mm256_blendv_ps(out, v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
 }
 
+// round(v / s) clamped to [-128, 127]: the INT8 activation quantization's integers (round half to even), as floats.
+inline __m256 int8_levels(__m256 v, __m256 vs) {
+  const __m256 r = _mm256_round_ps(_mm256_div_ps(v, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm256_min_ps(_mm256_set1_ps(127.f), _mm256_max_ps(_mm256_set1_ps(-128.f), r));
+}
+
 // x * prequant, then the activation fake quantization, as the engine's Python path computes them, into `out`
 // (m x k floats): 8 values at a time, the rest of a row one at a time (the same float operations either way).
 // `out` is a per-thread scratch buffer rather than a new tensor: at batch 1 a tensor's clone costs more than this
@@ -391,8 +409,7 @@ void prepare_activations(const float* x, int64_t m, int64_t k, const float* preq
       __m256 v = _mm256_loadu_ps(xr + j);
       if (prequant) v = _mm256_mul_ps(v, _mm256_loadu_ps(prequant + j));
       if (act_kind == 1) {
-        const __m256 r = _mm256_round_ps(_mm256_div_ps(v, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        v = _mm256_mul_ps(_mm256_min_ps(_mm256_set1_ps(127.f), _mm256_max_ps(_mm256_set1_ps(-128.f), r)), vs);
+        v = _mm256_mul_ps(int8_levels(v, vs), vs);
       } else if (act_kind == 2) {
         v = _mm256_mul_ps(fp8_e4m3_round(_mm256_div_ps(v, vs)), vs);
       }
@@ -422,22 +439,23 @@ void prepare_activations(const float* x, int64_t m, int64_t k, const float* preq
 
 // r for m rows of k values (k a multiple of 16), as int16 into `out`; false, with `out` incomplete, where an
 // activation is NaN (the float path carries NaN through; integers cannot). The division and rounding are
-// prepare_activations' (round half to even, then the clamp), so r * act_scale is its value.
+// prepare_activations' (int8_levels), so r * act_scale is its value.
 bool quantize_int8_activations(const float* x, int64_t m, int64_t k, const float* prequant, float s, int16_t* out) {
-  const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-128.f), hi = _mm256_set1_ps(127.f);
+  const __m256 vs = _mm256_set1_ps(s);
   __m256 nan = _mm256_setzero_ps();
-  for (int64_t i = 0; i < m * k; i += 16) {
-    __m256i r[2];
-    for (int h = 0; h < 2; ++h) {
-      __m256 v = _mm256_loadu_ps(x + i + 8 * h);
-      if (prequant) v = _mm256_mul_ps(v, _mm256_loadu_ps(prequant + (i + 8 * h) % k));
-      nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-      const __m256 q = _mm256_round_ps(_mm256_div_ps(v, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      r[h] = _mm256_cvtps_epi32(_mm256_min_ps(hi, _mm256_max_ps(lo, q)));  // integers in [-128, 127]: exact
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < k; j += 16) {
+      __m256i r[2];
+      for (int h = 0; h < 2; ++h) {
+        __m256 v = _mm256_loadu_ps(x + i * k + j + 8 * h);
+        if (prequant) v = _mm256_mul_ps(v, _mm256_loadu_ps(prequant + j + 8 * h));
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        r[h] = _mm256_cvtps_epi32(int8_levels(v, vs));  // integers in [-128, 127]: exact
+      }
+      // packs interleaves the two registers' 128-bit halves; the permute puts the 16 values back in order
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * k + j),
+                          _mm256_permute4x64_epi64(_mm256_packs_epi32(r[0], r[1]), 0xD8));
     }
-    // packs interleaves the two registers' 128-bit halves; the permute puts the 16 values back in order
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i),
-                        _mm256_permute4x64_epi64(_mm256_packs_epi32(r[0], r[1]), 0xD8));
   }
   return _mm256_movemask_ps(nan) == 0;
 }
@@ -489,22 +507,9 @@ void int8_activation_rows(const Problem& P, const int16_t* xq, const int8_t* bas
 }
 
 void run_int8_activations(const Problem& P, const int16_t* xq, const int8_t* w, float act_scale) {
-  const int64_t grain = std::max<int64_t>(16, P.n / (4 * at::get_num_threads()));
-  for (int64_t m0 = 0; m0 < P.m; m0 += kMaxRows) {
-    const int64_t mb = std::min<int64_t>(kMaxRows, P.m - m0);
-    at::parallel_for(0, P.n, grain, [&](int64_t n0, int64_t n1) {
-      switch (mb) {
-        case 1: int8_activation_rows<1>(P, xq, w, act_scale, m0, n0, n1); break;
-        case 2: int8_activation_rows<2>(P, xq, w, act_scale, m0, n0, n1); break;
-        case 3: int8_activation_rows<3>(P, xq, w, act_scale, m0, n0, n1); break;
-        case 4: int8_activation_rows<4>(P, xq, w, act_scale, m0, n0, n1); break;
-        case 5: int8_activation_rows<5>(P, xq, w, act_scale, m0, n0, n1); break;
-        case 6: int8_activation_rows<6>(P, xq, w, act_scale, m0, n0, n1); break;
-        case 7: int8_activation_rows<7>(P, xq, w, act_scale, m0, n0, n1); break;
-        default: int8_activation_rows<8>(P, xq, w, act_scale, m0, n0, n1); break;
-      }
-    });
-  }
+  over_passes(P, [&](int64_t m0, int64_t mb, int64_t n0, int64_t n1) {
+    with_rows(mb, [&](auto rows) { int8_activation_rows<decltype(rows)::value>(P, xq, w, act_scale, m0, n0, n1); });
+  });
 }
 
 at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& weight, int64_t format, int64_t in_features,
