@@ -8,7 +8,7 @@ output error is trace(dW H dW^T). So AWQ's grid search needs no activation sampl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -26,6 +26,9 @@ class InputStats:
     hessian: torch.Tensor | None  # (in, in) sum of x x^T (float32), when the algorithm needs it
     tokens: int
     output_absmax: float = 0.0  # max |y| of the layer's output (the fused qkv output for INT8 KV-cache scales)
+    # What an algorithm derives from these statistics alone, computed once for every layer that reads this input
+    # (GPTQ's damped inverse factor: mlp.fc and mlp.gate share one).
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 def smoothquant_scales(weight: torch.Tensor, stats: InputStats, alpha: float) -> torch.Tensor:
@@ -119,17 +122,11 @@ def gptq_quantize(weight: torch.Tensor, stats: InputStats, bits: int, group_size
     rows, cols = weight.shape
     if cols % group_size:
         raise PipelineError(f"{what}: input width {cols} is not a multiple of quantization.group_size={group_size}")
+    if ("gptq", damp) not in stats.derived:
+        stats.derived["gptq", damp] = _damped_inverse_factor(stats.hessian, damp, what)
+    hinv, dead = stats.derived["gptq", damp]
     w = weight.double().clone()
-    h = stats.hessian.double().clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    h += torch.eye(cols, dtype=h.dtype) * damp * torch.diag(h).mean()
-    try:
-        hinv = inverse_upper_factor(h)
-    except torch.linalg.LinAlgError as e:
-        raise PipelineError(f"{what}: the calibration Hessian is not positive definite even with damping "
-                            f"{damp} ({e}); raise quantization.gptq_damp or calibrate on more tokens") from None
     umax = (1 << bits) - 1
     groups = cols // group_size
     # Work on W^T so that a column of W is one contiguous row: the per-column updates below touch contiguous memory.
@@ -161,6 +158,20 @@ def gptq_quantize(weight: torch.Tensor, stats: InputStats, bits: int, group_size
     # w ~ (q_u - z) * s = (q_u - offset) * s + (offset - z) * s
     zero_value = (offset - zero) * scale
     return q_signed, scale.float(), zero_value.float()
+
+
+def _damped_inverse_factor(hessian: torch.Tensor, damp: float, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's inverse factor of the damped Hessian (float64) and the mask of dead input channels (never activated
+    on the calibration set: their diagonal entry is set to 1, and their weights to 0)."""
+    h = hessian.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    h += torch.eye(h.shape[0], dtype=h.dtype) * damp * torch.diag(h).mean()
+    try:
+        return inverse_upper_factor(h), dead
+    except torch.linalg.LinAlgError as e:
+        raise PipelineError(f"{what}: the calibration Hessian is not positive definite even with damping "
+                            f"{damp} ({e}); raise quantization.gptq_damp or calibrate on more tokens") from None
 
 
 def inverse_upper_factor(h: torch.Tensor) -> torch.Tensor:

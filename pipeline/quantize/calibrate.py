@@ -69,9 +69,21 @@ class _Accumulator:
         out = {f"{prefix}.absmax": self.absmax, f"{prefix}.absmean": (self.abssum / max(self.tokens, 1)).float(),
                f"{prefix}.output_absmax": torch.tensor(self.output_absmax)}
         if self.hessian is not None:
-            lower = self.hessian.tril()
-            out[f"{prefix}.hessian"] = (lower + lower.tril(-1).t()).float()
+            out[f"{prefix}.hessian"] = self._symmetric_hessian()
         return out
+
+    def _symmetric_hessian(self) -> torch.Tensor:
+        """The float32 Hessian with its upper triangle mirrored from the lower one, after the one float64 -> float32
+        rounding (the values of mirroring in float64 first, in fewer passes over the matrix). `add` filled each block
+        column from its diagonal block down: the blocks right of a diagonal block are empty and take their
+        transposes; a diagonal block's GEMM computed both of its triangles, and the upper one, whose last bits may
+        differ, is replaced too (the result is exactly symmetric)."""
+        h = self.hessian.float()
+        for a, b in self.blocks:
+            h[a:b, b:] = h[b:, a:b].t()
+            diagonal = h[a:b, a:b]
+            diagonal.copy_(diagonal.tril() + diagonal.tril(-1).t())
+        return h
 
 
 class RecordingKernel(TorchKernel):

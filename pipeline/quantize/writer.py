@@ -44,6 +44,7 @@ class TargetQuantizer:
         self._key: tuple | None = None
         self._tensors: dict[str, Any] = {}
         self._smooth: dict[tuple, torch.Tensor] = {}
+        self._input_stats: dict[tuple, Any] = {}
 
     def whole(self, planned: PlannedTensor) -> list[torch.Tensor]:
         """The whole tensor(s) of a planned scheme tensor: one per part for ROWS tensors, else one."""
@@ -57,10 +58,15 @@ class TargetQuantizer:
         return list(value) if isinstance(value, (list, tuple)) else [value]
 
     def _stats(self, layer: int | None, module: str):
+        """The statistics of the input this module reads: one object for every module reading it (consecutive
+        targets), so that what an algorithm derives from them (`InputStats.derived`) is computed once."""
         if self.stats is None:
             return None
         _, local = _local_module(module)
-        return self.stats.input(layer, stats_key(local), hessian=self.scheme.stats == "hessian")
+        key = (layer, stats_key(local))
+        if key not in self._input_stats:
+            self._input_stats = {key: self.stats.input(layer, key[1], hessian=self.scheme.stats == "hessian")}
+        return self._input_stats[key]
 
     def _quantize(self, planned: PlannedTensor) -> dict[str, Any]:
         if self.scheme.algo in KEEPS_SOURCE_INTEGERS and self.read_prequantized is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from pipeline.quantize.algorithms import (InputStats, _asymmetric_grid, awq_scales, factored_output_error, gptq_quantize,
@@ -17,15 +18,22 @@ def _stats(cols: int, seed: int = 0) -> tuple[torch.Tensor, InputStats]:
     return x, InputStats(absmax=x.abs().amax(0), absmean=x.abs().mean(0), hessian=h, tokens=x.shape[0])
 
 
-def test_hessian_lower_blocks_equal_the_full_product():
-    x, _ = _stats(70)
-    acc = _Accumulator(70, hessian=True)
+@pytest.mark.parametrize("cols", [70, 3, 577])
+def test_hessian_lower_blocks_equal_the_full_product(cols):
+    x, _ = _stats(cols)
+    acc = _Accumulator(cols, hessian=True)
     for part in x.split(100):
         acc.add(part, part[:, :3])
     h = acc.tensors("m")["m.hessian"]
     ref = x.double().t() @ x.double()
     assert torch.equal(h, h.t())
     assert torch.allclose(h.double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    # the float32 mirror holds the values of mirroring the float64 lower triangle before rounding
+    lower = acc.hessian.tril()
+    assert torch.equal(h, (lower + lower.tril(-1).t()).float())
+    # whatever the upper triangle holds (a diagonal block's GEMM may leave other last bits there), the lower one wins
+    acc.hessian += torch.rand(cols, cols, dtype=torch.float64).triu(1)
+    assert torch.equal(acc.tensors("m")["m.hessian"], h)
 
 
 def _awq_reference_candidates(weight, stats, group_size, grid):

@@ -162,6 +162,36 @@ def test_gptq_beats_round_to_nearest_on_the_calibration_set(checkpoints, quant_m
     assert json.loads((checkpoints["W4A16_GPTQ", 1] / "quant_layout.json").read_text()) == {"gptq_sm": 80}
 
 
+def test_gptq_factors_each_input_once(quant_model, quant_stats, tmp_path, monkeypatch):
+    """mlp.fc and mlp.gate read one input: GPTQ's damped inverse factor is computed once for both (one per input of
+    each layer: qkv, dense, fc and gate, proj), and the checkpoint equals the one computed with a factor per module."""
+    from pipeline.quantize import algorithms
+    from pipeline.quantize.writer import TargetQuantizer
+
+    original, calls = algorithms._damped_inverse_factor, []
+    monkeypatch.setattr(algorithms, "_damped_inverse_factor",
+                        lambda h, damp, what: calls.append(what) or original(h, damp, what))
+    convert_quantized(quant_model, quant_stats, tmp_path / "shared", "W4A16_GPTQ")
+    inputs = [f"transformer.layers.{i}.{m}" for i in (0, 1)
+              for m in ("attention.qkv", "attention.dense", "mlp.fc", "mlp.proj")]
+    assert sorted(calls) == sorted(inputs)
+
+    calls.clear()
+    read_stats = TargetQuantizer._stats
+
+    def fresh_stats(self, layer, module):  # new statistics for every module: a factor per module
+        self._input_stats = {}
+        return read_stats(self, layer, module)
+
+    monkeypatch.setattr(TargetQuantizer, "_stats", fresh_stats)
+    convert_quantized(quant_model, quant_stats, tmp_path / "per_module", "W4A16_GPTQ")
+    assert len(calls) == len(inputs) + 2  # mlp.gate's own, in both layers
+    shared, per_module = (tensors(tmp_path / d / "rank0.safetensors") for d in ("shared", "per_module"))
+    assert shared.keys() == per_module.keys()
+    for name, value in shared.items():  # bit for bit: the packed weights' float16 containers hold NaN patterns
+        assert torch.equal(value.view(torch.uint8), per_module[name].view(torch.uint8)), name
+
+
 def test_smoothquant_formulas(checkpoints):
     t = tensors(checkpoints["W8A8_SQ_PER_CHANNEL", 1] / "rank0.safetensors")
     m = "transformer.layers.0.mlp.fc"
