@@ -125,7 +125,7 @@ def gptq_quantize(weight: torch.Tensor, stats: InputStats, bits: int, group_size
     if ("gptq", damp) not in stats.derived:
         stats.derived["gptq", damp] = _damped_inverse_factor(stats.hessian, damp, what)
     hinv, dead = stats.derived["gptq", damp]
-    w = weight.double().clone()
+    w = weight.to(torch.float64, copy=True)
     w[:, dead] = 0.0
     umax = (1 << bits) - 1
     groups = cols // group_size
@@ -163,10 +163,11 @@ def gptq_quantize(weight: torch.Tensor, stats: InputStats, bits: int, group_size
 def _damped_inverse_factor(hessian: torch.Tensor, damp: float, what: str) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ's inverse factor of the damped Hessian (float64) and the mask of dead input channels (never activated
     on the calibration set: their diagonal entry is set to 1, and their weights to 0)."""
-    h = hessian.double().clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    h += torch.eye(h.shape[0], dtype=h.dtype) * damp * torch.diag(h).mean()
+    h = hessian.to(torch.float64, copy=True)
+    diagonal = h.diagonal()
+    dead = diagonal == 0
+    diagonal[dead] = 1.0
+    diagonal += damp * diagonal.mean()  # H + damp * mean(diag H) * I, without forming I
     try:
         return inverse_upper_factor(h), dead
     except torch.linalg.LinAlgError as e:
@@ -193,10 +194,11 @@ def _upper_triangular_inverse(v: torch.Tensor, leaf: int = 128) -> torch.Tensor:
     half = n // 2
     a_inv = _upper_triangular_inverse(v[:half, :half], leaf)
     d_inv = _upper_triangular_inverse(v[half:, half:], leaf)
-    out = torch.zeros_like(v)
+    out = torch.empty_like(v)
     out[:half, :half] = a_inv
     out[half:, half:] = d_inv
     out[:half, half:] = -(a_inv @ v[:half, half:]) @ d_inv
+    out[half:, :half] = 0.0
     return out
 
 
