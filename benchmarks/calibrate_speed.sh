@@ -10,6 +10,7 @@
 set -euo pipefail
 before=$1 after=$2 quant=$3; shift 3
 repo=$(git rev-parse --show-toplevel)
+source "$(dirname "$0")/python.sh"
 work=$(mktemp -d)
 trap 'for c in before after; do git -C "$repo" worktree remove --force "$work/$c" 2>/dev/null || true; done; rm -rf "$work"' EXIT
 stages='[convert,build,evaluate]'
@@ -18,7 +19,7 @@ declare -A secs ppl
 for side in after before; do
   commit=${!side}
   git -C "$repo" worktree add --detach -q "$work/$side" "$commit"
-  (cd "$work/$side" && PYTHONPATH="$work/$side" python3 -m pipeline.cli progress=false cache_dir="$work/cache_$side" \
+  (cd "$work/$side" && PYTHONPATH="$work/$side" "$PY" -m pipeline.cli progress=false cache_dir="$work/cache_$side" \
       hydra.run.dir="$work/run_$side" +experiment=smollm2_quant_ppl quantization="$quant" "stages=$stages" "$@" \
       > "$work/$side.log" 2>&1) || { cat "$work/$side.log"; exit 1; }
   # the run summary's stage table: "<stage> computed <seconds> <artifact>"

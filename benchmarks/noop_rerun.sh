@@ -26,6 +26,7 @@ before=e801d3c
 if [ $# -gt 0 ] && [ "$1" != "--" ]; then before=$1; shift; fi
 [ "${1:-}" = "--" ] && shift
 repo=$(cd "$(dirname "$0")/.." && pwd)
+source "$repo/benchmarks/python.sh"
 mkdir -p "$work"
 work=$(cd "$work" && pwd)
 
@@ -38,11 +39,11 @@ if [ "$(cat "$work/before/.commit" 2>/dev/null)" != "$(git -C "$repo" rev-parse 
 fi
 declare -A tree=([before]="$work/before" [after]="$repo")
 for side in before after; do
-  python3 -m compileall -q "${tree[$side]}/pipeline" > /dev/null
+  "$PY" -m compileall -q "${tree[$side]}/pipeline" > /dev/null
 done
 
 cli() {  # cli SIDE LOG: one run of the recipe with SIDE's code and cache
-  (cd "$work" && PYTHONPATH="${tree[$1]}" trtllm-pipeline progress=false cache_dir="$work/cache_$1" \
+  (cd "$work" && PYTHONPATH="${tree[$1]}" "$BIN/trtllm-pipeline" progress=false cache_dir="$work/cache_$1" \
       hydra.run.dir="$work/run_$1" "${overrides[@]}" > "$2" 2>&1)
 }
 overrides=("$@")
