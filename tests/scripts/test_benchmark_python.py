@@ -1,4 +1,5 @@
-"""The shell benchmarks' interpreter (benchmarks/python.sh): $PYTHON when set, else the project's .venv, else python3;
+"""The shell benchmarks' interpreter (benchmarks/python.sh): $BENCH_PYTHON when set (not $PYTHON, which
+scripts/setup.sh reads as the interpreter to make .venv from), else the project's .venv, else python3;
 one that cannot import the pipeline's dependencies stops the benchmark with one line naming it."""
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ SOURCE = f'source "{REPO / "benchmarks" / "python.sh"}" && echo "$PY|$BIN"'
 
 
 def _run(env_python: str | None):
-    env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "BENCH_PYTHON")}
     if env_python is not None:
-        env["PYTHON"] = env_python
+        env["BENCH_PYTHON"] = env_python
     return subprocess.run(["bash", "-c", SOURCE], env=env, capture_output=True, text=True, timeout=120)
 
 
