@@ -8,7 +8,7 @@ elif [[ -x "$_repo/.venv/bin/python" ]]; then PY=$_repo/.venv/bin/python
 else PY=$(command -v python3)
 fi
 BIN=$(dirname "$PY")
-"$PY" -c "import hydra, torch" 2>/dev/null || {
+"$PY" -c "import hydra" 2>/dev/null || {
   echo "$PY cannot import the pipeline's dependencies: run scripts/setup.sh, or set BENCH_PYTHON to one that can" >&2
   exit 1
 }

@@ -26,8 +26,8 @@ class InputStats:
     hessian: torch.Tensor | None  # (in, in) sum of x x^T (float32), when the algorithm needs it
     tokens: int
     output_absmax: float = 0.0  # max |y| of the layer's output (the fused qkv output for INT8 KV-cache scales)
-    # What an algorithm derives from these statistics alone, computed once for every layer that reads this input
-    # (GPTQ's damped inverse factor: mlp.fc and mlp.gate share one).
+    # What is derived from these statistics, computed once for every layer that reads this input: GPTQ's damped
+    # inverse factor, the AWQ/SmoothQuant pre-quant factor (from them and the weights of every layer reading it).
     derived: dict = field(default_factory=dict, repr=False, compare=False)
 
 

@@ -43,7 +43,6 @@ class TargetQuantizer:
         self.kv_algo = kv_algo
         self._key: tuple | None = None
         self._tensors: dict[str, Any] = {}
-        self._smooth: dict[tuple, torch.Tensor] = {}
         self._input_stats: dict[tuple, Any] = {}
 
     def whole(self, planned: PlannedTensor) -> list[torch.Tensor]:
@@ -59,7 +58,7 @@ class TargetQuantizer:
 
     def _stats(self, layer: int | None, module: str):
         """The statistics of the input this module reads: one object for every module reading it (consecutive
-        targets), so that what an algorithm derives from them (`InputStats.derived`) is computed once."""
+        targets), so that what is derived from them (`InputStats.derived`) is computed once."""
         if self.stats is None:
             return None
         _, local = _local_module(module)
@@ -92,15 +91,16 @@ class TargetQuantizer:
                 "zero": [p.zero.to(self.settings.dtype) for p in pre]}
 
     def _prequant(self, planned: PlannedTensor, stats) -> torch.Tensor:
-        """1 / s of the input this module reads, in the model dtype, computed once for every module reading it."""
-        prefix, local = _local_module(planned.module)
-        key = (planned.layer, stats_key(local))
-        if key not in self._smooth:
-            weights = torch.cat([p.float() for t in self._sharing(planned, prefix, key[1])
+        """1 / s of the input this module reads, in the model dtype, computed once for every module reading it (kept
+        with the input's statistics)."""
+        if "prequant" not in stats.derived:
+            prefix, local = _local_module(planned.module)
+            input_key = stats_key(local)
+            weights = torch.cat([p.float() for t in self._sharing(planned, prefix, input_key)
                                  for p in self.read_parts(t.parts, planned.layer)], dim=0)
-            s = self.scheme.smooth(weights, stats, self.settings, f"{prefix}{key[1]}")
-            self._smooth = {key: (1.0 / s).to(self.settings.dtype).float()}
-        return self._smooth[key]
+            s = self.scheme.smooth(weights, stats, self.settings, f"{prefix}{input_key}")
+            stats.derived["prequant"] = (1.0 / s).to(self.settings.dtype).float()
+        return stats.derived["prequant"]
 
     def _sharing(self, planned: PlannedTensor, prefix: str, input_key: str) -> list[Target]:
         """The quantized linear targets of this layer that read the same input."""
