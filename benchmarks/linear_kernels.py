@@ -1,6 +1,7 @@
 """The CPU engine's linear kernels alone, on one decode step's worth of weights of the default model's shapes.
 
     python benchmarks/linear_kernels.py [--threads 2] [--layers 30] [--steps 10] [--before REV [--rounds 3]]
+                                        [--isas [--rounds 3]]
 
 Per layer SmolLM2-135M multiplies by four weights, (960, 576) qkv, (576, 576) dense, (3072, 576) fc+gate and
 (576, 1536) proj; `--layers` distinct random sets of them (30: the model's, 106 MB of float32 at one byte per
@@ -14,6 +15,10 @@ the same command (the figures are machine-dependent; the ratios compare across m
 this tree's flags, under its own module name in a temporary directory) and times both modules' calls on the same
 weights in the same process, alternately for `--rounds` rounds (best of each), with int4 in groups of 64 with zeros
 (GPTQ's form) added; it prints the after/before time ratio per format and batch.
+
+`--isas` compares, the same way, the weight kernels' AVX2 instance ("before") with their AVX-512 one ("after") in
+this tree's module, on a CPU with AVX-512. Without either flag the compiled kernels run their default instance
+(pipeline.runtime.native: the widest, or $TRTLLM_PIPELINE_NATIVE_ISA).
 """
 
 from __future__ import annotations
@@ -64,10 +69,31 @@ def kernels_of_revision(rev: str, into: Path):
         sys.exit(f"--before {rev}: no pipeline/runtime/native/quant_gemm.cpp there ({shown.stderr.decode().strip()})")
     source = into / "quant_gemm_before.cpp"
     source.write_bytes(shown.stdout)
-    name = "quant_gemm_before_" + hashlib.sha256(shown.stdout).hexdigest()[:12]
+    identity = hashlib.sha256(shown.stdout)
+    for header in native.HEADERS:  # the headers it includes, where the revision has them
+        text = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:{header.relative_to(REPO).as_posix()}"],
+                              capture_output=True)
+        if text.returncode == 0:
+            (into / header.name).write_bytes(text.stdout)
+            identity.update(text.stdout)
+    name = "quant_gemm_before_" + identity.hexdigest()[:12]
     print(f"building the compiled kernels of {rev} (about a minute)", file=sys.stderr)
     return cpp_extension.load(name=name, sources=[str(source)], extra_cflags=list(native.CFLAGS),
                               extra_ldflags=list(native.LDFLAGS), build_directory=str(into))
+
+
+class Instance:
+    """One instance (AVX2 or AVX-512) of a compiled module's weight kernels, for `compare`: the module's calls, after
+    `activate()` has set its instance."""
+
+    def __init__(self, module, isa: str):
+        self.module, self.isa = module, isa
+
+    def activate(self) -> None:
+        self.module.set_isa(self.isa)
+
+    def __getattr__(self, name):
+        return getattr(self.module, name)
 
 
 def compare(before, after, args) -> None:
@@ -86,6 +112,8 @@ def compare(before, after, args) -> None:
             xs = {k: torch.randn(batch, k) for k in {k for _, k in SHAPES}}
 
             def step(module):
+                if isinstance(module, Instance):
+                    module.activate()
                 for (w, k, s), z in zip(weights, zeros):
                     module.quant_linear(xs[k], w, code, k, s, z, None, factors[k], act_scale, act_kind)
 
@@ -103,7 +131,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=30)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--before", metavar="REV", help="compare with the compiled kernels of this git revision")
-    p.add_argument("--rounds", type=int, default=3, help="alternations of before and after (with --before)")
+    p.add_argument("--isas", action="store_true", help="compare the AVX2 and AVX-512 instances of the weight kernels")
+    p.add_argument("--rounds", type=int, default=3, help="alternations of before and after (--before, --isas)")
     args = p.parse_args()
     import torch
 
@@ -115,6 +144,11 @@ def main() -> None:
     kernels = native.load()
     if kernels is None:
         sys.exit("the compiled kernels of pipeline.runtime.native are not available here")
+    if args.isas:
+        if "avx512" not in kernels.supported_isas():
+            sys.exit("--isas: this CPU has no AVX-512, so the weight kernels have only their AVX2 instance here")
+        compare(Instance(kernels, "avx2"), Instance(kernels, "avx512"), args)
+        return
     if args.before:
         with tempfile.TemporaryDirectory(prefix="linear_kernels_") as tmp:
             compare(kernels_of_revision(args.before, Path(tmp)), kernels, args)

@@ -1,4 +1,5 @@
-"""The CPU engine's compiled kernels: weight-only quantized GEMV / small GEMM (`quant_gemm.cpp`, AVX2 + FMA + F16C).
+"""The CPU engine's compiled kernels: weight-only quantized GEMV / small GEMM (`quant_gemm.cpp`, AVX2 + FMA + F16C;
+its weight kernels, `weight_kernels.h`, also in an AVX-512 instance that runs where the CPU has AVX-512 F/BW/VL/DQ).
 
 The module is compiled from this package's own source by torch's extension builder (torch.utils.cpp_extension, the
 compiler and flags torch itself expects), once: `python -m pipeline.runtime.native build` (scripts/setup.sh runs it
@@ -7,6 +8,10 @@ source, the torch version and the flags, so an upgrade rebuilds and concurrent p
 builder locks the directory); later processes import the built module directly, needing neither compiler nor
 ninja. Where it cannot be built or loaded (no C++ compiler, no ninja, a CPU without AVX2/FMA, a failed compile),
 `load()` returns None after one line on stderr and the engine keeps torch's kernels.
+
+$TRTLLM_PIPELINE_NATIVE_ISA=avx2 keeps the weight kernels on their AVX2 instance where the CPU has AVX-512 (to
+compare the two, or to match an AVX2 machine's float32 rounding); unset (or `best`), they run the widest instance
+this CPU has. Asking for an instance the CPU lacks gives one line on stderr and the widest it has.
 
 The cache directory: $TRTLLM_PIPELINE_NATIVE_DIR if set, else the `native` folder of `<sys.prefix>/var/trtllm-pipeline`
 (the virtual environment's own tree) when writable, else the `native` folder of `~/.cache/trtllm-pipeline`.
@@ -22,9 +27,11 @@ import sys
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("quant_gemm.cpp")
+HEADERS = (Path(__file__).with_name("weight_kernels.h"),)  # included by SOURCE: part of the build's identity
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off")
 LDFLAGS = ("-fopenmp",)
 DISABLE_ENV = "TRTLLM_PIPELINE_NATIVE"  # "0": never build or load the compiled kernels
+ISA_ENV = "TRTLLM_PIPELINE_NATIVE_ISA"  # "avx2", "avx512" or "best" (the default): the weight kernels' instance
 
 
 @functools.cache
@@ -32,6 +39,8 @@ def _tag() -> str:
     import torch
 
     h = hashlib.sha256(SOURCE.read_bytes())
+    for header in HEADERS:
+        h.update(header.read_bytes())
     h.update(f"{torch.__version__}|{sys.version_info[:2]}|{' '.join(CFLAGS + LDFLAGS)}".encode())
     return h.hexdigest()[:12]
 
@@ -125,12 +134,27 @@ def load():
     if reason is None:
         try:
             built = _built()
-            if built is not None:
-                return _import_built(built)
-            print(f"building the quantized CPU kernels into {build_dir()} (once, about a minute)", file=sys.stderr)
-            return build()
+            if built is None:
+                print(f"building the quantized CPU kernels into {build_dir()} (once, about a minute)",
+                      file=sys.stderr)
+            return choose_isa(_import_built(built) if built is not None else build())
         except Exception as e:  # a compiler error, a missing header: the torch kernels still work
             reason = f"building them failed ({str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__})"
     if os.environ.get(DISABLE_ENV) != "0":
         print(f"note: compiled quantized kernels unavailable: {reason}; using torch's kernels", file=sys.stderr)
     return None
+
+
+def choose_isa(module, wanted: str | None = None):
+    """Set the weight kernels' instance from `wanted` (default: $TRTLLM_PIPELINE_NATIVE_ISA; unset or `best`: the
+    widest this CPU has); returns the module. An instance the CPU lacks, or an unknown name: one line on stderr and
+    the widest."""
+    wanted = (os.environ.get(ISA_ENV, "") if wanted is None else wanted).strip().lower() or "best"
+    supported = module.supported_isas()
+    if wanted not in (*supported, "best"):
+        known = "avx2, avx512 or best"
+        why = f"this CPU runs {', '.join(supported)}" if wanted in ("avx2", "avx512") else f"expected {known}"
+        print(f"note: {ISA_ENV}={wanted} ignored ({why}); using {supported[-1]}", file=sys.stderr)
+        wanted = "best"
+    module.set_isa(supported[-1] if wanted == "best" else wanted)
+    return module

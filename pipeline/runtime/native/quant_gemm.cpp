@@ -1,4 +1,5 @@
-// Weight-only quantized GEMV / small GEMM for the CPU engine (AVX2 + FMA + F16C), float32 activations.
+// Weight-only quantized GEMV / small GEMM for the CPU engine (AVX2 + FMA + F16C), float32 activations. The weight
+// kernels (weight_kernels.h) also have an AVX-512 instance, chosen at run time where the CPU has AVX-512 (Isa).
 //
 // y[m, n] = sum_k x'[m, k] * w[n, k] (+ bias[n]) with w[n, k] = q[n, k] * scale[n, g] (+ zero[n, g]), g = k / group:
 // from three activation rows on, each weight is dequantized exactly as the reference does (one float multiply, then
@@ -33,12 +34,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <type_traits>
 #include <vector>
 
 namespace {
 
-constexpr int kBlock = 32;     // values per vector step (4 AVX registers of 8 floats)
+constexpr int kBlock = 32;     // values per block of the weight kernels (4 AVX2 vectors, 2 AVX-512 ones)
 constexpr int kMaxRows = 8;    // activation rows per pass over the weights
 constexpr int64_t kChunkKeys = 256;  // keys per work item of the decode attention (64 KB of keys at 64 values)
 
@@ -48,87 +50,6 @@ inline float hsum(__m256 v) {
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
-
-struct Int8Row {
-  using T = int8_t;
-  const int8_t* p;
-  static constexpr float kUnit = 1.0f;
-  static constexpr int64_t kBlockBytes = 32;  // bytes of one 32-value block
-  static constexpr bool kOffset = false;
-  inline void decode(int64_t k, __m256 w[4]) const {
-    for (int c = 0; c < 4; ++c)
-      w[c] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + k + 8 * c))));
-  }
-  inline float at(int64_t k) const { return static_cast<float>(p[k]); }
-  inline const char* address(int64_t k) const { return reinterpret_cast<const char*>(p + k); }
-};
-
-struct Int4Row {
-  using T = uint8_t;
-  const uint8_t* p;
-  static constexpr float kUnit = 1.0f;
-  static constexpr int64_t kBlockBytes = 16;  // bytes of one 32-value block
-  // The factored kernel multiplies the stored values u = q + 8 (decode_offset) and subtracts 8 * sum(x) per group.
-  static constexpr bool kOffset = true;
-  // Bytes 0-7 and 8-15 of the block, each widened to 32-bit lanes by the load itself (vpmovzxbd m64): the low
-  // nibbles are values 0-15, the high ones 16-31; the mask or shift leaves one nibble per lane.
-  inline void decode_offset(int64_t k, __m256 w[4]) const {
-    const __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + k / 2)));
-    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + k / 2 + 8)));
-    const __m256i mask = _mm256_set1_epi32(0x0F);
-    w[0] = _mm256_cvtepi32_ps(_mm256_and_si256(a, mask));
-    w[1] = _mm256_cvtepi32_ps(_mm256_and_si256(b, mask));
-    w[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4));
-    w[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
-  }
-  inline void decode(int64_t k, __m256 w[4]) const {
-    decode_offset(k, w);
-    const __m256 eight = _mm256_set1_ps(8.f);
-    for (int c = 0; c < 4; ++c) w[c] = _mm256_sub_ps(w[c], eight);  // exact: small integers
-  }
-  inline const char* address(int64_t k) const { return reinterpret_cast<const char*>(p + k / 2); }
-  inline float at(int64_t k) const {
-    const int64_t j = k % kBlock;
-    const uint8_t b = p[(k - j) / 2 + (j & 15)];
-    return static_cast<float>((j < 16 ? (b & 15) : (b >> 4)) - 8);
-  }
-};
-
-// e4m3 -> fp16 bits: sign-extend the byte to 16 bits and shift left by 7: sign lands on bit 15, exponent and mantissa
-// on bits 7..13 (fp16 exponent bias 15 vs 7: the half value is the e4m3 value * 2^-8, exactly, subnormals included);
-// bit 14 then holds a copy of the sign and is cleared. The 2^8 goes into the scale (a power of two: exact).
-struct Fp8Row {
-  using T = uint8_t;
-  const uint8_t* p;
-  static constexpr float kUnit = 256.0f;
-  static constexpr int64_t kBlockBytes = 32;  // bytes of one 32-value block
-  static constexpr bool kOffset = false;
-  inline void decode(int64_t k, __m256 w[4]) const {
-    const __m128i keep = _mm_set1_epi16(static_cast<short>(0xBFFF));
-    for (int c = 0; c < 4; ++c) {
-      const __m128i b = _mm_cvtepi8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + k + 8 * c)));
-      w[c] = _mm256_cvtph_ps(_mm_and_si128(_mm_slli_epi16(b, 7), keep));
-    }
-  }
-  inline const char* address(int64_t k) const { return reinterpret_cast<const char*>(p + k); }
-  inline float at(int64_t k) const {
-    return static_cast<float>(c10::Float8_e4m3fn(p[k], c10::Float8_e4m3fn::from_bits())) / kUnit;
-  }
-};
-
-// Float32 weights (format 3, scale 1): the same streaming loop as a plain GEMV, for measurement against oneDNN.
-struct F32Row {
-  using T = float;
-  const float* p;
-  static constexpr float kUnit = 1.0f;
-  static constexpr int64_t kBlockBytes = 128;  // bytes of one 32-value block
-  static constexpr bool kOffset = false;
-  inline void decode(int64_t k, __m256 w[4]) const {
-    for (int c = 0; c < 4; ++c) w[c] = _mm256_loadu_ps(p + k + 8 * c);
-  }
-  inline float at(int64_t k) const { return p[k]; }
-  inline const char* address(int64_t k) const { return reinterpret_cast<const char*>(p + k); }
-};
 
 // Software prefetch of the weights kPrefetchBytes ahead of the block being read (a hint per 64-byte line of the
 // block; a hint past the end of a matrix is harmless). The hardware prefetchers alone left an 8-row pass streaming
@@ -158,151 +79,6 @@ struct Problem {
   const float* xsum;   // (m, groups) sums of x over each group where the factored kernel needs them, or null
 };
 
-// Rows [n0, n1) of the output for activation rows [m0, m0 + B).
-// The loops over activation rows and 8-value chunks are unrolled by pragma: GCC otherwise unrolls them after its
-// scalar replacement of the accumulator arrays, leaves the arrays on the stack and stores every accumulator on every
-// block (a store-to-load round trip in each FMA chain: half the speed at one row). `kWholeBlocks` (every group a
-// whole number of 32-value blocks, as for groups of 64 or 128) compiles the kernel without the scalar tail: with the
-// tail's code in the group loop GCC moved all eight rows' accumulators to the stack and back at every group.
-template <int B, class Row, bool kWholeBlocks>
-void rows_kernel(const Problem& P, const typename Row::T* base, int64_t stride, int64_t m0, int64_t n0, int64_t n1) {
-  // Independent accumulators per activation row (FMA latency), as many as the 16 vector registers allow.
-  constexpr int kChains = B <= 2 ? 4 : B <= 4 ? 2 : 1;
-  const float* x = P.x + m0 * P.k;
-  for (int64_t n = n0; n < n1; ++n) {
-    const Row row{base + n * stride};
-    __m256 acc[B][kChains];
-    float tail[B];
-    _Pragma("GCC unroll 8")
-    for (int b = 0; b < B; ++b) {
-      tail[b] = 0.f;
-      _Pragma("GCC unroll 8")
-      for (int c = 0; c < kChains; ++c) acc[b][c] = _mm256_setzero_ps();
-    }
-    for (int64_t g = 0; g < P.groups; ++g) {
-      const int64_t k0 = g * P.group, k1 = k0 + P.group;
-      const float s = P.scale[n * P.groups + g];
-      const float z = P.zero ? P.zero[n * P.groups + g] : 0.f;
-      const __m256 vs = _mm256_set1_ps(s * Row::kUnit), vz = _mm256_set1_ps(z);
-      int64_t k = k0;
-      if (kWholeBlocks || k0 % kBlock == 0) {
-        for (; k + kBlock <= k1; k += kBlock) {
-          prefetch_ahead(row, k);
-          __m256 w[4];
-          row.decode(k, w);
-          _Pragma("GCC unroll 8")
-          for (int c = 0; c < 4; ++c) {
-            w[c] = _mm256_mul_ps(w[c], vs);
-            if (P.zero) w[c] = _mm256_add_ps(w[c], vz);
-            _Pragma("GCC unroll 8")
-            for (int b = 0; b < B; ++b)
-              acc[b][c % kChains] = _mm256_fmadd_ps(w[c], _mm256_loadu_ps(x + b * P.k + k + 8 * c), acc[b][c % kChains]);
-          }
-        }
-      }
-      if constexpr (!kWholeBlocks) {
-        for (; k < k1; ++k) {
-          float w = row.at(k) * (s * Row::kUnit);
-          if (P.zero) w = w + z;
-          _Pragma("GCC unroll 8")
-          for (int b = 0; b < B; ++b) tail[b] += w * x[b * P.k + k];
-        }
-      }
-    }
-    _Pragma("GCC unroll 8")
-    for (int b = 0; b < B; ++b) {
-      __m256 a = acc[b][0];
-      _Pragma("GCC unroll 8")
-      for (int c = 1; c < kChains; ++c) a = _mm256_add_ps(a, acc[b][c]);
-      P.y[(m0 + b) * P.n + n] = hsum(a) + tail[b] + (P.bias ? P.bias[n] : 0.f);
-    }
-  }
-}
-
-// One or two activation rows (decode steps), groups of whole blocks: each group's scale multiplies the group's sum of
-// q * x once, and its zero multiplies the group's sum of x (precomputed per call): s * sum(q x) + z * sum(x) is the
-// reference's sum((q s + z) x) in exact arithmetic, rounded in another order like any change of summation order. At
-// one row the per-weight multiply of rows_kernel is a third of the work of a weight, which is what bounds it there;
-// from three rows on a decoded block serves enough rows that rows_kernel's dequantization costs little.
-// int4 (Row::kOffset) multiplies the stored values q + 8 and starts each group's sum at -8 * sum(x): one integer
-// subtraction fewer per weight, at one row a fifth of the instructions of a weight; the sum is s * (sum((q + 8) x) -
-// 8 sum(x)), again the same in exact arithmetic (its rounding error is bounded by a few units of float32 in
-// sum(|x|) s, as before).
-// `kGroupBlocks` (2 or 4: groups of 64 or 128) fixes the blocks per group at compile time, so that the block loop
-// is unrolled into the group's; 0 reads it from the problem.
-template <int B, class Row, int kGroupBlocks>
-void rows_kernel_factored(const Problem& P, const typename Row::T* base, int64_t stride, int64_t m0, int64_t n0,
-                          int64_t n1) {
-  // Two independent sums per row: each group starts new ones, so consecutive groups overlap in the core and two
-  // chains hide the FMA latency; more would cost vector adds per group. Groups of other sizes (kGroupBlocks 0) are
-  // mostly one group per row (per-channel scales: W4A16, W8A16, FP8), a chain as long as the row: at one row four
-  // sums keep the FMA units busy (30 layers of the default model's shapes, 2-core AMD EPYC: 0.79x the time with
-  // two in int4, 0.89x in int8, 0.94x in FP8; groups of 64 and two rows unchanged).
-  constexpr int kChains = (kGroupBlocks == 0 && B == 1) ? 4 : 2;
-  const float* x = P.x + m0 * P.k;
-  for (int64_t n = n0; n < n1; ++n) {
-    const Row row{base + n * stride};
-    const float* scale = P.scale + n * P.groups;
-    __m256 acc[B];
-    float zero_term[B];
-    _Pragma("GCC unroll 8")
-    for (int b = 0; b < B; ++b) {
-      acc[b] = _mm256_setzero_ps();
-      zero_term[b] = 0.f;
-    }
-    for (int64_t g = 0; g < P.groups; ++g) {
-      __m256 part[B][kChains];
-      _Pragma("GCC unroll 8")
-      for (int b = 0; b < B; ++b) {
-        _Pragma("GCC unroll 8")
-        for (int c = 0; c < kChains; ++c) part[b][c] = _mm256_setzero_ps();
-        if constexpr (Row::kOffset)  // lane 0 of the first chain starts at -8 * sum(x)
-          part[b][0] = _mm256_zextps128_ps256(_mm_set_ss(-8.f * P.xsum[(m0 + b) * P.groups + g]));
-      }
-      const int64_t blocks = kGroupBlocks ? kGroupBlocks : P.group / kBlock;
-      _Pragma("GCC unroll 4")
-      for (int64_t i = 0; i < blocks; ++i) {
-        const int64_t k = g * P.group + i * kBlock;
-        prefetch_ahead(row, k);
-        __m256 w[4];
-        if constexpr (Row::kOffset) row.decode_offset(k, w);
-        else row.decode(k, w);
-        _Pragma("GCC unroll 8")
-        for (int c = 0; c < 4; ++c) {
-          _Pragma("GCC unroll 8")
-          for (int b = 0; b < B; ++b)
-            part[b][c % kChains] = _mm256_fmadd_ps(w[c], _mm256_loadu_ps(x + b * P.k + k + 8 * c), part[b][c % kChains]);
-        }
-      }
-      const __m256 vs = _mm256_set1_ps(scale[g] * Row::kUnit);
-      _Pragma("GCC unroll 8")
-      for (int b = 0; b < B; ++b) {
-        __m256 sum = part[b][0];
-        _Pragma("GCC unroll 8")
-        for (int c = 1; c < kChains; ++c) sum = _mm256_add_ps(sum, part[b][c]);
-        acc[b] = _mm256_fmadd_ps(sum, vs, acc[b]);
-      }
-      if (P.zero) {
-        const float z = P.zero[n * P.groups + g];
-        _Pragma("GCC unroll 8")
-        for (int b = 0; b < B; ++b) zero_term[b] += z * P.xsum[(m0 + b) * P.groups + g];
-      }
-    }
-    _Pragma("GCC unroll 8")
-    for (int b = 0; b < B; ++b) P.y[(m0 + b) * P.n + n] = hsum(acc[b]) + zero_term[b] + (P.bias ? P.bias[n] : 0.f);
-  }
-}
-
-// rows_kernel_factored for this problem's group size.
-template <int B, class Row>
-void factored(const Problem& P, const typename Row::T* w, int64_t stride, int64_t m0, int64_t n0, int64_t n1) {
-  switch (P.group) {
-    case 2 * kBlock: rows_kernel_factored<B, Row, 2>(P, w, stride, m0, n0, n1); break;
-    case 4 * kBlock: rows_kernel_factored<B, Row, 4>(P, w, stride, m0, n0, n1); break;
-    default: rows_kernel_factored<B, Row, 0>(P, w, stride, m0, n0, n1); break;
-  }
-}
-
 // Whether a pass over the weights with `mb` activation rows runs rows_kernel_factored (which reads Problem::xsum).
 inline bool factored_pass(int64_t mb, int64_t group) { return mb <= 2 && group % kBlock == 0; }
 
@@ -321,17 +97,6 @@ void with_rows(int64_t mb, F&& f) {
   }
 }
 
-// The kernel for `mb` (1 to 8) activation rows: rows_kernel_factored at one or two rows where groups are whole
-// blocks (factored_pass), rows_kernel otherwise.
-template <class Row, bool kWholeBlocks>
-void rows(const Problem& P, const typename Row::T* w, int64_t stride, int64_t m0, int64_t n0, int64_t n1, int64_t mb) {
-  with_rows(mb, [&](auto rows) {
-    constexpr int B = decltype(rows)::value;
-    if constexpr (kWholeBlocks && B <= 2) factored<B, Row>(P, w, stride, m0, n0, n1);
-    else rows_kernel<B, Row, kWholeBlocks>(P, w, stride, m0, n0, n1);
-  });
-}
-
 // pass(m0, mb, n0, n1) for every pass over the weights (activation rows [m0, m0 + mb), at most kMaxRows), its output
 // rows split over torch's threads.
 template <class Pass>
@@ -344,13 +109,68 @@ void over_passes(const Problem& P, Pass&& pass) {
   }
 }
 
-template <class Row>
-void run(const Problem& P, const typename Row::T* w, int64_t stride) {
-  const bool whole_blocks = P.group % kBlock == 0;
-  over_passes(P, [&](int64_t m0, int64_t mb, int64_t n0, int64_t n1) {
-    if (whole_blocks) rows<Row, true>(P, w, stride, m0, n0, n1, mb);
-    else rows<Row, false>(P, w, stride, m0, n0, n1, mb);
-  });
+inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// The weight kernels (weight_kernels.h) in two instances: AVX2 (this module's flags) and AVX-512 (F/BW/VL/DQ, by a
+// target pragma: GCC compiles the functions defined between push_options and pop_options for it), one chosen per
+// call by `active_isa` (see Isa). Other compilers build the AVX2 instance only.
+#define QG_LANES 8
+namespace avx2 {
+#include "weight_kernels.h"
+}  // namespace avx2
+#undef QG_LANES
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define QG_HAVE_AVX512 1
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
+#define QG_LANES 16
+namespace avx512 {
+#include "weight_kernels.h"
+}  // namespace avx512
+#undef QG_LANES
+#pragma GCC pop_options
+#else
+#define QG_HAVE_AVX512 0
+#endif
+
+// Which instance quant_linear runs: the widest this CPU and its OS support (AVX-512 needs F, BW, VL and DQ, and the
+// OS saving the 512-bit registers, which __builtin_cpu_supports checks), unless set_isa chose another. The two give
+// the same result up to float32 rounding (their sums are split over 8 or 16 lanes); SmoothQuant's integer product
+// gives the same bits in both.
+enum class Isa { kAvx2, kAvx512 };
+
+bool cpu_has_avx512() {
+#if QG_HAVE_AVX512
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#else
+  return false;
+#endif
+}
+
+Isa& active_isa() {
+  static Isa isa = cpu_has_avx512() ? Isa::kAvx512 : Isa::kAvx2;
+  return isa;
+}
+
+void run_format(int64_t format, const Problem& P, const void* w, int64_t stride) {
+#if QG_HAVE_AVX512
+  if (active_isa() == Isa::kAvx512) return avx512::run_format(format, P, w, stride);
+#endif
+  avx2::run_format(format, P, w, stride);
+}
+
+void run_int8_activations(const Problem& P, const int16_t* xq, const int8_t* w, float act_scale) {
+#if QG_HAVE_AVX512
+  if (active_isa() == Isa::kAvx512) return avx512::run_int8_activations(P, xq, w, act_scale);
+#endif
+  avx2::run_int8_activations(P, xq, w, act_scale);
 }
 
 // Sums of x over each group of each row, for the factored kernel (its zero term, and int4's offset): groups of whole
@@ -460,58 +280,6 @@ bool quantize_int8_activations(const float* x, int64_t m, int64_t k, const float
   return _mm256_movemask_ps(nan) == 0;
 }
 
-inline int32_t hsum_epi32(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-  return _mm_cvtsi128_si32(s);
-}
-
-// Output rows [n0, n1) for activation rows [m0, m0 + B) of the integer product (xq: the rows' r, k per row; groups
-// of whole 32-value blocks). One 32-bit sum per row: each block adds four vpmaddwd results to it, so its chain is
-// one integer add long per step.
-template <int B>
-void int8_activation_rows(const Problem& P, const int16_t* xq, const int8_t* base, float act_scale, int64_t m0,
-                          int64_t n0, int64_t n1) {
-  const int64_t blocks = P.group / kBlock;
-  const int16_t* x = xq + m0 * P.k;
-  for (int64_t n = n0; n < n1; ++n) {
-    const Int8Row row{base + n * P.k};
-    float sum[B];
-    _Pragma("GCC unroll 8")
-    for (int b = 0; b < B; ++b) sum[b] = 0.f;
-    for (int64_t g = 0; g < P.groups; ++g) {
-      __m256i acc[B];
-      _Pragma("GCC unroll 8")
-      for (int b = 0; b < B; ++b) acc[b] = _mm256_setzero_si256();
-      for (int64_t i = 0; i < blocks; ++i) {
-        const int64_t k = (g * blocks + i) * kBlock;
-        prefetch_ahead(row, k);
-        const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row.p + k)));
-        const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row.p + k + 16)));
-        _Pragma("GCC unroll 8")
-        for (int b = 0; b < B; ++b) {
-          const int16_t* xb = x + b * P.k + k;
-          const __m256i p0 = _mm256_madd_epi16(w0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb)));
-          const __m256i p1 = _mm256_madd_epi16(w1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 16)));
-          acc[b] = _mm256_add_epi32(acc[b], _mm256_add_epi32(p0, p1));
-        }
-      }
-      const float s = P.scale[n * P.groups + g];
-      _Pragma("GCC unroll 8")
-      for (int b = 0; b < B; ++b) sum[b] += static_cast<float>(hsum_epi32(acc[b])) * s;
-    }
-    _Pragma("GCC unroll 8")
-    for (int b = 0; b < B; ++b) P.y[(m0 + b) * P.n + n] = sum[b] * act_scale + (P.bias ? P.bias[n] : 0.f);
-  }
-}
-
-void run_int8_activations(const Problem& P, const int16_t* xq, const int8_t* w, float act_scale) {
-  over_passes(P, [&](int64_t m0, int64_t mb, int64_t n0, int64_t n1) {
-    with_rows(mb, [&](auto rows) { int8_activation_rows<decltype(rows)::value>(P, xq, w, act_scale, m0, n0, n1); });
-  });
-}
-
 at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& weight, int64_t format, int64_t in_features,
                         const at::Tensor& scale, const c10::optional<at::Tensor>& zero,
                         const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& prequant,
@@ -565,18 +333,18 @@ at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& weight, int64_
             y.data_ptr<float>(), sums ? xsum.data() : nullptr};
   if (format == 0) {
     TORCH_CHECK(weight.scalar_type() == at::kChar && stride == in_features, "quant_linear: int8 weight layout");
-    run<Int8Row>(P, weight.data_ptr<int8_t>(), stride);
+    run_format(0, P, weight.data_ptr<int8_t>(), stride);
   } else if (format == 1) {
     TORCH_CHECK(weight.scalar_type() == at::kByte && stride == (in_features + kBlock - 1) / kBlock * (kBlock / 2),
                 "quant_linear: int4 weight layout");
-    run<Int4Row>(P, weight.data_ptr<uint8_t>(), stride);
+    run_format(1, P, weight.data_ptr<uint8_t>(), stride);
   } else if (format == 3) {
     TORCH_CHECK(weight.scalar_type() == at::kFloat && stride == in_features, "quant_linear: float32 weight layout");
-    run<F32Row>(P, weight.data_ptr<float>(), stride);
+    run_format(3, P, weight.data_ptr<float>(), stride);
   } else {
     TORCH_CHECK(format == 2 && weight.scalar_type() == at::kByte && stride == in_features,
                 "quant_linear: fp8 weight layout");
-    run<Fp8Row>(P, weight.data_ptr<uint8_t>(), stride);
+    run_format(2, P, weight.data_ptr<uint8_t>(), stride);
   }
   return y.reshape(sizes);
 }
@@ -913,6 +681,20 @@ void gptq_columns(at::Tensor wb, const at::Tensor& hb, at::Tensor q, at::Tensor 
   });
 }
 
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> isas{"avx2"};
+  if (cpu_has_avx512()) isas.push_back("avx512");
+  return isas;
+}
+
+std::string isa_name() { return active_isa() == Isa::kAvx512 ? "avx512" : "avx2"; }
+
+void set_isa(const std::string& name) {
+  TORCH_CHECK(name == "avx2" || name == "avx512", "set_isa: 'avx2' or 'avx512' expected, got '", name, "'");
+  TORCH_CHECK(name == "avx2" || cpu_has_avx512(), "set_isa: this CPU (or its OS) lacks AVX-512 F/BW/VL/DQ");
+  active_isa() = name == "avx512" ? Isa::kAvx512 : Isa::kAvx2;
+}
+
 // One linear layer's quant_linear arguments, bound once at load (pipeline.runtime: QuantLinear.native_op,
 // NativeFloatLinear.native_op), so that decoder_layer takes four of them rather than forty arguments.
 struct LinearOp {
@@ -957,4 +739,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "float32 RMSNorm of the last dim, times weight");
   m.def("decode_attention", &decode_attention, "RoPE, KV-cache write and causal attention for a few positions");
   m.def("gptq_columns", &gptq_columns, "GPTQ's column loop over part of one block, in float64");
+  m.def("supported_isas", &supported_isas, "the instruction sets the weight kernels have an instance for on this CPU");
+  m.def("isa", &isa_name, "the instruction set quant_linear's weight kernels run now");
+  m.def("set_isa", &set_isa, "run the weight kernels' instance for this instruction set ('avx2' or 'avx512')");
 }

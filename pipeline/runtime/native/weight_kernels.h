@@ -1,0 +1,404 @@
+// The weight kernels of quant_gemm.cpp, written once for a vector width and included twice by it: in namespace avx2
+// (8 float lanes, the module's -mavx2 -mfma -mf16c) and in namespace avx512 (16 lanes, compiled for AVX-512
+// F/BW/VL/DQ by a target pragma), one of which quant_linear calls per the CPU (see quant_gemm.cpp: Isa).
+// QG_LANES (8 or 16) chooses the width; everything here is in terms of `V`, its vector operations. The avx2 instance
+// is the code the module had before the avx512 one was added, operation for operation, so the same bits.
+//
+// Not a standalone header: quant_gemm.cpp defines Problem, kBlock, prefetch_ahead, with_rows, over_passes and
+// factored_pass before including it, inside the namespace of each instance.
+
+#if QG_LANES == 8
+struct V {
+  using F = __m256;
+  using I = __m256i;
+  static constexpr int kLanes = 8;
+  static inline F zero() { return _mm256_setzero_ps(); }
+  static inline F set1(float v) { return _mm256_set1_ps(v); }
+  static inline F load(const float* p) { return _mm256_loadu_ps(p); }
+  static inline F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static inline F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  static inline F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static inline F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static inline float sum(F v) { return hsum(v); }
+  static inline F first_lane(float v) { return _mm256_zextps128_ps256(_mm_set_ss(v)); }
+  // 8 int8 values at p as floats (exact)
+  static inline F int8_values(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+  // A 32-value int4 block (16 bytes, see quant_gemm.cpp: format 1) as its stored values q + 8, in 4 vectors: bytes
+  // 0-7 and 8-15, each widened to 32-bit lanes by the load itself (vpmovzxbd m64); the low nibbles are values 0-15,
+  // the high ones 16-31, and the mask or shift leaves one nibble per lane.
+  static inline void int4_offset_values(const uint8_t* p, F w[4]) {
+    const __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8)));
+    const __m256i mask = _mm256_set1_epi32(0x0F);
+    w[0] = _mm256_cvtepi32_ps(_mm256_and_si256(a, mask));
+    w[1] = _mm256_cvtepi32_ps(_mm256_and_si256(b, mask));
+    w[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4));
+    w[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+  }
+  // 8 e4m3 bytes at p as their values * 2^-8 (see Fp8Row)
+  static inline F fp8_values(const uint8_t* p) {
+    const __m128i b = _mm_cvtepi8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_cvtph_ps(_mm_and_si128(_mm_slli_epi16(b, 7), _mm_set1_epi16(static_cast<short>(0xBFFF))));
+  }
+  // The integer product of int8_activation_rows: 32 weights as int16, 16 per register.
+  static constexpr int kIntRegs = 2;
+  static inline I izero() { return _mm256_setzero_si256(); }
+  static inline I int8_as_int16(const int8_t* p) {
+    return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static inline I load_int16(const int16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static inline I madd(I a, I b) { return _mm256_madd_epi16(a, b); }
+  static inline I iadd(I a, I b) { return _mm256_add_epi32(a, b); }
+  static inline int32_t isum(I v) { return hsum_epi32(v); }
+};
+#elif QG_LANES == 16
+struct V {
+  using F = __m512;
+  using I = __m512i;
+  static constexpr int kLanes = 16;
+  static inline F zero() { return _mm512_setzero_ps(); }
+  static inline F set1(float v) { return _mm512_set1_ps(v); }
+  static inline F load(const float* p) { return _mm512_loadu_ps(p); }
+  static inline F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static inline F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+  static inline F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static inline F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static inline float sum(F v) { return _mm512_reduce_add_ps(v); }
+  static inline F first_lane(float v) { return _mm512_zextps128_ps512(_mm_set_ss(v)); }
+  static inline F int8_values(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  // The block's 16 bytes widened to 16 lanes in one load: low nibbles are values 0-15, high ones 16-31.
+  static inline void int4_offset_values(const uint8_t* p, F w[2]) {
+    const __m512i a = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    w[0] = _mm512_cvtepi32_ps(_mm512_and_si512(a, _mm512_set1_epi32(0x0F)));
+    w[1] = _mm512_cvtepi32_ps(_mm512_srli_epi32(a, 4));
+  }
+  static inline F fp8_values(const uint8_t* p) {
+    const __m256i b = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm512_cvtph_ps(_mm256_and_si256(_mm256_slli_epi16(b, 7), _mm256_set1_epi16(static_cast<short>(0xBFFF))));
+  }
+  static constexpr int kIntRegs = 1;
+  static inline I izero() { return _mm512_setzero_si512(); }
+  static inline I int8_as_int16(const int8_t* p) {
+    return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static inline I load_int16(const int16_t* p) { return _mm512_loadu_si512(p); }
+  static inline I madd(I a, I b) { return _mm512_madd_epi16(a, b); }
+  static inline I iadd(I a, I b) { return _mm512_add_epi32(a, b); }
+  static inline int32_t isum(I v) { return _mm512_reduce_add_epi32(v); }
+};
+#else
+#error "QG_LANES must be 8 or 16"
+#endif
+
+constexpr int kVecs = kBlock / V::kLanes;  // vectors per 32-value block
+
+struct Int8Row {
+  using T = int8_t;
+  const int8_t* p;
+  static constexpr float kUnit = 1.0f;
+  static constexpr int64_t kBlockBytes = 32;  // bytes of one 32-value block
+  static constexpr bool kOffset = false;
+  inline void decode(int64_t k, V::F w[kVecs]) const {
+    for (int c = 0; c < kVecs; ++c) w[c] = V::int8_values(p + k + V::kLanes * c);
+  }
+  inline float at(int64_t k) const { return static_cast<float>(p[k]); }
+  inline const char* address(int64_t k) const { return reinterpret_cast<const char*>(p + k); }
+};
+
+struct Int4Row {
+  using T = uint8_t;
+  const uint8_t* p;
+  static constexpr float kUnit = 1.0f;
+  static constexpr int64_t kBlockBytes = 16;  // bytes of one 32-value block
+  // The factored kernel multiplies the stored values u = q + 8 (decode_offset) and subtracts 8 * sum(x) per group.
+  static constexpr bool kOffset = true;
+  inline void decode_offset(int64_t k, V::F w[kVecs]) const { V::int4_offset_values(p + k / 2, w); }
+  inline void decode(int64_t k, V::F w[kVecs]) const {
+    decode_offset(k, w);
+    const V::F eight = V::set1(8.f);
+    for (int c = 0; c < kVecs; ++c) w[c] = V::sub(w[c], eight);  // exact: small integers
+  }
+  inline const char* address(int64_t k) const { return reinterpret_cast<const char*>(p + k / 2); }
+  inline float at(int64_t k) const {
+    const int64_t j = k % kBlock;
+    const uint8_t b = p[(k - j) / 2 + (j & 15)];
+    return static_cast<float>((j < 16 ? (b & 15) : (b >> 4)) - 8);
+  }
+};
+
+// e4m3 -> fp16 bits: sign-extend the byte to 16 bits and shift left by 7: sign lands on bit 15, exponent and mantissa
+// on bits 7..13 (fp16 exponent bias 15 vs 7: the half value is the e4m3 value * 2^-8, exactly, subnormals included);
+// bit 14 then holds a copy of the sign and is cleared. The 2^8 goes into the scale (a power of two: exact).
+struct Fp8Row {
+  using T = uint8_t;
+  const uint8_t* p;
+  static constexpr float kUnit = 256.0f;
+  static constexpr int64_t kBlockBytes = 32;  // bytes of one 32-value block
+  static constexpr bool kOffset = false;
+  inline void decode(int64_t k, V::F w[kVecs]) const {
+    for (int c = 0; c < kVecs; ++c) w[c] = V::fp8_values(p + k + V::kLanes * c);
+  }
+  inline const char* address(int64_t k) const { return reinterpret_cast<const char*>(p + k); }
+  inline float at(int64_t k) const {
+    return static_cast<float>(c10::Float8_e4m3fn(p[k], c10::Float8_e4m3fn::from_bits())) / kUnit;
+  }
+};
+
+// Float32 weights (format 3, scale 1): the same streaming loop as a plain GEMV, for measurement against oneDNN.
+struct F32Row {
+  using T = float;
+  const float* p;
+  static constexpr float kUnit = 1.0f;
+  static constexpr int64_t kBlockBytes = 128;  // bytes of one 32-value block
+  static constexpr bool kOffset = false;
+  inline void decode(int64_t k, V::F w[kVecs]) const {
+    for (int c = 0; c < kVecs; ++c) w[c] = V::load(p + k + V::kLanes * c);
+  }
+  inline float at(int64_t k) const { return p[k]; }
+  inline const char* address(int64_t k) const { return reinterpret_cast<const char*>(p + k); }
+};
+
+// Rows [n0, n1) of the output for activation rows [m0, m0 + B).
+// The loops over activation rows and vectors are unrolled by pragma: GCC otherwise unrolls them after its scalar
+// replacement of the accumulator arrays, leaves the arrays on the stack and stores every accumulator on every block
+// (a store-to-load round trip in each FMA chain: half the speed at one row). `kWholeBlocks` (every group a whole
+// number of 32-value blocks, as for groups of 64 or 128) compiles the kernel without the scalar tail: with the tail's
+// code in the group loop GCC moved all eight rows' accumulators to the stack and back at every group.
+template <int B, class Row, bool kWholeBlocks>
+void rows_kernel(const Problem& P, const typename Row::T* base, int64_t stride, int64_t m0, int64_t n0, int64_t n1) {
+  // Independent accumulators per activation row (FMA latency), as many as the 16 vector registers allow (a block has
+  // kVecs vectors: AVX-512's two serve at most two chains).
+  constexpr int kChains = std::min(B <= 2 ? 4 : B <= 4 ? 2 : 1, kVecs);
+  const float* x = P.x + m0 * P.k;
+  for (int64_t n = n0; n < n1; ++n) {
+    const Row row{base + n * stride};
+    V::F acc[B][kChains];
+    float tail[B];
+    _Pragma("GCC unroll 8")
+    for (int b = 0; b < B; ++b) {
+      tail[b] = 0.f;
+      _Pragma("GCC unroll 8")
+      for (int c = 0; c < kChains; ++c) acc[b][c] = V::zero();
+    }
+    for (int64_t g = 0; g < P.groups; ++g) {
+      const int64_t k0 = g * P.group, k1 = k0 + P.group;
+      const float s = P.scale[n * P.groups + g];
+      const float z = P.zero ? P.zero[n * P.groups + g] : 0.f;
+      const V::F vs = V::set1(s * Row::kUnit), vz = V::set1(z);
+      int64_t k = k0;
+      if (kWholeBlocks || k0 % kBlock == 0) {
+        for (; k + kBlock <= k1; k += kBlock) {
+          prefetch_ahead(row, k);
+          V::F w[kVecs];
+          row.decode(k, w);
+          _Pragma("GCC unroll 8")
+          for (int c = 0; c < kVecs; ++c) {
+            w[c] = V::mul(w[c], vs);
+            if (P.zero) w[c] = V::add(w[c], vz);
+            _Pragma("GCC unroll 8")
+            for (int b = 0; b < B; ++b)
+              acc[b][c % kChains] = V::fmadd(w[c], V::load(x + b * P.k + k + V::kLanes * c), acc[b][c % kChains]);
+          }
+        }
+      }
+      if constexpr (!kWholeBlocks) {
+        for (; k < k1; ++k) {
+          float w = row.at(k) * (s * Row::kUnit);
+          if (P.zero) w = w + z;
+          _Pragma("GCC unroll 8")
+          for (int b = 0; b < B; ++b) tail[b] += w * x[b * P.k + k];
+        }
+      }
+    }
+    _Pragma("GCC unroll 8")
+    for (int b = 0; b < B; ++b) {
+      V::F a = acc[b][0];
+      _Pragma("GCC unroll 8")
+      for (int c = 1; c < kChains; ++c) a = V::add(a, acc[b][c]);
+      P.y[(m0 + b) * P.n + n] = V::sum(a) + tail[b] + (P.bias ? P.bias[n] : 0.f);
+    }
+  }
+}
+
+// One or two activation rows (decode steps), groups of whole blocks: each group's scale multiplies the group's sum of
+// q * x once, and its zero multiplies the group's sum of x (precomputed per call): s * sum(q x) + z * sum(x) is the
+// reference's sum((q s + z) x) in exact arithmetic, rounded in another order like any change of summation order. At
+// one row the per-weight multiply of rows_kernel is a third of the work of a weight, which is what bounds it there;
+// from three rows on a decoded block serves enough rows that rows_kernel's dequantization costs little.
+// int4 (Row::kOffset) multiplies the stored values q + 8 and starts each group's sum at -8 * sum(x): one integer
+// subtraction fewer per weight, at one row a fifth of the instructions of a weight; the sum is s * (sum((q + 8) x) -
+// 8 sum(x)), again the same in exact arithmetic (its rounding error is bounded by a few units of float32 in
+// sum(|x|) s, as before).
+// `kGroupBlocks` (2 or 4: groups of 64 or 128) fixes the blocks per group at compile time, so that the block loop
+// is unrolled into the group's; 0 reads it from the problem.
+template <int B, class Row, int kGroupBlocks>
+void rows_kernel_factored(const Problem& P, const typename Row::T* base, int64_t stride, int64_t m0, int64_t n0,
+                          int64_t n1) {
+  // Two independent sums per row: each group starts new ones, so consecutive groups overlap in the core and two
+  // chains hide the FMA latency; more would cost vector adds per group. Groups of other sizes (kGroupBlocks 0) are
+  // mostly one group per row (per-channel scales: W4A16, W8A16, FP8), a chain as long as the row: at one row four
+  // sums keep the FMA units busy (30 layers of the default model's shapes, 2-core AMD EPYC: 0.79x the time with
+  // two in int4, 0.89x in int8, 0.94x in FP8; groups of 64 and two rows unchanged).
+  constexpr int kChains = (kGroupBlocks == 0 && B == 1) ? 4 : 2;
+  // Blocks per step of the block loop, so that each chain gets a vector of every step: 1 where a block has a vector
+  // per chain (AVX2's four), 2 at four chains of AVX-512's two vectors a block (an odd last block takes one step).
+  constexpr int kStep = kChains > kVecs ? kChains / kVecs : 1;
+  const float* x = P.x + m0 * P.k;
+  for (int64_t n = n0; n < n1; ++n) {
+    const Row row{base + n * stride};
+    const float* scale = P.scale + n * P.groups;
+    V::F acc[B];
+    float zero_term[B];
+    _Pragma("GCC unroll 8")
+    for (int b = 0; b < B; ++b) {
+      acc[b] = V::zero();
+      zero_term[b] = 0.f;
+    }
+    for (int64_t g = 0; g < P.groups; ++g) {
+      V::F part[B][kChains];
+      _Pragma("GCC unroll 8")
+      for (int b = 0; b < B; ++b) {
+        _Pragma("GCC unroll 8")
+        for (int c = 0; c < kChains; ++c) part[b][c] = V::zero();
+        if constexpr (Row::kOffset)  // lane 0 of the first chain starts at -8 * sum(x)
+          part[b][0] = V::first_lane(-8.f * P.xsum[(m0 + b) * P.groups + g]);
+      }
+      // `steps` blocks of this group, from block i on, each vector into chain (s * kVecs + c) % kChains
+      auto blocks_into_chains = [&](int64_t i, auto steps) {
+        constexpr int kSteps = decltype(steps)::value;
+        _Pragma("GCC unroll 8")
+        for (int s = 0; s < kSteps; ++s) {
+          const int64_t k = g * P.group + (i + s) * kBlock;
+          prefetch_ahead(row, k);
+          V::F w[kVecs];
+          if constexpr (Row::kOffset) row.decode_offset(k, w);
+          else row.decode(k, w);
+          _Pragma("GCC unroll 8")
+          for (int c = 0; c < kVecs; ++c) {
+            _Pragma("GCC unroll 8")
+            for (int b = 0; b < B; ++b) {
+              V::F& chain = part[b][(s * kVecs + c) % kChains];
+              chain = V::fmadd(w[c], V::load(x + b * P.k + k + V::kLanes * c), chain);
+            }
+          }
+        }
+      };
+      const int64_t blocks = kGroupBlocks ? kGroupBlocks : P.group / kBlock;
+      int64_t i = 0;
+      _Pragma("GCC unroll 4")
+      for (; i + kStep <= blocks; i += kStep) blocks_into_chains(i, std::integral_constant<int, kStep>());
+      if constexpr (kStep > 1) {
+        for (; i < blocks; ++i) blocks_into_chains(i, std::integral_constant<int, 1>());
+      }
+      const V::F vs = V::set1(scale[g] * Row::kUnit);
+      _Pragma("GCC unroll 8")
+      for (int b = 0; b < B; ++b) {
+        V::F sum = part[b][0];
+        _Pragma("GCC unroll 8")
+        for (int c = 1; c < kChains; ++c) sum = V::add(sum, part[b][c]);
+        acc[b] = V::fmadd(sum, vs, acc[b]);
+      }
+      if (P.zero) {
+        const float z = P.zero[n * P.groups + g];
+        _Pragma("GCC unroll 8")
+        for (int b = 0; b < B; ++b) zero_term[b] += z * P.xsum[(m0 + b) * P.groups + g];
+      }
+    }
+    _Pragma("GCC unroll 8")
+    for (int b = 0; b < B; ++b) P.y[(m0 + b) * P.n + n] = V::sum(acc[b]) + zero_term[b] + (P.bias ? P.bias[n] : 0.f);
+  }
+}
+
+// rows_kernel_factored for this problem's group size.
+template <int B, class Row>
+void factored(const Problem& P, const typename Row::T* w, int64_t stride, int64_t m0, int64_t n0, int64_t n1) {
+  switch (P.group) {
+    case 2 * kBlock: rows_kernel_factored<B, Row, 2>(P, w, stride, m0, n0, n1); break;
+    case 4 * kBlock: rows_kernel_factored<B, Row, 4>(P, w, stride, m0, n0, n1); break;
+    default: rows_kernel_factored<B, Row, 0>(P, w, stride, m0, n0, n1); break;
+  }
+}
+
+// The kernel for `mb` (1 to 8) activation rows: rows_kernel_factored at one or two rows where groups are whole
+// blocks (factored_pass), rows_kernel otherwise.
+template <class Row, bool kWholeBlocks>
+void rows(const Problem& P, const typename Row::T* w, int64_t stride, int64_t m0, int64_t n0, int64_t n1, int64_t mb) {
+  with_rows(mb, [&](auto rows) {
+    constexpr int B = decltype(rows)::value;
+    if constexpr (kWholeBlocks && B <= 2) factored<B, Row>(P, w, stride, m0, n0, n1);
+    else rows_kernel<B, Row, kWholeBlocks>(P, w, stride, m0, n0, n1);
+  });
+}
+
+template <class Row>
+void run(const Problem& P, const typename Row::T* w, int64_t stride) {
+  const bool whole_blocks = P.group % kBlock == 0;
+  over_passes(P, [&](int64_t m0, int64_t mb, int64_t n0, int64_t n1) {
+    if (whole_blocks) rows<Row, true>(P, w, stride, m0, n0, n1, mb);
+    else rows<Row, false>(P, w, stride, m0, n0, n1, mb);
+  });
+}
+
+// y = x W^T for weights of `format` (0 int8, 1 int4, 2 fp8, 3 float32; see quant_gemm.cpp), layouts checked by the
+// caller.
+void run_format(int64_t format, const Problem& P, const void* w, int64_t stride) {
+  switch (format) {
+    case 0: run<Int8Row>(P, static_cast<const int8_t*>(w), stride); break;
+    case 1: run<Int4Row>(P, static_cast<const uint8_t*>(w), stride); break;
+    case 2: run<Fp8Row>(P, static_cast<const uint8_t*>(w), stride); break;
+    default: run<F32Row>(P, static_cast<const float*>(w), stride); break;
+  }
+}
+
+// Output rows [n0, n1) for activation rows [m0, m0 + B) of SmoothQuant's integer product (xq: the rows' r, k per
+// row; groups of whole 32-value blocks; see quant_gemm.cpp: quantize_int8_activations). One 32-bit sum per row: each
+// block adds its vpmaddwd results to it, so its chain is one integer add long per step. The sums are exact, so both
+// instances give the same bits.
+template <int B>
+void int8_activation_rows(const Problem& P, const int16_t* xq, const int8_t* base, float act_scale, int64_t m0,
+                          int64_t n0, int64_t n1) {
+  constexpr int kPer = kBlock / V::kIntRegs;  // int16 values per register
+  const int64_t blocks = P.group / kBlock;
+  const int16_t* x = xq + m0 * P.k;
+  for (int64_t n = n0; n < n1; ++n) {
+    const Int8Row row{base + n * P.k};
+    float sum[B];
+    _Pragma("GCC unroll 8")
+    for (int b = 0; b < B; ++b) sum[b] = 0.f;
+    for (int64_t g = 0; g < P.groups; ++g) {
+      V::I acc[B];
+      _Pragma("GCC unroll 8")
+      for (int b = 0; b < B; ++b) acc[b] = V::izero();
+      for (int64_t i = 0; i < blocks; ++i) {
+        const int64_t k = (g * blocks + i) * kBlock;
+        prefetch_ahead(row, k);
+        V::I w[V::kIntRegs];
+        _Pragma("GCC unroll 2")
+        for (int r = 0; r < V::kIntRegs; ++r) w[r] = V::int8_as_int16(row.p + k + kPer * r);
+        _Pragma("GCC unroll 8")
+        for (int b = 0; b < B; ++b) {
+          const int16_t* xb = x + b * P.k + k;
+          V::I p = V::madd(w[0], V::load_int16(xb));
+          _Pragma("GCC unroll 2")
+          for (int r = 1; r < V::kIntRegs; ++r) p = V::iadd(p, V::madd(w[r], V::load_int16(xb + kPer * r)));
+          acc[b] = V::iadd(acc[b], p);
+        }
+      }
+      const float s = P.scale[n * P.groups + g];
+      _Pragma("GCC unroll 8")
+      for (int b = 0; b < B; ++b) sum[b] += static_cast<float>(V::isum(acc[b])) * s;
+    }
+    _Pragma("GCC unroll 8")
+    for (int b = 0; b < B; ++b) P.y[(m0 + b) * P.n + n] = sum[b] * act_scale + (P.bias ? P.bias[n] : 0.f);
+  }
+}
+
+void run_int8_activations(const Problem& P, const int16_t* xq, const int8_t* w, float act_scale) {
+  over_passes(P, [&](int64_t m0, int64_t mb, int64_t n0, int64_t n1) {
+    with_rows(mb, [&](auto rows) { int8_activation_rows<decltype(rows)::value>(P, xq, w, act_scale, m0, n0, n1); });
+  });
+}
