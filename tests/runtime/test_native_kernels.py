@@ -1,7 +1,8 @@
 """The compiled quantized kernels (pipeline.runtime.native) compute the reference: the weights dequantized exactly
 (q * scale + zero, pipeline.quantize.numerics) times the activations after prequant and INT8/FP8 fake quantization,
-on awkward shapes (odd group counts, tp-split widths, widths not multiples of the SIMD width, batch 1..11); and a
-machine without a compiler falls back to torch's kernels with one line."""
+on awkward shapes (odd group counts, tp-split widths, widths not multiples of the SIMD width, batch 1..11), in each
+instance of the weight kernels this CPU runs (AVX2 everywhere, AVX-512 where the CPU has it); and a machine without a
+compiler falls back to torch's kernels with one line."""
 
 from __future__ import annotations
 
@@ -37,6 +38,17 @@ def kernels():
     return module
 
 
+@pytest.fixture(params=["avx2", "avx512"])
+def isa(request, kernels):
+    """The weight kernels' instance under test, set for the test and restored after it."""
+    if request.param not in kernels.supported_isas():
+        pytest.skip(f"this CPU has no {request.param.upper()} (its instances: {', '.join(kernels.supported_isas())})")
+    default = kernels.isa()
+    kernels.set_isa(request.param)
+    yield request.param
+    kernels.set_isa(default)
+
+
 def quantized(fmt: str, n: int, k: int, groups: int, zero: bool, act: str | None) -> EngineQuant:
     g = torch.Generator().manual_seed(n * 1000 + k)
     if fmt == "int8":
@@ -63,7 +75,7 @@ def reference(w: EngineQuant, x: torch.Tensor, act: str | None, bias: torch.Tens
 
 @pytest.mark.parametrize("fmt", ["int8", "int4", "fp8"])
 @pytest.mark.parametrize("zero,act", [(False, None), (True, None), (False, "int8"), (True, "fp8")])
-def test_native_kernel_equals_reference_dequantization(kernels, fmt, zero, act):
+def test_native_kernel_equals_reference_dequantization(kernels, isa, fmt, zero, act):
     for n, k, groups in SHAPES:
         w = quantized(fmt, n, k, groups, zero, act)
         linear = QuantLinear(w, act, torch.float32, True, OneDnnKernel())
@@ -79,7 +91,7 @@ def test_native_kernel_equals_reference_dequantization(kernels, fmt, zero, act):
             assert err <= 2e-6 * want.abs().max().item(), (n, k, groups, batch, err)
 
 
-def test_fp8_decoding_covers_every_byte(kernels):
+def test_fp8_decoding_covers_every_byte(kernels, isa):
     """Each e4m3 byte (normals, subnormals, both zeros, +-448) decodes to its value: y = x @ W^T with x = identity."""
     codes = torch.arange(256, dtype=torch.uint8)
     codes[(codes & 0x7F) == 0x7F] = 0  # the two NaN codes: never in a checkpoint (values saturate to +-448)
@@ -110,7 +122,7 @@ def activation_cases(act: str, scale: float) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("act,k", [("int8", 203), ("int8", 224), ("fp8", 203)])
-def test_activation_quantization_is_torchs_bits(kernels, act, k):
+def test_activation_quantization_is_torchs_bits(kernels, isa, act, k):
     """The compiled activation quantization (8 values at a time, then one at a time for the rest of a row) equals
     torch's, bit for bit: y = fake_quant(x * prequant) through identity int8 weights, rows of 203 values (25 vectors
     and 3 more), one and two rows a call. INT8 rows of 224 values (7 blocks of 32) take the integer product, whose
@@ -146,7 +158,7 @@ def integer_product(w: EngineQuant, x: torch.Tensor, bias: torch.Tensor | None) 
 
 
 @pytest.mark.parametrize("groups", [1, 3, 18])
-def test_smoothquant_multiplies_integers_exactly(kernels, groups):
+def test_smoothquant_multiplies_integers_exactly(kernels, isa, groups):
     """INT8 activations (SmoothQuant) times int8 weights in groups of whole 32-value blocks: the integers are
     multiplied and summed exactly (to float32 only per group, bit for bit what `integer_product` computes, which the
     float path's rounding after every product would not give). Weights and activations reach -128 (one 16-bit
@@ -166,7 +178,7 @@ def test_smoothquant_multiplies_integers_exactly(kernels, groups):
         assert torch.equal(linear(x, bias), integer_product(w, x, bias)), batch
 
 
-def test_smoothquant_keeps_nan_through_the_float_path(kernels):
+def test_smoothquant_keeps_nan_through_the_float_path(kernels, isa):
     """Integers have no NaN: a call whose activations hold one computes in floats, and the row gets NaN as the
     reference's does; the other rows are the reference's."""
     w = quantized("int8", 16, 64, 2, False, "int8")
@@ -177,6 +189,73 @@ def test_smoothquant_keeps_nan_through_the_float_path(kernels):
     assert got[1].isnan().all() and not got[[0, 2]].isnan().any()
     want = reference(w, x, "int8", None)
     assert torch.allclose(got[[0, 2]].double(), want[[0, 2]], rtol=0, atol=2e-6 * want[[0, 2]].abs().max().item())
+
+
+def test_float32_gemv_equals_the_product(kernels, isa):
+    """The plain float32 format (the `native` kernel's GEMV at decode batch sizes) in each instance: widths that are
+    not a multiple of a block (20, 100), batch 1 to 11."""
+    g = torch.Generator().manual_seed(5)
+    for n, k in [(13, 20), (40, 384), (17, 100), (64, 1536)]:
+        w = torch.randn(n, k, generator=g)
+        for batch in (1, 2, 3, 8, 11):
+            x = torch.randn(batch, k, generator=g)
+            got = kernels.quant_linear(x, w, 3, k, torch.ones(n, 1), None, None, None, None, 0)
+            want = x.double() @ w.double().T
+            assert (got.double() - want).abs().max().item() <= 2e-6 * want.abs().max().item(), (n, k, batch)
+
+
+class FakeModule:
+    """The ISA calls of the compiled module, for a CPU with the given instances."""
+
+    def __init__(self, supported):
+        self.supported, self.chosen = supported, None
+
+    def supported_isas(self):
+        return list(self.supported)
+
+    def set_isa(self, name):
+        self.chosen = name
+
+
+@pytest.mark.parametrize("env,supported,chosen,notice", [
+    (None, ["avx2", "avx512"], "avx512", None), ("best", ["avx2"], "avx2", None),
+    ("AVX2", ["avx2", "avx512"], "avx2", None), ("avx512", ["avx2"], "avx2", "this CPU runs avx2"),
+    ("sse4", ["avx2", "avx512"], "avx512", "expected avx2, avx512 or best")])
+def test_isa_choice_follows_the_environment(monkeypatch, capsys, env, supported, chosen, notice):
+    """Unset or `best`: the widest instance; a name the CPU lacks, or no instance's name: one line, then the widest."""
+    if env is None:
+        monkeypatch.delenv(native.ISA_ENV, raising=False)
+    else:
+        monkeypatch.setenv(native.ISA_ENV, env)
+    module = FakeModule(supported)
+    assert native.choose_isa(module) is module and module.chosen == chosen
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [] if notice is None else (len(err) == 1 and notice in err[0] and native.ISA_ENV in err[0]), err
+
+
+def test_both_instances_agree_on_a_decode_step(kernels):
+    """AVX-512 against AVX2 on the same calls: float32 rounding apart (their sums are split over 16 or 8 lanes), and
+    SmoothQuant's integer product bit for bit."""
+    if "avx512" not in kernels.supported_isas():
+        pytest.skip("this CPU has no AVX-512: the AVX2 instance is the only one")
+    default = kernels.isa()
+    try:
+        for fmt, act in [("int4", None), ("int8", None), ("fp8", "fp8"), ("int8", "int8")]:
+            w = quantized(fmt, 96, 576, 9, False, act)
+            linear = QuantLinear(w, act, torch.float32, True, OneDnnKernel())
+            x = torch.randn(8, 576)
+            out = {}
+            for isa in ("avx2", "avx512"):
+                kernels.set_isa(isa)
+                out[isa] = torch.cat([linear(x[:1]), linear(x[:2]), linear(x)])
+            if act == "int8":
+                assert torch.equal(out["avx2"], out["avx512"])
+            else:
+                scale = out["avx2"].abs().max().item()
+                assert (out["avx2"] - out["avx512"]).abs().max().item() <= 2e-6 * scale, fmt
+                assert not torch.equal(out["avx2"], out["avx512"])  # the instances did differ: both ran
+    finally:
+        kernels.set_isa(default)
 
 
 def test_int4_padding_and_torch_kernel_stay_on_the_exact_path(kernels):
