@@ -118,13 +118,13 @@ inline int32_t hsum_epi32(__m256i v) {
 
 // The weight kernels (weight_kernels.h) in two instances: AVX2 (this module's flags) and AVX-512 (F/BW/VL/DQ, by a
 // target pragma: GCC compiles the functions defined between push_options and pop_options for it), one chosen per
-// call by `active_isa` (see Isa). Other compilers build the AVX2 instance only.
+// call by `active_isa` (see Isa). Other compilers, and GCC before 10, build the AVX2 instance only.
 #define QG_LANES 8
 namespace avx2 {
 #include "weight_kernels.h"
 }  // namespace avx2
 #undef QG_LANES
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 10 && defined(__x86_64__)
 #define QG_HAVE_AVX512 1
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
