@@ -7,92 +7,85 @@
 // Not a standalone header: quant_gemm.cpp defines Problem, kBlock, prefetch_ahead, with_rows, over_passes and
 // factored_pass before including it, inside the namespace of each instance.
 
+// One source for both widths: QG_OP names a full-width operation (_mm256_add_ps, _mm512_add_ps), QG_SI a
+// full-width integer one (_mm256_and_si256, _mm512_and_si512), QG_HALF and QG_HALF_SI the half-width ones that
+// work on the stored bytes before they are widened. What differs in form is written per width below.
 #if QG_LANES == 8
-struct V {
-  using F = __m256;
-  using I = __m256i;
-  static constexpr int kLanes = 8;
-  static inline F zero() { return _mm256_setzero_ps(); }
-  static inline F set1(float v) { return _mm256_set1_ps(v); }
-  static inline F load(const float* p) { return _mm256_loadu_ps(p); }
-  static inline F add(F a, F b) { return _mm256_add_ps(a, b); }
-  static inline F sub(F a, F b) { return _mm256_sub_ps(a, b); }
-  static inline F mul(F a, F b) { return _mm256_mul_ps(a, b); }
-  static inline F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
-  static inline float sum(F v) { return hsum(v); }
-  static inline F first_lane(float v) { return _mm256_zextps128_ps256(_mm_set_ss(v)); }
-  // 8 int8 values at p as floats (exact)
-  static inline F int8_values(const int8_t* p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-  }
-  // A 32-value int4 block (16 bytes, see quant_gemm.cpp: format 1) as its stored values q + 8, in 4 vectors: bytes
-  // 0-7 and 8-15, each widened to 32-bit lanes by the load itself (vpmovzxbd m64); the low nibbles are values 0-15,
-  // the high ones 16-31, and the mask or shift leaves one nibble per lane.
-  static inline void int4_offset_values(const uint8_t* p, F w[4]) {
-    const __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8)));
-    const __m256i mask = _mm256_set1_epi32(0x0F);
-    w[0] = _mm256_cvtepi32_ps(_mm256_and_si256(a, mask));
-    w[1] = _mm256_cvtepi32_ps(_mm256_and_si256(b, mask));
-    w[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4));
-    w[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
-  }
-  // 8 e4m3 bytes at p as their values * 2^-8 (see Fp8Row)
-  static inline F fp8_values(const uint8_t* p) {
-    const __m128i b = _mm_cvtepi8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-    return _mm256_cvtph_ps(_mm_and_si128(_mm_slli_epi16(b, 7), _mm_set1_epi16(static_cast<short>(0xBFFF))));
-  }
-  // The integer product of int8_activation_rows: 32 weights as int16, 16 per register.
-  static constexpr int kIntRegs = 2;
-  static inline I izero() { return _mm256_setzero_si256(); }
-  static inline I int8_as_int16(const int8_t* p) {
-    return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  }
-  static inline I load_int16(const int16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-  static inline I madd(I a, I b) { return _mm256_madd_epi16(a, b); }
-  static inline I iadd(I a, I b) { return _mm256_add_epi32(a, b); }
-  static inline int32_t isum(I v) { return hsum_epi32(v); }
-};
+#define QG_OP(name) _mm256_##name
+#define QG_SI(name) _mm256_##name##_si256
+#define QG_HALF(name) _mm_##name
+#define QG_HALF_SI(name) _mm_##name##_si128
+#define QG_F __m256
+#define QG_I __m256i
 #elif QG_LANES == 16
-struct V {
-  using F = __m512;
-  using I = __m512i;
-  static constexpr int kLanes = 16;
-  static inline F zero() { return _mm512_setzero_ps(); }
-  static inline F set1(float v) { return _mm512_set1_ps(v); }
-  static inline F load(const float* p) { return _mm512_loadu_ps(p); }
-  static inline F add(F a, F b) { return _mm512_add_ps(a, b); }
-  static inline F sub(F a, F b) { return _mm512_sub_ps(a, b); }
-  static inline F mul(F a, F b) { return _mm512_mul_ps(a, b); }
-  static inline F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
-  static inline float sum(F v) { return _mm512_reduce_add_ps(v); }
-  static inline F first_lane(float v) { return _mm512_zextps128_ps512(_mm_set_ss(v)); }
-  static inline F int8_values(const int8_t* p) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-  }
-  // The block's 16 bytes widened to 16 lanes in one load: low nibbles are values 0-15, high ones 16-31.
-  static inline void int4_offset_values(const uint8_t* p, F w[2]) {
-    const __m512i a = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    w[0] = _mm512_cvtepi32_ps(_mm512_and_si512(a, _mm512_set1_epi32(0x0F)));
-    w[1] = _mm512_cvtepi32_ps(_mm512_srli_epi32(a, 4));
-  }
-  static inline F fp8_values(const uint8_t* p) {
-    const __m256i b = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    return _mm512_cvtph_ps(_mm256_and_si256(_mm256_slli_epi16(b, 7), _mm256_set1_epi16(static_cast<short>(0xBFFF))));
-  }
-  static constexpr int kIntRegs = 1;
-  static inline I izero() { return _mm512_setzero_si512(); }
-  static inline I int8_as_int16(const int8_t* p) {
-    return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  }
-  static inline I load_int16(const int16_t* p) { return _mm512_loadu_si512(p); }
-  static inline I madd(I a, I b) { return _mm512_madd_epi16(a, b); }
-  static inline I iadd(I a, I b) { return _mm512_add_epi32(a, b); }
-  static inline int32_t isum(I v) { return _mm512_reduce_add_epi32(v); }
-};
+#define QG_OP(name) _mm512_##name
+#define QG_SI(name) _mm512_##name##_si512
+#define QG_HALF(name) _mm256_##name
+#define QG_HALF_SI(name) _mm256_##name##_si256
+#define QG_F __m512
+#define QG_I __m512i
 #else
 #error "QG_LANES must be 8 or 16"
 #endif
+
+struct V {
+  using F = QG_F;
+  using I = QG_I;
+  static constexpr int kLanes = QG_LANES;
+  static inline F zero() { return QG_OP(setzero_ps)(); }
+  static inline F set1(float v) { return QG_OP(set1_ps)(v); }
+  static inline F load(const float* p) { return QG_OP(loadu_ps)(p); }
+  static inline F add(F a, F b) { return QG_OP(add_ps)(a, b); }
+  static inline F sub(F a, F b) { return QG_OP(sub_ps)(a, b); }
+  static inline F mul(F a, F b) { return QG_OP(mul_ps)(a, b); }
+  static inline F fmadd(F a, F b, F c) { return QG_OP(fmadd_ps)(a, b, c); }
+#if QG_LANES == 8
+  // kLanes bytes at p (the rest of the register zero), and 2 kLanes bytes
+  static inline __m128i bytes(const void* p) { return _mm_loadl_epi64(static_cast<const __m128i*>(p)); }
+  static inline __m128i byte_pairs(const void* p) { return _mm_loadu_si128(static_cast<const __m128i*>(p)); }
+  static inline float sum(F v) { return hsum(v); }
+  static inline int32_t isum(I v) { return hsum_epi32(v); }
+  static inline F first_lane(float v) { return _mm256_zextps128_ps256(_mm_set_ss(v)); }
+#else
+  static inline __m128i bytes(const void* p) { return _mm_loadu_si128(static_cast<const __m128i*>(p)); }
+  static inline __m256i byte_pairs(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+  static inline float sum(F v) { return _mm512_reduce_add_ps(v); }
+  static inline int32_t isum(I v) { return _mm512_reduce_add_epi32(v); }
+  static inline F first_lane(float v) { return _mm512_zextps128_ps512(_mm_set_ss(v)); }
+#endif
+  // A 32-value int4 block (16 bytes, see quant_gemm.cpp: format 1) as its stored values q + 8, in kVecs vectors:
+  // each kLanes bytes of the block widened to 32-bit lanes by the load itself (vpmovzxbd); their low nibbles are
+  // values 0-15 of the block, the high ones 16-31, and the mask or shift leaves one nibble per lane.
+  static inline void int4_offset_values(const uint8_t* p, F w[]) {
+    constexpr int kHalf = 16 / kLanes;  // vectors per nibble half of the block
+    _Pragma("GCC unroll 2")
+    for (int h = 0; h < kHalf; ++h) {
+      const I a = QG_OP(cvtepu8_epi32)(bytes(p + kLanes * h));
+      w[h] = QG_OP(cvtepi32_ps)(QG_SI(and)(a, QG_OP(set1_epi32)(0x0F)));
+      w[kHalf + h] = QG_OP(cvtepi32_ps)(QG_OP(srli_epi32)(a, 4));
+    }
+  }
+  // kLanes int8 values at p as floats (exact)
+  static inline F int8_values(const int8_t* p) { return QG_OP(cvtepi32_ps)(QG_OP(cvtepi8_epi32)(bytes(p))); }
+  // kLanes e4m3 bytes at p as their values * 2^-8 (see Fp8Row), through the half-precision converter
+  static inline F fp8_values(const uint8_t* p) {
+    const auto halves = QG_HALF(slli_epi16)(QG_HALF(cvtepi8_epi16)(bytes(p)), 7);
+    return QG_OP(cvtph_ps)(QG_HALF_SI(and)(halves, QG_HALF(set1_epi16)(static_cast<short>(0xBFFF))));
+  }
+  // The integer product of int8_activation_rows: 32 weights as int16, kIntRegs registers of 2 kLanes.
+  static constexpr int kIntRegs = 16 / QG_LANES;
+  static inline I izero() { return QG_SI(setzero)(); }
+  static inline I int8_as_int16(const int8_t* p) { return QG_OP(cvtepi8_epi16)(byte_pairs(p)); }
+  static inline I load_int16(const int16_t* p) { return QG_SI(loadu)(reinterpret_cast<const I*>(p)); }
+  static inline I madd(I a, I b) { return QG_OP(madd_epi16)(a, b); }
+  static inline I iadd(I a, I b) { return QG_OP(add_epi32)(a, b); }
+};
+#undef QG_OP
+#undef QG_SI
+#undef QG_HALF
+#undef QG_HALF_SI
+#undef QG_F
+#undef QG_I
 
 constexpr int kVecs = kBlock / V::kLanes;  // vectors per 32-value block
 
