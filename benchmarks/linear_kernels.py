@@ -83,20 +83,21 @@ def kernels_of_revision(rev: str, into: Path):
 
 
 class Instance:
-    """One instance (AVX2 or AVX-512) of a compiled module's weight kernels, for `compare`: the module's calls, after
-    `activate()` has set its instance."""
+    """A side of `compare`: a compiled module's calls, after `activate()` has set its weight kernels' instance (`isa`
+    "avx2" or "avx512"; None keeps the module's own, as a revision built before the instances were split has)."""
 
-    def __init__(self, module, isa: str):
+    def __init__(self, module, isa: str | None = None):
         self.module, self.isa = module, isa
 
     def activate(self) -> None:
-        self.module.set_isa(self.isa)
+        if self.isa is not None:
+            self.module.set_isa(self.isa)
 
     def __getattr__(self, name):
         return getattr(self.module, name)
 
 
-def compare(before, after, args) -> None:
+def compare(before: Instance, after: Instance, args) -> None:
     """Both modules' calls on the same weights, alternately, best of `rounds` x `steps` each; after/before ratios."""
     import torch
 
@@ -112,8 +113,7 @@ def compare(before, after, args) -> None:
             xs = {k: torch.randn(batch, k) for k in {k for _, k in SHAPES}}
 
             def step(module):
-                if isinstance(module, Instance):
-                    module.activate()
+                module.activate()
                 for (w, k, s), z in zip(weights, zeros):
                     module.quant_linear(xs[k], w, code, k, s, z, None, factors[k], act_scale, act_kind)
 
@@ -151,7 +151,7 @@ def main() -> None:
         return
     if args.before:
         with tempfile.TemporaryDirectory(prefix="linear_kernels_") as tmp:
-            compare(kernels_of_revision(args.before, Path(tmp)), kernels, args)
+            compare(Instance(kernels_of_revision(args.before, Path(tmp))), Instance(kernels), args)
         return
     rows = {}
     for batch in (1, 8):

@@ -333,19 +333,16 @@ at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& weight, int64_
             y.data_ptr<float>(), sums ? xsum.data() : nullptr};
   if (format == 0) {
     TORCH_CHECK(weight.scalar_type() == at::kChar && stride == in_features, "quant_linear: int8 weight layout");
-    run_format(0, P, weight.data_ptr<int8_t>(), stride);
   } else if (format == 1) {
     TORCH_CHECK(weight.scalar_type() == at::kByte && stride == (in_features + kBlock - 1) / kBlock * (kBlock / 2),
                 "quant_linear: int4 weight layout");
-    run_format(1, P, weight.data_ptr<uint8_t>(), stride);
   } else if (format == 3) {
     TORCH_CHECK(weight.scalar_type() == at::kFloat && stride == in_features, "quant_linear: float32 weight layout");
-    run_format(3, P, weight.data_ptr<float>(), stride);
   } else {
     TORCH_CHECK(format == 2 && weight.scalar_type() == at::kByte && stride == in_features,
                 "quant_linear: fp8 weight layout");
-    run_format(2, P, weight.data_ptr<uint8_t>(), stride);
   }
+  run_format(format, P, weight.data_ptr(), stride);
   return y.reshape(sizes);
 }
 
