@@ -24,7 +24,8 @@ BITS = {"int8": 8, "int4": 4, "fp8": 0}
 # (out, in, groups): odd group counts (9 groups of 64), tp-split widths (288 = 576 / 2, 768 = 1536 / 2), widths not a
 # multiple of 8 or 32 (20, 40 in groups of 8, 48 in groups of 16), one group per row. Batches 1 and 2 of groups of whole
 # 32-value blocks run the kernel that scales each group's sum once (rows_kernel_factored; groups of 64 and 128 have
-# their own instances), the others rows_kernel.
+# their own instances), the others rows_kernel; int4 in the AVX-512 instance runs rows_kernel_int4_lookup at any
+# batch where groups are whole blocks.
 SHAPES = [(13, 20, 1), (17, 40, 5), (5, 48, 3), (33, 288, 9), (96, 576, 9), (40, 384, 3), (64, 768, 1), (31, 96, 3)]
 
 
@@ -99,6 +100,25 @@ def test_fp8_decoding_covers_every_byte(kernels, isa):
     w = EngineQuant(q, torch.tensor([[0.75]]), 0)
     got = QuantLinear(w, None, torch.float32, True, OneDnnKernel())(torch.eye(256))
     assert torch.equal(got[:, 0], q.float()[0] * 0.75)
+
+
+@pytest.mark.parametrize("zero", [False, True])
+def test_int4_weights_come_out_exactly(kernels, isa, zero):
+    """Each int4 weight, at every position of a block and with each of its 16 values, comes out as the reference's
+    dequantized weight (q * scale, then + zero) bit for bit: y = x @ W^T with x = rows of the identity, wherever a
+    kernel dequantizes each weight: the AVX-512 instance at any row count (it looks the weights up in a per-group
+    table; groups of 2, 3, 4 and 18 blocks), the AVX2 one from three rows on (at one or two it scales each group's
+    sum of the integer values once: the same in exact arithmetic only, see
+    test_native_kernel_equals_reference_dequantization)."""
+    row_counts = (1, 2, 4, 8) if isa == "avx512" else (4, 8)  # each divides every k
+    for n, k, groups in [(16, 128, 2), (7, 96, 1), (9, 256, 2), (5, 576, 1), (3, 576, 9)]:
+        w = quantized("int4", n, k, groups, zero, None)
+        w.q[:, :16] = torch.arange(-8, 8, dtype=torch.int8)  # every value in the first block of every row
+        linear = QuantLinear(w, None, torch.float32, True, OneDnnKernel())
+        want = dequantize_groups(w.q, w.scale, w.zero).T
+        for rows in row_counts:
+            got = torch.cat([linear(x) for x in torch.eye(k).split(rows)])
+            assert torch.equal(got, want), (n, k, groups, rows)
 
 
 def activation_cases(act: str, scale: float) -> torch.Tensor:

@@ -5,7 +5,9 @@
 // from three activation rows on, each weight is dequantized exactly as the reference does (one float multiply, then
 // one add; no fused rounding: the module is built with -ffp-contract=off) and multiplied with float32 activations,
 // accumulated in float32; at one or two rows (decode steps) the exact integer values are multiplied with x and each
-// group's sum is scaled once (rows_kernel_factored: the same sum in exact arithmetic, rounded in another order).
+// group's sum is scaled once (rows_kernel_factored: the same sum in exact arithmetic, rounded in another order),
+// except int4 in the AVX-512 instance, which dequantizes each weight at every row count by looking it up in its
+// group's 16 dequantized values (rows_kernel_int4_lookup).
 // x' is x, optionally multiplied by `prequant` (AWQ/SmoothQuant factors) and fake-quantized per tensor with
 // `act_scale` (INT8: round half to even, clamp to [-128, 127]; FP8 e4m3: clamp to +-448, round to nearest even),
 // which is what the engine's Python path computes. INT8 activations times int8 weights (SmoothQuant) are multiplied in
@@ -164,6 +166,15 @@ void run_format(int64_t format, const Problem& P, const void* w, int64_t stride)
   if (active_isa() == Isa::kAvx512) return avx512::run_format(format, P, w, stride);
 #endif
   avx2::run_format(format, P, w, stride);
+}
+
+// Whether the active instance multiplies int4 weights by table lookup at every row count (weight_kernels.h:
+// rows_kernel_int4_lookup), which needs no group sums of x.
+bool int4_by_lookup() {
+#if QG_HAVE_AVX512
+  if (active_isa() == Isa::kAvx512) return avx512::kInt4Lookup;
+#endif
+  return avx2::kInt4Lookup;
 }
 
 void run_int8_activations(const Problem& P, const int16_t* xq, const int8_t* w, float act_scale) {
@@ -325,8 +336,8 @@ at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& weight, int64_
     xp = prepared.data();
   }
   // the factored kernel's group sums, for its zero term and int4's offset: only the last pass over the weights can be
-  // a factored one (every earlier pass has kMaxRows rows)
-  const bool sums = (has_zero || format == 1) && factored_pass((m - 1) % kMaxRows + 1, group);
+  // a factored one (every earlier pass has kMaxRows rows); int4 by lookup is never factored
+  const bool sums = (format == 1 ? !int4_by_lookup() : has_zero) && factored_pass((m - 1) % kMaxRows + 1, group);
   const std::vector<float> xsum = sums ? group_sums(xp, m, in_features, group) : std::vector<float>();
   Problem P{xp, m, in_features, n, group, groups, scale.data_ptr<float>(),
             has_zero ? zero->data_ptr<float>() : nullptr, has_bias ? b.data_ptr<float>() : nullptr,

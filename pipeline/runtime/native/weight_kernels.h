@@ -307,6 +307,77 @@ void rows_kernel_factored(const Problem& P, const typename Row::T* base, int64_t
   }
 }
 
+#if QG_LANES == 16
+// int4 in the AVX-512 instance, groups of whole blocks, any number of rows: a group's weights take only 16 values,
+// (u - 8) * s (+ z) for the stored u = q + 8 in 0..15. rows_kernel computes that per weight (a conversion, a
+// multiply and maybe an add); here the group's 16 values are computed once into one vector, by the same operations
+// in the same order (so each weight is the same float as rows_kernel's), and each weight is looked up in it by its
+// nibble: vpermps reads the low 4 bits of each index lane, so a low nibble needs no mask and a high one a shift. At
+// one or two rows this also replaces rows_kernel_factored (whose per-group sums and offset cost a third of its
+// instructions at groups of 64); from three rows on its chains are rows_kernel's, and so are its bits.
+template <int B, int kGroupBlocks>
+void rows_kernel_int4_lookup(const Problem& P, const uint8_t* base, int64_t stride, int64_t m0, int64_t n0,
+                             int64_t n1) {
+  // Independent sums per activation row: four at one or two rows (two blocks a step; the FMA latency would bound
+  // fewer), rows_kernel's count from three rows on.
+  constexpr int kChains = B <= 2 ? 4 : B <= 4 ? 2 : 1;
+  constexpr int kStep = kChains > kVecs ? kChains / kVecs : 1;  // blocks per step: a vector for every chain
+  const V::F levels = _mm512_setr_ps(-8.f, -7.f, -6.f, -5.f, -4.f, -3.f, -2.f, -1.f, 0.f, 1.f, 2.f, 3.f, 4.f, 5.f,
+                                     6.f, 7.f);
+  const int64_t blocks = kGroupBlocks ? kGroupBlocks : P.group / kBlock;
+  const float* x = P.x + m0 * P.k;
+  for (int64_t n = n0; n < n1; ++n) {
+    const Int4Row row{base + n * stride};
+    V::F acc[B][kChains];
+    _Pragma("GCC unroll 8")
+    for (int b = 0; b < B; ++b) {
+      _Pragma("GCC unroll 8")
+      for (int c = 0; c < kChains; ++c) acc[b][c] = V::zero();
+    }
+    for (int64_t g = 0; g < P.groups; ++g) {
+      V::F table = V::mul(levels, V::set1(P.scale[n * P.groups + g] * Int4Row::kUnit));
+      if (P.zero) table = V::add(table, V::set1(P.zero[n * P.groups + g]));
+      // `steps` blocks of this group from block i on, vector c of step s into chain (s * kVecs + c) % kChains
+      auto blocks_into_chains = [&](int64_t i, auto steps) {
+        constexpr int kSteps = decltype(steps)::value;
+        _Pragma("GCC unroll 8")
+        for (int s = 0; s < kSteps; ++s) {
+          const int64_t k = g * P.group + (i + s) * kBlock;
+          prefetch_ahead(row, k);
+          const V::I u = _mm512_cvtepu8_epi32(V::bytes(row.p + k / 2));
+          const V::F w[kVecs] = {_mm512_permutexvar_ps(u, table),
+                                 _mm512_permutexvar_ps(_mm512_srli_epi32(u, 4), table)};
+          _Pragma("GCC unroll 8")
+          for (int c = 0; c < kVecs; ++c) {
+            _Pragma("GCC unroll 8")
+            for (int b = 0; b < B; ++b) {
+              V::F& chain = acc[b][(s * kVecs + c) % kChains];
+              chain = V::fmadd(w[c], V::load(x + b * P.k + k + V::kLanes * c), chain);
+            }
+          }
+        }
+      };
+      int64_t i = 0;
+      _Pragma("GCC unroll 4")
+      for (; i + kStep <= blocks; i += kStep) blocks_into_chains(i, std::integral_constant<int, kStep>());
+      if constexpr (kStep > 1) {
+        for (; i < blocks; ++i) blocks_into_chains(i, std::integral_constant<int, 1>());
+      }
+    }
+    _Pragma("GCC unroll 8")
+    for (int b = 0; b < B; ++b) {
+      V::F a = acc[b][0];
+      _Pragma("GCC unroll 8")
+      for (int c = 1; c < kChains; ++c) a = V::add(a, acc[b][c]);
+      P.y[(m0 + b) * P.n + n] = V::sum(a) + 0.f + (P.bias ? P.bias[n] : 0.f);  // rows_kernel's expression, tail 0
+    }
+  }
+}
+constexpr bool kInt4Lookup = true;
+#else
+constexpr bool kInt4Lookup = false;
+#endif
+
 // rows_kernel_factored for this problem's group size.
 template <int B, class Row>
 void factored(const Problem& P, const typename Row::T* w, int64_t stride, int64_t m0, int64_t n0, int64_t n1) {
@@ -317,13 +388,26 @@ void factored(const Problem& P, const typename Row::T* w, int64_t stride, int64_
   }
 }
 
+// rows_kernel_int4_lookup for this problem's group size (the AVX-512 instance only: see kInt4Lookup).
+template <int B>
+void int4_lookup(const Problem& P, const uint8_t* w, int64_t stride, int64_t m0, int64_t n0, int64_t n1) {
+#if QG_LANES == 16
+  switch (P.group) {
+    case 2 * kBlock: rows_kernel_int4_lookup<B, 2>(P, w, stride, m0, n0, n1); break;
+    case 4 * kBlock: rows_kernel_int4_lookup<B, 4>(P, w, stride, m0, n0, n1); break;
+    default: rows_kernel_int4_lookup<B, 0>(P, w, stride, m0, n0, n1); break;
+  }
+#endif
+}
+
 // The kernel for `mb` (1 to 8) activation rows: rows_kernel_factored at one or two rows where groups are whole
 // blocks (factored_pass), rows_kernel otherwise.
 template <class Row, bool kWholeBlocks>
 void rows(const Problem& P, const typename Row::T* w, int64_t stride, int64_t m0, int64_t n0, int64_t n1, int64_t mb) {
   with_rows(mb, [&](auto rows) {
     constexpr int B = decltype(rows)::value;
-    if constexpr (kWholeBlocks && B <= 2) factored<B, Row>(P, w, stride, m0, n0, n1);
+    if constexpr (kWholeBlocks && kInt4Lookup && std::is_same_v<Row, Int4Row>) int4_lookup<B>(P, w, stride, m0, n0, n1);
+    else if constexpr (kWholeBlocks && B <= 2) factored<B, Row>(P, w, stride, m0, n0, n1);
     else rows_kernel<B, Row, kWholeBlocks>(P, w, stride, m0, n0, n1);
   });
 }
