@@ -291,6 +291,19 @@ bool quantize_int8_activations(const float* x, int64_t m, int64_t k, const float
   return _mm256_movemask_ps(nan) == 0;
 }
 
+// The first n values of a per-thread scratch buffer, starting at a 64-byte boundary, as torch's own tensors do: the
+// kernels load activations a whole vector at a time, and an AVX-512 load from an address that is not a multiple of 64
+// spans two cache lines. With the buffer where malloc put it (16-byte aligned), int4 with AWQ's pre-quant factor or
+// W4A8's FP8 activations and SmoothQuant's integer product took 1.4-1.7x the time at eight rows in some runs of
+// `benchmarks/linear_kernels.py` and not in others (2-core AMD EPYC, AVX-512 instance), as the buffer's start moved.
+template <class T>
+T* aligned_scratch(std::vector<T>& buffer, int64_t n) {
+  constexpr std::uintptr_t kAlign = 64;
+  buffer.resize(n + kAlign / sizeof(T));
+  const auto start = reinterpret_cast<std::uintptr_t>(buffer.data());
+  return reinterpret_cast<T*>((start + kAlign - 1) & ~(kAlign - 1));
+}
+
 at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& weight, int64_t format, int64_t in_features,
                         const at::Tensor& scale, const c10::optional<at::Tensor>& zero,
                         const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& prequant,
@@ -319,21 +332,21 @@ at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& weight, int64_
   if (format == 0 && act && act_kind == 1 && !has_zero && group % kBlock == 0) {  // SmoothQuant: in integers
     TORCH_CHECK(weight.scalar_type() == at::kChar && stride == in_features, "quant_linear: int8 weight layout");
     const float s = act_scale->data_ptr<float>()[0];
-    thread_local std::vector<int16_t> xq;
-    xq.resize(m * in_features);
-    if (quantize_int8_activations(xp, m, in_features, pre ? prequant->data_ptr<float>() : nullptr, s, xq.data())) {
+    thread_local std::vector<int16_t> xq_buffer;
+    int16_t* xq = aligned_scratch(xq_buffer, m * in_features);
+    if (quantize_int8_activations(xp, m, in_features, pre ? prequant->data_ptr<float>() : nullptr, s, xq)) {
       const Problem P{nullptr, m, in_features, n, group, groups, scale.data_ptr<float>(), nullptr,
                       has_bias ? b.data_ptr<float>() : nullptr, y.data_ptr<float>(), nullptr};
-      run_int8_activations(P, xq.data(), weight.data_ptr<int8_t>(), s);
+      run_int8_activations(P, xq, weight.data_ptr<int8_t>(), s);
       return y.reshape(sizes);
     }
   }
-  thread_local std::vector<float> prepared;
+  thread_local std::vector<float> prepared_buffer;
   if (pre || act) {
-    prepared.resize(m * in_features);
+    float* prepared = aligned_scratch(prepared_buffer, m * in_features);
     prepare_activations(xp, m, in_features, pre ? prequant->data_ptr<float>() : nullptr,
-                        act ? act_scale->data_ptr<float>()[0] : 1.f, act ? act_kind : 0, prepared.data());
-    xp = prepared.data();
+                        act ? act_scale->data_ptr<float>()[0] : 1.f, act ? act_kind : 0, prepared);
+    xp = prepared;
   }
   // the factored kernel's group sums, for its zero term and int4's offset: only the last pass over the weights can be
   // a factored one (every earlier pass has kMaxRows rows); int4 by lookup is never factored
