@@ -10,9 +10,10 @@ through the artifact cache, as roofline.py builds it) is loaded twice in one pro
 kernels and once with REV's (its `quant_gemm.cpp` and headers built under their own module name, as
 `linear_kernels.py --before` builds them; REV's module must have this tree's interface), and the two run a decode
 token's model work (`step` at one position over a short KV cache, then `logits`) in turn (each first in half the
-pairs), `--steps` tokens a burst, `--rounds` pairs of bursts at batch 1 and at batch 8. Each pair gives an after/before ratio, taken a few milliseconds
-apart; the median of those ratios is the figure (the best burst of each side is shown beside it). The Python side,
-the weights and the inputs are the same; only the compiled kernels differ. `--isas` compares this tree's AVX2
+pairs), `--steps` tokens a burst, `--rounds` pairs of bursts at batch 1 and at batch 8 (roofline.py's
+`paired_bursts`). Each pair gives an after/before ratio, its two bursts milliseconds apart; the median of those
+ratios is the figure (the best burst of each side is shown beside it). The Python side, the weights and the inputs
+are the same; only the compiled kernels differ. Against its own revision it read 0.96-1.02. `--isas` compares this tree's AVX2
 instance of the weight kernels ("before") with its AVX-512 one ("after") the same way.
 
 Also prints each side's batch-1 roofline fraction of that model work (roofline.py's definition with the best burst's
@@ -24,10 +25,8 @@ across machines.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,7 +34,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from linear_kernels import Instance, kernels_of_revision  # noqa: E402
-from roofline import FORMATS, engine_for, kv_bytes_per_step, read_bandwidth, stored_weight_bytes  # noqa: E402
+from roofline import (FORMATS, KV_LEN, engine_for, kv_bytes_per_step, paired_bursts, read_bandwidth,  # noqa: E402
+                      stored_weight_bytes)
 
 
 def runner_with(engine: Path, module):
@@ -49,32 +49,6 @@ def runner_with(engine: Path, module):
         return ModelRunner.from_dir(engine)
     finally:
         native.load = saved
-
-
-KV_LEN = 21  # keys a timed step attends to (a short prompt and a few tokens)
-
-
-def paired_bursts(models: dict, sides: dict, batch: int, args) -> tuple[float, float, float]:
-    """Best seconds per token's model work of `before` and `after`, and the median after/before ratio of the pairs."""
-    import torch
-
-    tokens, positions = torch.full((batch, 1), 42), torch.full((batch, 1), KV_LEN - 1)
-    best = {name: float("inf") for name in models}
-    ratios = []
-    with torch.inference_mode():
-        for r in range(args.rounds):
-            burst = {}
-            for name in sorted(models, reverse=bool(r % 2)):  # each side first in half the pairs
-                model = models[name]
-                sides[name].activate()
-                model.logits(model.step(tokens, positions, KV_LEN))  # warm: this side's weights, its ISA
-                t0 = time.perf_counter()
-                for _ in range(args.steps):
-                    model.logits(model.step(tokens, positions, KV_LEN))
-                burst[name] = (time.perf_counter() - t0) / args.steps
-                best[name] = min(best[name], burst[name])
-            ratios.append(burst["after"] / burst["before"])
-    return best["before"], best["after"], statistics.median(ratios)
 
 
 def main() -> None:
@@ -109,13 +83,15 @@ def main() -> None:
         rows = []
         for fmt, engine in engines.items():
             models = {name: runner_with(engine, side.module).model for name, side in sides.items()}
-            figures = {batch: paired_bursts(models, sides, batch, args) for batch in (1, 8)}
+            activate = {name: side.activate for name, side in sides.items()}
+            figures = {batch: paired_bursts(models, batch, args.rounds, args.steps, activate) for batch in (1, 8)}
             stored = stored_weight_bytes(engine) + kv_bytes_per_step(models["after"], KV_LEN)
             rows.append((fmt, stored, figures))
             del models
         bandwidth = max(bandwidth, read_bandwidth())
     label = "AVX2 -> AVX-512" if args.isas else f"{args.before} -> working tree"
-    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s; {label}; {args.rounds} pairs of {args.steps}-token bursts")
+    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s; {label}; {args.rounds} pairs of {args.steps}-token "
+          "bursts")
     print("| format | b1 ms/token before -> after | b1 after/before | roofline b1 before -> after | b8 ms/step before -> "
           "after | b8 after/before |\n|---|---|---|---|---|---|")
     for fmt, stored, figures in rows:

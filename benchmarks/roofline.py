@@ -21,6 +21,11 @@ with `--prompt_tokens N` the first N tokens of the shipped perplexity text, for 
 - `roofline b1` = tok/s b1 x stored bytes per token / the read bandwidth measured here (a 1 GiB float32 torch sum
   on the process's threads, best of 5, measured before and after the decode timings; the higher one is used).
 - `b8 vs fp32`: batch-8 throughput over the fp32 engine's batch-8 throughput of the same tree.
+- `b8 vs fp32, paired`: the same ratio from the model's work per token alone (`step` then `logits`, sampling left
+  out), with the fp32 engine kept loaded beside each format's and the two run in turn in short bursts (`--pairs`
+  pairs of 3-token bursts, `paired_bursts`): the median of the pairs' ratios, and over rounds the median of those.
+  The whole-decode column compares timings taken a minute or more apart, over which this project's VMs drift by up
+  to a third; each paired ratio compares bursts milliseconds apart.
 
 `--before REV` (a git revision of this repository, exported with `git archive` into a temporary directory) or
 `--tree PATH` (a source checkout) measures that tree too, in the same command: the two trees run in separate
@@ -33,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -171,6 +177,40 @@ def time_decode(runner, ids: list[int], batch: int, n: int, repeats: int) -> flo
     return batch / best
 
 
+KV_LEN = 21  # keys a step of paired_bursts attends to (a short prompt and a few tokens)
+
+
+def paired_bursts(models: dict, batch: int, rounds: int, steps: int, activate: dict | None = None):
+    """Two models' (`models["before"]`, `models["after"]`) work per decode token at `batch` rows (`step` at one
+    position over a KV cache of KV_LEN keys, then `logits`), run in turn in bursts of `steps` tokens, each model first
+    in half of `rounds` pairs (`activate[name]()` before each of its bursts). Returns the best seconds per token of
+    each and the median of the pairs' after/before time ratios: a pair's two bursts are milliseconds apart, so the
+    machine's drift over seconds and minutes, which moves whole decodes run a round apart by a third on a busy VM,
+    cancels in each ratio."""
+    import statistics
+
+    import torch
+
+    tokens, positions = torch.full((batch, 1), 42), torch.full((batch, 1), KV_LEN - 1)
+    best = {name: float("inf") for name in models}
+    ratios = []
+    with torch.inference_mode():
+        for r in range(rounds):
+            burst = {}
+            for name in sorted(models, reverse=bool(r % 2)):
+                model = models[name]
+                if activate:
+                    activate[name]()
+                model.logits(model.step(tokens, positions, KV_LEN))  # warm: this model's weights
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    model.logits(model.step(tokens, positions, KV_LEN))
+                burst[name] = (time.perf_counter() - t0) / steps
+                best[name] = min(best[name], burst[name])
+            ratios.append(burst["after"] / burst["before"])
+    return best["before"], best["after"], statistics.median(ratios)
+
+
 def worker(args) -> None:
     import torch
     from transformers import AutoTokenizer
@@ -191,6 +231,8 @@ def worker(args) -> None:
     if args.build_only:
         return
     rows = []
+    # the fp32 engine stays loaded: each other format's batch-8 step is also timed against it in paired bursts
+    fp32 = ModelRunner.from_dir(engines["fp32"]).model if "fp32" in engines and args.pairs else None
     for fmt in args.formats:
         runner = ModelRunner.from_dir(engines[fmt])
         kv = kv_bytes_per_step(runner.model, len(ids) + args.new_tokens // 2)
@@ -198,6 +240,9 @@ def worker(args) -> None:
                      "runtime": runtime_weight_bytes(runner.model) + kv,
                      "b1": time_decode(runner, ids, 1, args.new_tokens, args.repeats),
                      "b8": time_decode(runner, ids, 8, args.new_tokens, max(1, args.repeats - 1))})
+        if fp32 is not None and fmt != "fp32":
+            *_, ratio = paired_bursts({"before": fp32, "after": runner.model}, 8, args.pairs, 3)
+            rows[-1]["b8_paired"] = [1 / ratio]
         del runner
     print("ROWS " + json.dumps(rows), flush=True)
 
@@ -213,7 +258,8 @@ def export_revision(rev: str, into: Path) -> Path:
 
 def run_worker(tree: Path, args, build_only: bool = False) -> list[dict]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--cache", args.cache, "--new_tokens",
-           str(args.new_tokens), "--repeats", str(args.repeats), "--threads", str(args.threads),
+           str(args.new_tokens), "--repeats", str(args.repeats), "--threads", str(args.threads), "--pairs",
+           str(args.pairs),
            "--prompt_tokens", str(args.prompt_tokens), "--formats", *args.formats]
     if build_only:
         cmd.append("--build_only")
@@ -229,20 +275,22 @@ def merge_best(runs: list[list[dict]]) -> dict[str, dict]:
     best: dict[str, dict] = {}
     for rows in runs:
         for r in rows:
-            b = best.setdefault(r["format"], dict(r))
+            b = best.setdefault(r["format"], {**r, "b8_paired": []})
             b["b1"], b["b8"] = max(b["b1"], r["b1"]), max(b["b8"], r["b8"])
+            b["b8_paired"] += r.get("b8_paired", [])
     return best
 
 
 def table(label: str, rows: dict[str, dict], bandwidth: float) -> list[str]:
-    out = [f"{label}", "| format | stored MB/tok | runtime MB/tok | tok/s b1 | roofline b1 | tok/s b8 | b8 vs fp32 |",
-           "|---|---|---|---|---|---|---|"]
+    out = [f"{label}", "| format | stored MB/tok | runtime MB/tok | tok/s b1 | roofline b1 | tok/s b8 | b8 vs fp32 | "
+                       "b8 vs fp32, paired |", "|---|---|---|---|---|---|---|---|"]
     fp32_b8 = rows.get("fp32", {}).get("b8")
     for fmt, r in rows.items():
         roof = r["b1"] * r["stored"] / bandwidth
         ratio = f"{r['b8'] / fp32_b8:.2f}" if fp32_b8 else "-"
+        paired = "-" if not r.get("b8_paired") else f"{statistics.median(r['b8_paired']):.2f}"
         out.append(f"| {fmt} | {r['stored'] / 1e6:.1f} | {r['runtime'] / 1e6:.1f} | {r['b1']:.1f} | {roof:.2f} | "
-                   f"{r['b8']:.1f} | {ratio} |")
+                   f"{r['b8']:.1f} | {ratio} | {paired} |")
     return out
 
 
@@ -258,6 +306,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--rounds", type=int, default=1, help="alternate the trees this many times (best of all rounds)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--pairs", type=int, default=30,
+                   help="pairs of batch-8 bursts of each format against fp32 for the paired ratio (0: none)")
     p.add_argument("--cache", default=str(REPO / "outputs" / "cache"))
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--build_only", action="store_true", help=argparse.SUPPRESS)
