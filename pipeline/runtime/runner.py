@@ -222,8 +222,8 @@ class ModelRunner:
             active = ~finished
             hit_end = active & (next_tokens == r.end_id)
             append = active & ~hit_end
-            for i in torch.nonzero(append).flatten().tolist():
-                out[i, 0, seq_lengths[i]] = next_tokens[i]
+            rows = torch.nonzero(append).flatten()  # one indexed write for the batch, not one per sequence
+            out[rows, 0, seq_lengths[rows]] = next_tokens[rows]
             if r.output_log_probs or r.output_cum_log_probs:
                 log_probs[:, 0, step] = torch.where(active, self._token_log_probs(last_logits, next_tokens, r), 0.0)
             seq_lengths += append.long()
@@ -332,9 +332,10 @@ class ModelRunner:
             logits = torch.empty(b, n, self.args.vocab_size)
         elif all_positions:
             logits = m.logits(h)
+        elif lengths is None:  # decode: the only position
+            logits = m.logits(h[:, -1:])
         else:
-            idx = (lengths - 1) if lengths is not None else torch.zeros(b, dtype=torch.long)
-            logits = m.logits(h[torch.arange(b), idx].unsqueeze(1))
+            logits = m.logits(h[torch.arange(b), lengths - 1].unsqueeze(1))
         return broadcast_from_last_stage(logits.contiguous(), d)
 
     def _forward_rows(self, x, positions, kv_len, lengths, all_positions, offset):
