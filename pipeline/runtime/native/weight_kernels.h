@@ -218,6 +218,33 @@ void rows_kernel(const Problem& P, const typename Row::T* base, int64_t stride, 
   }
 }
 
+// Vector c of a decoded block (step s of its group's steps) times each activation row's values at k, into that row's
+// chain (s * kVecs + c) % kChains: the inner loop of rows_kernel_factored and rows_kernel_int4_lookup.
+template <int B, int kChains>
+inline void fma_into_chains(V::F (&chains)[B][kChains], const V::F (&w)[kVecs], const float* x, int64_t x_stride,
+                            int64_t k, int s) {
+  _Pragma("GCC unroll 8")
+  for (int c = 0; c < kVecs; ++c) {
+    _Pragma("GCC unroll 8")
+    for (int b = 0; b < B; ++b) {
+      V::F& chain = chains[b][(s * kVecs + c) % kChains];
+      chain = V::fmadd(w[c], V::load(x + b * x_stride + k + V::kLanes * c), chain);
+    }
+  }
+}
+
+// step(i, std::integral_constant<int, n>()) over a group's `blocks` blocks: n = kStep blocks at a time from block i
+// (a vector for every chain), then one at a time for the last ones.
+template <int kStep, class Step>
+inline void over_group_steps(int64_t blocks, Step&& step) {
+  int64_t i = 0;
+  _Pragma("GCC unroll 4")
+  for (; i + kStep <= blocks; i += kStep) step(i, std::integral_constant<int, kStep>());
+  if constexpr (kStep > 1) {
+    for (; i < blocks; ++i) step(i, std::integral_constant<int, 1>());
+  }
+}
+
 // One or two activation rows (decode steps), groups of whole blocks: each group's scale multiplies the group's sum of
 // q * x once, and its zero multiplies the group's sum of x (precomputed per call): s * sum(q x) + z * sum(x) is the
 // reference's sum((q s + z) x) in exact arithmetic, rounded in another order like any change of summation order. At
@@ -271,23 +298,10 @@ void rows_kernel_factored(const Problem& P, const typename Row::T* base, int64_t
           V::F w[kVecs];
           if constexpr (Row::kOffset) row.decode_offset(k, w);
           else row.decode(k, w);
-          _Pragma("GCC unroll 8")
-          for (int c = 0; c < kVecs; ++c) {
-            _Pragma("GCC unroll 8")
-            for (int b = 0; b < B; ++b) {
-              V::F& chain = part[b][(s * kVecs + c) % kChains];
-              chain = V::fmadd(w[c], V::load(x + b * P.k + k + V::kLanes * c), chain);
-            }
-          }
+          fma_into_chains<B, kChains>(part, w, x, P.k, k, s);
         }
       };
-      const int64_t blocks = kGroupBlocks ? kGroupBlocks : P.group / kBlock;
-      int64_t i = 0;
-      _Pragma("GCC unroll 4")
-      for (; i + kStep <= blocks; i += kStep) blocks_into_chains(i, std::integral_constant<int, kStep>());
-      if constexpr (kStep > 1) {
-        for (; i < blocks; ++i) blocks_into_chains(i, std::integral_constant<int, 1>());
-      }
+      over_group_steps<kStep>(kGroupBlocks ? kGroupBlocks : P.group / kBlock, blocks_into_chains);
       const V::F vs = V::set1(scale[g] * Row::kUnit);
       _Pragma("GCC unroll 8")
       for (int b = 0; b < B; ++b) {
@@ -347,22 +361,10 @@ void rows_kernel_int4_lookup(const Problem& P, const uint8_t* base, int64_t stri
           const V::I u = _mm512_cvtepu8_epi32(V::bytes(row.p + k / 2));
           const V::F w[kVecs] = {_mm512_permutexvar_ps(u, table),
                                  _mm512_permutexvar_ps(_mm512_srli_epi32(u, 4), table)};
-          _Pragma("GCC unroll 8")
-          for (int c = 0; c < kVecs; ++c) {
-            _Pragma("GCC unroll 8")
-            for (int b = 0; b < B; ++b) {
-              V::F& chain = acc[b][(s * kVecs + c) % kChains];
-              chain = V::fmadd(w[c], V::load(x + b * P.k + k + V::kLanes * c), chain);
-            }
-          }
+          fma_into_chains<B, kChains>(acc, w, x, P.k, k, s);
         }
       };
-      int64_t i = 0;
-      _Pragma("GCC unroll 4")
-      for (; i + kStep <= blocks; i += kStep) blocks_into_chains(i, std::integral_constant<int, kStep>());
-      if constexpr (kStep > 1) {
-        for (; i < blocks; ++i) blocks_into_chains(i, std::integral_constant<int, 1>());
-      }
+      over_group_steps<kStep>(blocks, blocks_into_chains);
     }
     _Pragma("GCC unroll 8")
     for (int b = 0; b < B; ++b) {
