@@ -233,10 +233,20 @@ inline void fma_into_chains(V::F (&chains)[B][kChains], const V::F (&w)[kVecs], 
   }
 }
 
-// step(i, std::integral_constant<int, n>()) over a group's `blocks` blocks: n = kStep blocks at a time from block i
-// (a vector for every chain), then one at a time for the last ones.
-template <int kStep, class Step>
-inline void over_group_steps(int64_t blocks, Step&& step) {
+// block(k, s) for each block of group g (k: its first value), kStep blocks a step, then one at a time for the last
+// ones; s is the block's place in its step, so that its vector c goes into chain (s * kVecs + c) % kChains (a step
+// gives every chain a vector). Each block's weights are prefetched ahead of it.
+template <int kStep, class Row, class Block>
+inline void over_group_blocks(const Problem& P, const Row& row, int64_t g, int64_t blocks, Block&& block) {
+  auto step = [&](int64_t i, auto steps) {
+    constexpr int kSteps = decltype(steps)::value;
+    _Pragma("GCC unroll 8")
+    for (int s = 0; s < kSteps; ++s) {
+      const int64_t k = g * P.group + (i + s) * kBlock;
+      prefetch_ahead(row, k);
+      block(k, s);
+    }
+  };
   int64_t i = 0;
   _Pragma("GCC unroll 4")
   for (; i + kStep <= blocks; i += kStep) step(i, std::integral_constant<int, kStep>());
@@ -288,20 +298,12 @@ void rows_kernel_factored(const Problem& P, const typename Row::T* base, int64_t
         if constexpr (Row::kOffset)  // lane 0 of the first chain starts at -8 * sum(x)
           part[b][0] = V::first_lane(-8.f * P.xsum[(m0 + b) * P.groups + g]);
       }
-      // `steps` blocks of this group, from block i on, each vector into chain (s * kVecs + c) % kChains
-      auto blocks_into_chains = [&](int64_t i, auto steps) {
-        constexpr int kSteps = decltype(steps)::value;
-        _Pragma("GCC unroll 8")
-        for (int s = 0; s < kSteps; ++s) {
-          const int64_t k = g * P.group + (i + s) * kBlock;
-          prefetch_ahead(row, k);
-          V::F w[kVecs];
-          if constexpr (Row::kOffset) row.decode_offset(k, w);
-          else row.decode(k, w);
-          fma_into_chains<B, kChains>(part, w, x, P.k, k, s);
-        }
-      };
-      over_group_steps<kStep>(kGroupBlocks ? kGroupBlocks : P.group / kBlock, blocks_into_chains);
+      over_group_blocks<kStep>(P, row, g, kGroupBlocks ? kGroupBlocks : P.group / kBlock, [&](int64_t k, int s) {
+        V::F w[kVecs];
+        if constexpr (Row::kOffset) row.decode_offset(k, w);
+        else row.decode(k, w);
+        fma_into_chains<B, kChains>(part, w, x, P.k, k, s);
+      });
       const V::F vs = V::set1(scale[g] * Row::kUnit);
       _Pragma("GCC unroll 8")
       for (int b = 0; b < B; ++b) {
@@ -351,20 +353,11 @@ void rows_kernel_int4_lookup(const Problem& P, const uint8_t* base, int64_t stri
     for (int64_t g = 0; g < P.groups; ++g) {
       V::F table = V::mul(levels, V::set1(P.scale[n * P.groups + g] * Int4Row::kUnit));
       if (P.zero) table = V::add(table, V::set1(P.zero[n * P.groups + g]));
-      // `steps` blocks of this group from block i on, vector c of step s into chain (s * kVecs + c) % kChains
-      auto blocks_into_chains = [&](int64_t i, auto steps) {
-        constexpr int kSteps = decltype(steps)::value;
-        _Pragma("GCC unroll 8")
-        for (int s = 0; s < kSteps; ++s) {
-          const int64_t k = g * P.group + (i + s) * kBlock;
-          prefetch_ahead(row, k);
-          const V::I u = _mm512_cvtepu8_epi32(V::bytes(row.p + k / 2));
-          const V::F w[kVecs] = {_mm512_permutexvar_ps(u, table),
-                                 _mm512_permutexvar_ps(_mm512_srli_epi32(u, 4), table)};
-          fma_into_chains<B, kChains>(acc, w, x, P.k, k, s);
-        }
-      };
-      over_group_steps<kStep>(blocks, blocks_into_chains);
+      over_group_blocks<kStep>(P, row, g, blocks, [&](int64_t k, int s) {
+        const V::I u = _mm512_cvtepu8_epi32(V::bytes(row.p + k / 2));
+        const V::F w[kVecs] = {_mm512_permutexvar_ps(u, table), _mm512_permutexvar_ps(_mm512_srli_epi32(u, 4), table)};
+        fma_into_chains<B, kChains>(acc, w, x, P.k, k, s);
+      });
     }
     _Pragma("GCC unroll 8")
     for (int b = 0; b < B; ++b) {
