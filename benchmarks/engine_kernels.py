@@ -13,8 +13,8 @@ token's model work (`step` at one position over a short KV cache, then `logits`)
 pairs), `--steps` tokens a burst, `--rounds` pairs of bursts at batch 1 and at batch 8 (roofline.py's
 `paired_bursts`). Each pair gives an after/before ratio, its two bursts milliseconds apart; the median of those
 ratios is the figure (the best burst of each side is shown beside it). The Python side, the weights and the inputs
-are the same; only the compiled kernels differ. Against its own revision it read 0.96-1.02. `--isas` compares this tree's AVX2
-instance of the weight kernels ("before") with its AVX-512 one ("after") the same way.
+are the same; only the compiled kernels differ. Against its own revision it read 0.96-1.02. `--isas` compares this
+tree's AVX2 instance of the weight kernels ("before") with its AVX-512 one ("after") the same way.
 
 Also prints each side's batch-1 roofline fraction of that model work (roofline.py's definition with the best burst's
 tokens/s: the bytes a step reads as stored x tokens/s / the read bandwidth measured here; the runner's sampling and

@@ -187,8 +187,6 @@ def paired_bursts(models: dict, batch: int, rounds: int, steps: int, activate: d
     each and the median of the pairs' after/before time ratios: a pair's two bursts are milliseconds apart, so the
     machine's drift over seconds and minutes, which moves whole decodes run a round apart by a third on a busy VM,
     cancels in each ratio."""
-    import statistics
-
     import torch
 
     tokens, positions = torch.full((batch, 1), 42), torch.full((batch, 1), KV_LEN - 1)

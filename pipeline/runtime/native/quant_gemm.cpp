@@ -81,9 +81,6 @@ struct Problem {
   const float* xsum;   // (m, groups) sums of x over each group where the factored kernel needs them, or null
 };
 
-// Whether a pass over the weights with `mb` activation rows runs rows_kernel_factored (which reads Problem::xsum).
-inline bool factored_pass(int64_t mb, int64_t group) { return mb <= 2 && group % kBlock == 0; }
-
 // f(std::integral_constant<int, mb>()) for mb in 1 .. kMaxRows: a kernel templated on its row count, chosen per pass.
 template <class F>
 void with_rows(int64_t mb, F&& f) {
@@ -168,13 +165,14 @@ void run_format(int64_t format, const Problem& P, const void* w, int64_t stride)
   avx2::run_format(format, P, w, stride);
 }
 
-// Whether the active instance multiplies int4 weights by table lookup at every row count (weight_kernels.h:
-// rows_kernel_int4_lookup), which needs no group sums of x.
-bool int4_by_lookup() {
+// Whether the active instance's kernels read the group sums of x in the last pass over the weights (every earlier
+// pass has kMaxRows rows): see weight_kernels.h, reads_group_sums.
+bool reads_group_sums(int64_t format, bool has_zero, int64_t m, int64_t group) {
+  const int64_t last_pass = (m - 1) % kMaxRows + 1;
 #if QG_HAVE_AVX512
-  if (active_isa() == Isa::kAvx512) return avx512::kInt4Lookup;
+  if (active_isa() == Isa::kAvx512) return avx512::reads_group_sums(format, has_zero, last_pass, group);
 #endif
-  return avx2::kInt4Lookup;
+  return avx2::reads_group_sums(format, has_zero, last_pass, group);
 }
 
 void run_int8_activations(const Problem& P, const int16_t* xq, const int8_t* w, float act_scale) {
@@ -348,9 +346,7 @@ at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& weight, int64_
                         act ? act_scale->data_ptr<float>()[0] : 1.f, act ? act_kind : 0, prepared);
     xp = prepared;
   }
-  // the factored kernel's group sums, for its zero term and int4's offset: only the last pass over the weights can be
-  // a factored one (every earlier pass has kMaxRows rows); int4 by lookup is never factored
-  const bool sums = (format == 1 ? !int4_by_lookup() : has_zero) && factored_pass((m - 1) % kMaxRows + 1, group);
+  const bool sums = reads_group_sums(format, has_zero, m, group);  // the factored kernel's
   const std::vector<float> xsum = sums ? group_sums(xp, m, in_features, group) : std::vector<float>();
   Problem P{xp, m, in_features, n, group, groups, scale.data_ptr<float>(),
             has_zero ? zero->data_ptr<float>() : nullptr, has_bias ? b.data_ptr<float>() : nullptr,

@@ -4,8 +4,8 @@
 // QG_LANES (8 or 16) chooses the width; everything here is in terms of `V`, its vector operations. The avx2 instance
 // is the code the module had before the avx512 one was added, operation for operation, so the same bits.
 //
-// Not a standalone header: quant_gemm.cpp defines Problem, kBlock, prefetch_ahead, with_rows, over_passes and
-// factored_pass before including it, inside the namespace of each instance.
+// Not a standalone header: quant_gemm.cpp defines Problem, kBlock, prefetch_ahead, with_rows and over_passes before
+// including it, inside the namespace of each instance.
 
 // One source for both widths: QG_OP names a full-width operation (_mm256_add_ps, _mm512_add_ps), QG_SI a
 // full-width integer one (_mm256_and_si256, _mm512_and_si512), QG_HALF and QG_HALF_SI the half-width ones that
@@ -395,8 +395,8 @@ void int4_lookup(const Problem& P, const uint8_t* w, int64_t stride, int64_t m0,
 #endif
 }
 
-// The kernel for `mb` (1 to 8) activation rows: rows_kernel_factored at one or two rows where groups are whole
-// blocks (factored_pass), rows_kernel otherwise.
+// The kernel for `mb` (1 to 8) activation rows: int4 by lookup where this instance has it and groups are whole
+// blocks, else rows_kernel_factored at one or two rows where groups are whole blocks, rows_kernel otherwise.
 template <class Row, bool kWholeBlocks>
 void rows(const Problem& P, const typename Row::T* w, int64_t stride, int64_t m0, int64_t n0, int64_t n1, int64_t mb) {
   with_rows(mb, [&](auto rows) {
@@ -405,6 +405,13 @@ void rows(const Problem& P, const typename Row::T* w, int64_t stride, int64_t m0
     else if constexpr (kWholeBlocks && B <= 2) factored<B, Row>(P, w, stride, m0, n0, n1);
     else rows_kernel<B, Row, kWholeBlocks>(P, w, stride, m0, n0, n1);
   });
+}
+
+// Whether `rows` reads Problem::xsum in a pass of `mb` rows of weights of `format`: rows_kernel_factored does (its
+// zero term, and int4's offset); rows_kernel and the int4 lookup do not.
+inline bool reads_group_sums(int64_t format, bool has_zero, int64_t mb, int64_t group) {
+  if (mb > 2 || group % kBlock != 0) return false;
+  return format == 1 ? !kInt4Lookup : has_zero;
 }
 
 template <class Row>
