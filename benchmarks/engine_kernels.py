@@ -1,6 +1,6 @@
 """The default model's CPU engines with two builds of the compiled kernels, in one process, in paired bursts.
 
-    python benchmarks/engine_kernels.py --before REV [--formats fp32 w4a16 ...] [--rounds 30] [--steps 5]
+    python benchmarks/engine_kernels.py --before REV [--isa avx2] [--formats fp32 w4a16 ...] [--rounds 30] [--steps 5]
     python benchmarks/engine_kernels.py --isas [--formats ...]
 
 `roofline.py --before` runs each tree in its own process, a round (a minute or more) at a time; on a VM whose speed
@@ -13,8 +13,10 @@ token's model work (`step` at one position over a short KV cache, then `logits`)
 pairs), `--steps` tokens a burst, `--rounds` pairs of bursts at batch 1 and at batch 8 (roofline.py's
 `paired_bursts`). Each pair gives an after/before ratio, its two bursts milliseconds apart; the median of those
 ratios is the figure (the best burst of each side is shown beside it). The Python side, the weights and the inputs
-are the same; only the compiled kernels differ. Against its own revision it read 0.96-1.02. `--isas` compares this
-tree's AVX2 instance of the weight kernels ("before") with its AVX-512 one ("after") the same way.
+are the same; only the compiled kernels differ. Against its own revision it read 0.96-1.02. With `--isa avx2` both
+sides run their weight kernels' AVX2 instance (this project's usual machine class has no AVX-512; REV must have the
+instances). `--isas` compares this tree's AVX2 instance of the weight kernels ("before") with its AVX-512 one
+("after") the same way.
 
 Also prints each side's batch-1 roofline fraction of that model work (roofline.py's definition with the best burst's
 tokens/s: the bytes a step reads as stored x tokens/s / the read bandwidth measured here; the runner's sampling and
@@ -55,6 +57,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--formats", nargs="*", default=list(FORMATS), choices=list(FORMATS))
     p.add_argument("--before", help="a git revision of this repository whose compiled kernels to compare")
+    p.add_argument("--isa", choices=["avx2", "avx512"], help="with --before: both sides on this weight-kernel instance")
     p.add_argument("--isas", action="store_true", help="compare this tree's AVX2 and AVX-512 instances")
     p.add_argument("--rounds", type=int, default=30, help="pairs of bursts per format and batch")
     p.add_argument("--steps", type=int, default=5, help="tokens per burst")
@@ -71,13 +74,16 @@ def main() -> None:
     after = native.load()
     if after is None:
         sys.exit(f"engine_kernels: the compiled kernels are unavailable here: {native.unavailable_reason()}")
+    if args.isa and args.isa not in after.supported_isas():
+        sys.exit(f"engine_kernels: this CPU has no {args.isa.upper()} instance of the weight kernels")
     with tempfile.TemporaryDirectory(prefix="engine-kernels-") as tmp:
         if args.isas:
             if "avx512" not in after.supported_isas():
                 sys.exit("engine_kernels: --isas needs a CPU with AVX-512")
             sides = {"before": Instance(after, "avx2"), "after": Instance(after, "avx512")}
         else:
-            sides = {"before": Instance(kernels_of_revision(args.before, Path(tmp))), "after": Instance(after)}
+            sides = {"before": Instance(kernels_of_revision(args.before, Path(tmp)), args.isa),
+                     "after": Instance(after, args.isa)}
         engines = {f: engine_for(f, Path(args.cache).resolve()) for f in args.formats}  # built before any timing
         bandwidth = read_bandwidth()
         rows = []
@@ -89,7 +95,7 @@ def main() -> None:
             rows.append((fmt, stored, figures))
             del models
         bandwidth = max(bandwidth, read_bandwidth())
-    label = "AVX2 -> AVX-512" if args.isas else f"{args.before} -> working tree"
+    label = "AVX2 -> AVX-512" if args.isas else f"{args.before} -> working tree" + (f" ({args.isa})" if args.isa else "")
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s; {label}; {args.rounds} pairs of {args.steps}-token "
           "bursts")
     print("| format | b1 ms/token before -> after | b1 after/before | roofline b1 before -> after | b8 ms/step before -> "

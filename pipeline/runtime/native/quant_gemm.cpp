@@ -7,7 +7,8 @@
 // accumulated in float32; at one or two rows (decode steps) the exact integer values are multiplied with x and each
 // group's sum is scaled once (rows_kernel_factored: the same sum in exact arithmetic, rounded in another order),
 // except int4 in the AVX-512 instance, which dequantizes each weight at every row count by looking it up in its
-// group's 16 dequantized values (rows_kernel_int4_lookup).
+// group's 16 dequantized values (rows_kernel_int4_lookup). At one or two rows int4 runs four output rows at a time
+// (the _tiled kernels): its decode, not memory, bounds it there.
 // x' is x, optionally multiplied by `prequant` (AWQ/SmoothQuant factors) and fake-quantized per tensor with
 // `act_scale` (INT8: round half to even, clamp to [-128, 127]; FP8 e4m3: clamp to +-448, round to nearest even),
 // which is what the engine's Python path computes. INT8 activations times int8 weights (SmoothQuant) are multiplied in
