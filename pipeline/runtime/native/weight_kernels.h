@@ -454,8 +454,8 @@ void rows_kernel_int4_lookup(const Problem& P, const uint8_t* base, int64_t stri
 // rows_kernel_int4_lookup at one or two activation rows, kTile output rows at a time: each block of activations is
 // loaded once for the tile's rows, and each output row has its own chains (two at one row, one at two), so the
 // tile's rows overlap in the core where one row's chains wait on the FMA latency. Rows past the last whole tile take
-// rows_kernel_int4_lookup. 30 layers of the default model's shapes at one row, 2-core AMD EPYC: 0.89-0.97x the
-// time of rows_kernel_int4_lookup (groups of 64 with and without zeros, per-channel scales).
+// rows_kernel_int4_lookup. 30 layers of the default model's shapes at one row, 2-core AMD EPYC, three runs: 0.72-0.97x
+// the time of rows_kernel_int4_lookup (groups of 64 with and without zeros, per-channel scales).
 template <int B, int kGroupBlocks>
 void rows_kernel_int4_lookup_tiled(const Problem& P, const uint8_t* base, int64_t stride, int64_t m0, int64_t n0,
                                    int64_t n1) {
