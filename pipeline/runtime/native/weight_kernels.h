@@ -334,13 +334,14 @@ inline void prefetch_tile_ahead(const typename Row::T* tile, int64_t k) {
   }
 }
 
-// rows_kernel_factored, kTile output rows at a time (one chain per output row and activation row): each block of
-// activations serves the tile's rows, and the tile's independent chains hide the FMA latency where
+// rows_kernel_factored for int4, kTile output rows at a time (one chain per output row and activation row): each block
+// of activations serves the tile's rows, and the tile's independent chains hide the FMA latency where
 // rows_kernel_factored gives each row four chains and adds them up per group. Rows past the last whole tile take
-// rows_kernel_factored. Used for int4 (see factored): at one row it is bound by its instructions, not by memory.
-template <int B, class Row, int kGroupBlocks>
-void rows_kernel_factored_tiled(const Problem& P, const typename Row::T* base, int64_t stride, int64_t m0, int64_t n0,
-                                int64_t n1) {
+// rows_kernel_factored. int4 only (see factored): at one row it is bound by its instructions, not by memory.
+template <int B, int kGroupBlocks>
+void rows_kernel_int4_factored_tiled(const Problem& P, const uint8_t* base, int64_t stride, int64_t m0, int64_t n0,
+                                     int64_t n1) {
+  using Row = Int4Row;
   constexpr int kTile = 4;
   const int64_t blocks = kGroupBlocks ? kGroupBlocks : P.group / kBlock;
   const float* x = P.x + m0 * P.k;
@@ -361,10 +362,7 @@ void rows_kernel_factored_tiled(const Problem& P, const typename Row::T* base, i
       _Pragma("GCC unroll 8")
       for (int r = 0; r < kTile; ++r) {
         _Pragma("GCC unroll 8")
-        for (int b = 0; b < B; ++b) {
-          if constexpr (Row::kOffset) part[r][b] = V::first_lane(-8.f * P.xsum[(m0 + b) * P.groups + g]);
-          else part[r][b] = V::zero();
-        }
+        for (int b = 0; b < B; ++b) part[r][b] = V::first_lane(-8.f * P.xsum[(m0 + b) * P.groups + g]);  // the offset
       }
       _Pragma("GCC unroll 4")
       for (int64_t i = 0; i < blocks; ++i) {
@@ -374,8 +372,7 @@ void rows_kernel_factored_tiled(const Problem& P, const typename Row::T* base, i
         for (int r = 0; r < kTile; ++r) {
           const Row row{base + (n + r) * stride};
           V::F w[kVecs];
-          if constexpr (Row::kOffset) row.decode_offset(k, w);
-          else row.decode(k, w);
+          row.decode_offset(k, w);
           _Pragma("GCC unroll 8")
           for (int c = 0; c < kVecs; ++c) {
             _Pragma("GCC unroll 8")
@@ -410,9 +407,28 @@ void rows_kernel_factored_tiled(const Problem& P, const typename Row::T* base, i
 // (u - 8) * s (+ z) for the stored u = q + 8 in 0..15. rows_kernel computes that per weight (a conversion, a
 // multiply and maybe an add); here the group's 16 values are computed once into one vector, by the same operations
 // in the same order (so each weight is the same float as rows_kernel's), and each weight is looked up in it by its
-// nibble: vpermps reads the low 4 bits of each index lane, so a low nibble needs no mask and a high one a shift. At
+// nibble (int4_group_table, int4_lookup_block). At
 // one or two rows this also replaces rows_kernel_factored (whose per-group sums and offset cost a third of its
 // instructions at groups of 64); from three rows on its chains are rows_kernel's, and so are its bits.
+// Output row n's group g as its 16 dequantized values, (u - 8) * s (+ z) for u = 0..15: rows_kernel's operations
+// (a multiply, then maybe an add), so each looked-up weight is the float rows_kernel computes.
+inline V::F int4_group_table(const Problem& P, int64_t n, int64_t g) {
+  const V::F levels = _mm512_setr_ps(-8.f, -7.f, -6.f, -5.f, -4.f, -3.f, -2.f, -1.f, 0.f, 1.f, 2.f, 3.f, 4.f, 5.f,
+                                     6.f, 7.f);
+  V::F table = V::mul(levels, V::set1(P.scale[n * P.groups + g] * Int4Row::kUnit));
+  if (P.zero) table = V::add(table, V::set1(P.zero[n * P.groups + g]));
+  return table;
+}
+
+// The 32 weights of the int4 block at `bytes` (16 bytes; see quant_gemm.cpp: format 1) looked up in `table`:
+// vpermps reads the low 4 bits of each widened byte, so the low nibbles (values 0-15) need no mask and the high ones
+// (16-31) a shift.
+inline void int4_lookup_block(const uint8_t* bytes, V::F table, V::F (&w)[kVecs]) {
+  const V::I u = _mm512_cvtepu8_epi32(V::bytes(bytes));
+  w[0] = _mm512_permutexvar_ps(u, table);
+  w[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(u, 4), table);
+}
+
 template <int B, int kGroupBlocks>
 void rows_kernel_int4_lookup(const Problem& P, const uint8_t* base, int64_t stride, int64_t m0, int64_t n0,
                              int64_t n1) {
@@ -420,8 +436,6 @@ void rows_kernel_int4_lookup(const Problem& P, const uint8_t* base, int64_t stri
   // fewer), rows_kernel's count from three rows on.
   constexpr int kChains = B <= 2 ? 4 : B <= 4 ? 2 : 1;
   constexpr int kStep = kChains > kVecs ? kChains / kVecs : 1;  // blocks per step: a vector for every chain
-  const V::F levels = _mm512_setr_ps(-8.f, -7.f, -6.f, -5.f, -4.f, -3.f, -2.f, -1.f, 0.f, 1.f, 2.f, 3.f, 4.f, 5.f,
-                                     6.f, 7.f);
   const int64_t blocks = kGroupBlocks ? kGroupBlocks : P.group / kBlock;
   const float* x = P.x + m0 * P.k;
   for (int64_t n = n0; n < n1; ++n) {
@@ -433,11 +447,10 @@ void rows_kernel_int4_lookup(const Problem& P, const uint8_t* base, int64_t stri
       for (int c = 0; c < kChains; ++c) acc[b][c] = V::zero();
     }
     for (int64_t g = 0; g < P.groups; ++g) {
-      V::F table = V::mul(levels, V::set1(P.scale[n * P.groups + g] * Int4Row::kUnit));
-      if (P.zero) table = V::add(table, V::set1(P.zero[n * P.groups + g]));
+      const V::F table = int4_group_table(P, n, g);
       over_group_blocks<kStep>(P, row, g, blocks, [&](int64_t k, int s) {
-        const V::I u = _mm512_cvtepu8_epi32(V::bytes(row.p + k / 2));
-        const V::F w[kVecs] = {_mm512_permutexvar_ps(u, table), _mm512_permutexvar_ps(_mm512_srli_epi32(u, 4), table)};
+        V::F w[kVecs];
+        int4_lookup_block(row.p + k / 2, table, w);
         fma_into_chains<B, kChains>(acc, w, x, P.k, k, s);
       });
     }
@@ -461,8 +474,6 @@ void rows_kernel_int4_lookup_tiled(const Problem& P, const uint8_t* base, int64_
                                    int64_t n1) {
   constexpr int kTile = 4;
   constexpr int kChains = B == 1 ? 2 : 1;
-  const V::F levels = _mm512_setr_ps(-8.f, -7.f, -6.f, -5.f, -4.f, -3.f, -2.f, -1.f, 0.f, 1.f, 2.f, 3.f, 4.f, 5.f,
-                                     6.f, 7.f);
   const int64_t blocks = kGroupBlocks ? kGroupBlocks : P.group / kBlock;
   const float* x = P.x + m0 * P.k;
   int64_t n = n0;
@@ -479,10 +490,7 @@ void rows_kernel_int4_lookup_tiled(const Problem& P, const uint8_t* base, int64_
     for (int64_t g = 0; g < P.groups; ++g) {
       V::F table[kTile];
       _Pragma("GCC unroll 8")
-      for (int r = 0; r < kTile; ++r) {
-        table[r] = V::mul(levels, V::set1(P.scale[(n + r) * P.groups + g] * Int4Row::kUnit));
-        if (P.zero) table[r] = V::add(table[r], V::set1(P.zero[(n + r) * P.groups + g]));
-      }
+      for (int r = 0; r < kTile; ++r) table[r] = int4_group_table(P, n + r, g);
       _Pragma("GCC unroll 4")
       for (int64_t i = 0; i < blocks; ++i) {
         const int64_t k = g * P.group + i * kBlock;
@@ -495,10 +503,8 @@ void rows_kernel_int4_lookup_tiled(const Problem& P, const uint8_t* base, int64_
         }
         _Pragma("GCC unroll 8")
         for (int r = 0; r < kTile; ++r) {
-          const Int4Row row{base + (n + r) * stride};
-          const V::I u = _mm512_cvtepu8_epi32(V::bytes(row.p + k / 2));
-          const V::F w[kVecs] = {_mm512_permutexvar_ps(u, table[r]),
-                                 _mm512_permutexvar_ps(_mm512_srli_epi32(u, 4), table[r])};
+          V::F w[kVecs];
+          int4_lookup_block(base + (n + r) * stride + k / 2, table[r], w);
           _Pragma("GCC unroll 8")
           for (int b = 0; b < B; ++b) {
             _Pragma("GCC unroll 8")
@@ -544,7 +550,7 @@ template <int B, class Row>
 void factored(const Problem& P, const typename Row::T* w, int64_t stride, int64_t m0, int64_t n0, int64_t n1) {
   with_group_blocks(P.group, [&](auto group_blocks) {
     constexpr int G = decltype(group_blocks)::value;
-    if constexpr (std::is_same_v<Row, Int4Row>) rows_kernel_factored_tiled<B, Row, G>(P, w, stride, m0, n0, n1);
+    if constexpr (std::is_same_v<Row, Int4Row>) rows_kernel_int4_factored_tiled<B, G>(P, w, stride, m0, n0, n1);
     else rows_kernel_factored<B, Row, G>(P, w, stride, m0, n0, n1);
   });
 }
