@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from pipeline.engine.cpu import CheckpointRank
 from pipeline.errors import PipelineError
-from pipeline.quantize.stats import META_FILE, module_prefix, stats_file
+from pipeline.quantize.stats import META_FILE, module_prefix, pack_lower, stats_file
 from pipeline.runtime.kernels import TorchKernel
 from pipeline.runtime.kv_cache import KVCache
 from pipeline.runtime.model import EngineModel, ModelArgs
@@ -59,31 +59,20 @@ class _Accumulator:
         self.abssum += mag.sum(dim=0, dtype=torch.float64)
         if self.hessian is not None:
             # x^T x is symmetric: only the blocks on and below the diagonal are computed (float32 GEMMs, summed
-            # across batches in float64); `tensors` mirrors the upper triangle.
+            # across batches in float64); `tensors` keeps the lower triangle.
             for a, b in self.blocks:
                 self.hessian[a:, a:b] += rows[:, a:].t() @ rows[:, a:b]
-        self.output_absmax = max(self.output_absmax, float(y.abs().amax()))
+        low, high = torch.aminmax(y)  # max |y| without a temporary |y|
+        self.output_absmax = max(self.output_absmax, -float(low), float(high))
         self.tokens += rows.shape[0]
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         out = {f"{prefix}.absmax": self.absmax, f"{prefix}.absmean": (self.abssum / max(self.tokens, 1)).float(),
                f"{prefix}.output_absmax": torch.tensor(self.output_absmax)}
         if self.hessian is not None:
-            out[f"{prefix}.hessian"] = self._symmetric_hessian()
+            # the lower triangle `add` filled, rounded to float32 once (the reader mirrors it: exactly symmetric)
+            out[f"{prefix}.hessian"] = pack_lower(self.hessian).float()
         return out
-
-    def _symmetric_hessian(self) -> torch.Tensor:
-        """The float32 Hessian with its upper triangle mirrored from the lower one, after the one float64 -> float32
-        rounding (the values of mirroring in float64 first, in fewer passes over the matrix). `add` filled each block
-        column from its diagonal block down: the blocks right of a diagonal block are empty and take their
-        transposes; a diagonal block's GEMM computed both of its triangles, and the upper one, whose last bits may
-        differ, is replaced too (the result is exactly symmetric)."""
-        h = self.hessian.float()
-        for a, b in self.blocks:
-            h[a:b, b:] = h[b:, a:b].t()
-            diagonal = h[a:b, a:b]
-            diagonal.copy_(diagonal.tril() + diagonal.tril(-1).t())
-        return h
 
 
 class RecordingKernel(TorchKernel):

@@ -7,8 +7,10 @@ import torch
 
 from pipeline.quantize.algorithms import (InputStats, _asymmetric_grid, awq_scales, factored_output_error, gptq_quantize,
                                          grid_search, hessian_factor, inverse_upper_factor, output_error)
+from pipeline.errors import PipelineError
 from pipeline.quantize.calibrate import _Accumulator
 from pipeline.quantize.numerics import group_view, symmetric_per_group
+from pipeline.quantize.stats import pack_lower, unpack_symmetric
 
 
 def _stats(cols: int, seed: int = 0) -> tuple[torch.Tensor, InputStats]:
@@ -24,7 +26,9 @@ def test_hessian_lower_blocks_equal_the_full_product(cols):
     acc = _Accumulator(cols, hessian=True)
     for part in x.split(100):
         acc.add(part, part[:, :3])
-    h = acc.tensors("m")["m.hessian"]
+    packed = acc.tensors("m")["m.hessian"]
+    assert packed.shape == (cols * (cols + 1) // 2,)  # the lower triangle only
+    h = unpack_symmetric(packed, "m")
     ref = x.double().t() @ x.double()
     assert torch.equal(h, h.t())
     assert torch.allclose(h.double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
@@ -33,7 +37,17 @@ def test_hessian_lower_blocks_equal_the_full_product(cols):
     assert torch.equal(h, (lower + lower.tril(-1).t()).float())
     # whatever the upper triangle holds (a diagonal block's GEMM may leave other last bits there), the lower one wins
     acc.hessian += torch.rand(cols, cols, dtype=torch.float64).triu(1)
-    assert torch.equal(acc.tensors("m")["m.hessian"], h)
+    assert torch.equal(acc.tensors("m")["m.hessian"], packed)
+
+
+def test_packed_hessian_round_trip_and_errors():
+    h = torch.randn(7, 7)
+    h = h + h.t()
+    packed = pack_lower(h)
+    assert packed.tolist() == [float(h[i, j]) for i in range(7) for j in range(i + 1)]
+    assert torch.equal(unpack_symmetric(packed, "m"), h)
+    with pytest.raises(PipelineError, match=r"layer_0.safetensors: m.hessian: expected the lower triangle .* \(27,\)"):
+        unpack_symmetric(torch.zeros(27), "layer_0.safetensors: m.hessian")
 
 
 def _awq_reference_candidates(weight, stats, group_size, grid):

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.errors import PipelineError
+from pipeline.quantize.stats import unpack_symmetric
 from tests.quantize.conftest import CALIBRATION
 
 # TensorRT-LLM module -> the HF modules whose inputs (and outputs) it stands for
@@ -50,7 +51,8 @@ def test_statistics_match_transformers(quant_model, quant_stats):
             assert torch.allclose(stats[f"{prefix}.absmax"], x.abs().amax(0), rtol=1e-4, atol=1e-5), prefix
             assert torch.allclose(stats[f"{prefix}.absmean"], x.abs().mean(0), rtol=1e-4, atol=1e-5), prefix
             h = (x.double().t() @ x.double()).float()
-            assert torch.allclose(stats[f"{prefix}.hessian"], h, rtol=1e-3, atol=1e-3 * h.abs().max()), prefix
+            hessian = unpack_symmetric(stats[f"{prefix}.hessian"], prefix)
+            assert torch.allclose(hessian, h, rtol=1e-3, atol=1e-3 * h.abs().max()), prefix
             out = max(acts[f"{layer}.{m}"][1].abs().max().item() for m in mods)
             assert abs(stats[f"{prefix}.output_absmax"].item() - out) < 1e-4 * out, prefix
         assert stats[f"transformer.layers.{layer}.attention.k_absmax"] > 0

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from pipeline.checkpoint.validate import validate_checkpoint
 from pipeline.errors import PipelineError
 from pipeline.quantize.mixed_gemm import unpreprocess_weights_for_mixed_gemm
+from pipeline.quantize.stats import StatsReader
 from tests.quantize.conftest import GROUP, convert_quantized
 
 H, QKV, INTER = 128, 256, 256  # hidden, fused qkv rows (4 heads + 2 + 2 KV heads of 32), intermediate
@@ -152,7 +153,7 @@ def test_gptq_beats_round_to_nearest_on_the_calibration_set(checkpoints, quant_m
     s = (hi - lo) / 15
     z = torch.round(-lo / s)
     rtn = ((torch.clamp(torch.round(g / s) + z, 0, 15) - z) * s).reshape(src.shape)
-    h = load_file(str(quant_stats / "layer_0.safetensors"))["transformer.layers.0.mlp.fc.hessian"].double()
+    h = StatsReader(quant_stats).input(0, "mlp.fc", hessian=True).hessian.double()
 
     def err(x):
         d = (x - src).double()
