@@ -52,6 +52,8 @@ LONG_TEXT = REPO / "pipeline" / "datasets" / "ppl_text.txt"  # --prompt_tokens: 
 TINY_CALIBRATION = ["quantization.calibration.calib_size=4", "quantization.calibration.calib_max_seq_length=64"]
 FORMATS = {
     "fp32": ("none", []),
+    "fp16": ("none", ["dtype=float16"]),
+    "bf16": ("none", ["dtype=bfloat16"]),
     "w8a16": ("w8a16", []),
     "w4a16": ("w4a16", ["quantization.group_size=64"]),
     "awq": ("w4a16_awq", ["quantization.group_size=64", *TINY_CALIBRATION]),

@@ -101,13 +101,18 @@ class OneDnnKernel(TorchKernel):
 
 
 class NativeFloatLinear:
-    """A float32 linear layer for the `native` kernel: the compiled GEMV (pipeline.runtime.native, its plain float32
-    format) for up to MAX_ROWS input rows, MKL's GEMM (F.linear) on the same weight for more (prefill)."""
+    """A float linear layer for the `native` kernel: the compiled GEMV (pipeline.runtime.native, its plain float
+    formats: float32, or a 16-bit engine's half or bfloat16 weights widened as they are read) for up to MAX_ROWS input
+    rows, torch's GEMM (F.linear) on the same weight for more (prefill). A 16-bit engine's activations enter the
+    compiled call as float32 (exact) and its float32 sums are rounded to the engine's dtype once: float32
+    accumulation of the 16-bit products, as torch's 16-bit CPU GEMM and TensorRT-LLM's 16-bit GEMMs accumulate."""
 
     MAX_ROWS = 8  # the compiled kernel reads the weights once per 8 rows
+    FORMATS = {torch.float32: 3, torch.float16: 4, torch.bfloat16: 5}  # weight dtype -> compiled storage format
 
     def __init__(self, weight: torch.Tensor, kernels):
         self.weight, self.kernels = weight.contiguous(), kernels
+        self.format = self.FORMATS[weight.dtype]
         self.ones = torch.ones(weight.shape[0], 1)  # the kernel's per-row scale: w * 1.0 is w exactly
 
     @property
@@ -116,17 +121,19 @@ class NativeFloatLinear:
 
     def native_op(self, bias: torch.Tensor | None = None):
         """The compiled call of this layer with its arguments bound (native LinearOp: this __call__ for up to
-        MAX_ROWS rows)."""
-        return self.kernels.LinearOp(*self._native_args(bias))
+        MAX_ROWS rows; float32 only, as the fused decoder layer takes it)."""
+        return self.kernels.LinearOp(*self._native_args(bias)) if self.format == 3 else None
 
     def _native_args(self, bias: torch.Tensor | None) -> tuple:
-        """quant_linear's arguments after x for the plain float32 format (3, scale 1), LinearOp's too."""
-        return self.weight, 3, self.weight.shape[1], self.ones, None, bias, None, None, 0
+        """quant_linear's arguments after x for the plain float formats (scale 1), LinearOp's too."""
+        return self.weight, self.format, self.weight.shape[1], self.ones, None, bias, None, None, 0
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if x.numel() > self.MAX_ROWS * x.shape[-1]:
             return F.linear(x, self.weight, bias)
-        return self.kernels.quant_linear(x, *self._native_args(bias))
+        if x.dtype == torch.float32:
+            return self.kernels.quant_linear(x, *self._native_args(bias))
+        return self.kernels.quant_linear(x.float(), *self._native_args(bias)).to(x.dtype)
 
 
 class FusedDecoderLayer:
@@ -153,8 +160,9 @@ class FusedDecoderLayer:
 class NativeKernel(OneDnnKernel):
     """float32 weights: `NativeFloatLinear`, the compiled GEMV at decode batch sizes. `benchmarks/linear_kernels.py`
     (random weights of SmolLM2-135M's 120 linear shapes, 2-core AMD EPYC, 2 threads): 23-26 GB/s against oneDNN's
-    packed GEMM's 17-19 GB/s at one row, 0.64-0.82x its time at 8 rows. Other dtypes (and quantized weights) as
-    `onednn`. float32 RMSNorms are one compiled call: torch's formula is seven ops, ~50 us for a decode step's 576
+    packed GEMM's 17-19 GB/s at one row, 0.64-0.82x its time at 8 rows. float16 and bfloat16 weights take the same
+    GEMV in their own 16-bit storage (half the bytes; before, a 16-bit engine ran torch's 16-bit GEMM or oneDNN's
+    bfloat16 one); quantized weights as `onednn` (see __init__). float32 RMSNorms are one compiled call: torch's formula is seven ops, ~50 us for a decode step's 576
     values on that machine (two norms per layer), the compiled call ~5 us. So is a plain layer's attention at decode
     widths (RoPE, the cache write and causal attention; `attend` is about fifteen ops, ~190 us a layer at batch 1),
     and a gated MLP's silu(fc) * gate (chunk, silu and multiply: ~25 us a layer at batch 1; the compiled call computes
@@ -169,8 +177,14 @@ class NativeKernel(OneDnnKernel):
 
         return native.load()
 
+    def __init__(self, dtype: torch.dtype = torch.float32):
+        # Quantized weights of a 16-bit engine take torch's bfloat16 weight-only kernels only where oneDNN's bfloat16
+        # GEMM runs (the `onednn` kernel's choice), else their exact dequantization (the `torch` kernel's): the
+        # compiled integer kernels take float32 engines.
+        self.fast_quantized = dtype == torch.float32 or onednn_supports(dtype)
+
     def prepare(self, w):
-        if w.dtype != torch.float32:
+        if w.dtype not in NativeFloatLinear.FORMATS:
             return super().prepare(w)
         return NativeFloatLinear(w, self.kernels)
 
@@ -241,16 +255,16 @@ def native_available() -> bool:
 def choose_kernel(name: str, dtype: torch.dtype) -> TorchKernel:
     if name == "auto":
         name = "onednn" if onednn_supports(dtype) else "torch"
-        if name == "onednn" and dtype == torch.float32 and native_available():
+        if dtype in NativeFloatLinear.FORMATS and native_available():
             name = "native"
     if name not in KERNELS:
         raise ValueError(f"unknown linear kernel {name!r}; known: {sorted(KERNELS)}")
     if name == "blas" and dtype != torch.float32:
         raise ValueError("the blas kernel needs a float32 engine")
-    if name == "native" and not (onednn_supports(dtype) and native_available()):
-        raise ValueError("the native kernel needs oneDNN and the compiled kernels of pipeline.runtime.native, which "
-                         "are not available here; use kernel=auto")
+    if name == "native" and not (dtype in NativeFloatLinear.FORMATS and native_available()):
+        raise ValueError("the native kernel needs the compiled kernels of pipeline.runtime.native, which are not "
+                         "available here, and a float32, float16 or bfloat16 engine; use kernel=auto")
     if name == "onednn" and not onednn_supports(dtype):
         raise ValueError(f"the onednn kernel cannot run {str(dtype).removeprefix('torch.')} on this CPU "
                          "(oneDNN's bfloat16 GEMM needs AVX-512 or AVX-NE-CONVERT); use kernel=torch or auto")
-    return KERNELS[name]()
+    return NativeKernel(dtype) if name == "native" else KERNELS[name]()

@@ -12,16 +12,27 @@ def test_auto_falls_back_to_torch_where_onednn_cannot_run_the_dtype(monkeypatch)
     assert kernels.choose_kernel("auto", torch.bfloat16).name == "torch"
     assert kernels.choose_kernel("auto", torch.float16).name == "torch"
     assert kernels.choose_kernel("auto", torch.float32).name == "onednn"
-    with pytest.raises(ValueError, match="native kernel needs oneDNN and the compiled kernels"):
+    with pytest.raises(ValueError, match="native kernel needs the compiled kernels"):
         kernels.choose_kernel("native", torch.float32)
     monkeypatch.setattr(kernels, "native_available", lambda: True)
-    assert kernels.choose_kernel("auto", torch.float32).name == "native"  # float32 only: the GEMV is float32
-    assert kernels.choose_kernel("auto", torch.bfloat16).name == "torch"
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):  # the compiled GEMV's float formats
+        assert kernels.choose_kernel("auto", dtype).name == "native"
     with pytest.raises(ValueError, match="onednn kernel cannot run bfloat16 on this CPU"):
         kernels.choose_kernel("onednn", torch.bfloat16)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_kernel_keeps_each_dtypes_quantized_path(monkeypatch):
+    """A 16-bit engine's quantized weights take torch's bfloat16 weight-only kernels only where oneDNN's bfloat16
+    runs (what `auto` chose before the native kernel took 16-bit engines), else their exact dequantization."""
+    monkeypatch.setattr(kernels, "onednn_supports", lambda dtype: dtype in (torch.float32, torch.bfloat16))
+    assert kernels.NativeKernel(torch.float32).fast_quantized
+    assert kernels.NativeKernel(torch.bfloat16).fast_quantized
+    assert not kernels.NativeKernel(torch.float16).fast_quantized
+    monkeypatch.setattr(kernels, "onednn_supports", lambda dtype: dtype == torch.float32)
+    assert not kernels.NativeKernel(torch.bfloat16).fast_quantized
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_chosen_kernel_runs_here(dtype):
     kernel = kernels.choose_kernel("auto", dtype)
     w = torch.randn(24, 16).to(dtype)
@@ -43,6 +54,44 @@ def test_native_float_linear_equals_f_linear(rows, shape):
     for bias in (None, b):
         torch.testing.assert_close(kernel(x, prepared, bias), torch.nn.functional.linear(x, w, bias),
                                    atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not kernels.native_available(), reason="the compiled kernels of pipeline.runtime.native are not "
+                    "available here (no C++ compiler or no AVX2/FMA)")
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 9])  # up to 8: the compiled GEMV; more: torch's GEMM
+@pytest.mark.parametrize("shape", [(24, 16), (37, 101), (576, 1536), (130, 64)])
+def test_native_16bit_linear_is_the_float32_product_rounded_once(isa, dtype, rows, shape):
+    """A 16-bit engine's float linear: float32 activations times the stored 16-bit weights, summed in float32 and
+    rounded to the dtype once (what torch's 16-bit CPU GEMM computes, in another order of the float32 sum), with and
+    without bias, on widths below, off and on the kernel's 32-value block."""
+    kernel = kernels.choose_kernel("native", dtype)
+    if isa not in kernel.kernels.supported_isas():
+        pytest.skip(f"this CPU cannot run the {isa} instance")
+    torch.manual_seed(rows)
+    w, b = torch.randn(*shape).to(dtype), torch.randn(shape[0]).to(dtype)
+    x = torch.randn(1, rows, 2 * shape[1]).to(dtype)[..., ::2]  # a strided view, as the runtime's slices can be
+    prepared = kernel.prepare(w)
+    assert prepared.shape == w.shape
+    default = kernel.kernels.isa()
+    kernel.kernels.set_isa(isa)
+    try:
+        for bias in (None, b):
+            out = kernel(x, prepared, bias)
+            exact = torch.nn.functional.linear(x.double(), w.double(), None if bias is None else bias.double())
+            assert out.dtype == dtype and out.shape == exact.shape
+            if rows > kernels.NativeFloatLinear.MAX_ROWS:  # prefill: torch's GEMM itself
+                assert torch.equal(out, torch.nn.functional.linear(x, w, bias))
+                continue
+            # float32 sums of exact products: within float32 rounding of the exact sum, then one 16-bit rounding
+            # (half an ulp: 2^-11 of the value in half, 2^-8 in bfloat16)
+            half_ulp = 2 ** -8 if dtype == torch.bfloat16 else 2 ** -11
+            err = (out.double() - exact).abs()
+            assert (err <= half_ulp * exact.abs() * (1 + 1e-3) + 1e-5 * shape[1] ** 0.5).all()
+            torch.testing.assert_close(out, torch.nn.functional.linear(x, w, bias), atol=0.05, rtol=0.02)
+    finally:
+        kernel.kernels.set_isa(default)
 
 
 @pytest.mark.skipif(not kernels.native_available(), reason="the compiled kernels of pipeline.runtime.native are not "

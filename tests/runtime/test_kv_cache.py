@@ -16,18 +16,19 @@ def reference_write(cache: torch.Tensor, pos: torch.Tensor, new: torch.Tensor) -
     return out
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])  # 16-bit: through an int16 view
 @pytest.mark.parametrize("ring", [False, True])
-def test_update_writes_each_sequence_at_its_positions(ring):
+def test_update_writes_each_sequence_at_its_positions(ring, dtype):
     torch.manual_seed(0)
-    cache = KVCache(max_batch=4, kv_heads=3, max_seq=10, head_size=8, dtype=torch.float32, ring=ring)
+    cache = KVCache(max_batch=4, kv_heads=3, max_seq=10, head_size=8, dtype=dtype, ring=ring)
     cache.k.normal_()
     cache.v.normal_()
     before_k, before_v = cache.k.clone(), cache.v.clone()
     pos = torch.tensor([[7, 8, 9], [2, 3, 4], [11, 12, 13]])  # row 2 wraps in a ring of 10 slots
     if not ring:
         pos[2] = torch.tensor([0, 1, 5])
-    k, v = torch.randn(3, 3, 3, 8), torch.randn(3, 3, 3, 8)
-    k_t = torch.randn(3, 3, 8, 3).transpose(-1, -2)  # a strided source, as the attention's views are
+    k, v = torch.randn(3, 3, 3, 8).to(dtype), torch.randn(3, 3, 3, 8).to(dtype)
+    k_t = torch.randn(3, 3, 8, 3).to(dtype).transpose(-1, -2)  # a strided source, as the attention's views are
     k_t.copy_(k)
     k_all, v_all = cache.update(pos, k_t, v, kv_len=14 if ring else 9)
     slots = pos % 10 if ring else pos

@@ -20,6 +20,7 @@
 //           its low nibble and value j + 16 + 8 in its high nibble (values stored with an offset of 8, unsigned).
 //   2 fp8:  (N, K) float8_e4m3fn bits.
 //   3 f32:  (N, K) float32 (with scale 1: a plain GEMV).
+//   4 f16, 5 bf16: (N, K) IEEE half / bfloat16 (scale 1: a 16-bit engine's float linears, activations in float32).
 // Rows are independent: the work is split over output rows (at::parallel_for), and each decoded block of weights
 // is used for up to 8 activation rows before the next block is read (batch 8 reads the weights once).
 #include <torch/extension.h>
@@ -359,6 +360,9 @@ at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& weight, int64_
                 "quant_linear: int4 weight layout");
   } else if (format == 3) {
     TORCH_CHECK(weight.scalar_type() == at::kFloat && stride == in_features, "quant_linear: float32 weight layout");
+  } else if (format == 4 || format == 5) {
+    TORCH_CHECK(weight.scalar_type() == (format == 4 ? at::kHalf : at::kBFloat16) && stride == in_features,
+                "quant_linear: 16-bit float weight layout");
   } else {
     TORCH_CHECK(format == 2 && weight.scalar_type() == at::kByte && stride == in_features,
                 "quant_linear: fp8 weight layout");

@@ -46,12 +46,14 @@ struct V {
   static inline float sum(F v) { return hsum(v); }
   static inline int32_t isum(I v) { return hsum_epi32(v); }
   static inline F first_lane(float v) { return _mm256_zextps128_ps256(_mm_set_ss(v)); }
+  static inline F bits_as_float(I v) { return _mm256_castsi256_ps(v); }
 #else
   static inline __m128i bytes(const void* p) { return _mm_loadu_si128(static_cast<const __m128i*>(p)); }
   static inline __m256i byte_pairs(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
   static inline float sum(F v) { return _mm512_reduce_add_ps(v); }
   static inline int32_t isum(I v) { return _mm512_reduce_add_epi32(v); }
   static inline F first_lane(float v) { return _mm512_zextps128_ps512(_mm_set_ss(v)); }
+  static inline F bits_as_float(I v) { return _mm512_castsi512_ps(v); }
 #endif
   // A 32-value int4 block (16 bytes, see quant_gemm.cpp: format 1) as its stored values q + 8, in kVecs vectors:
   // each kLanes bytes of the block widened to 32-bit lanes by the load itself (vpmovzxbd); their low nibbles are
@@ -71,6 +73,12 @@ struct V {
   static inline F fp8_values(const uint8_t* p) {
     const auto halves = QG_HALF(slli_epi16)(QG_HALF(cvtepi8_epi16)(bytes(p)), 7);
     return QG_OP(cvtph_ps)(QG_HALF_SI(and)(halves, QG_HALF(set1_epi16)(static_cast<short>(0xBFFF))));
+  }
+  // kLanes IEEE half values at p (2 kLanes bytes) as floats (F16C; exact)
+  static inline F half_values(const uint16_t* p) { return QG_OP(cvtph_ps)(byte_pairs(p)); }
+  // kLanes bfloat16 values at p as floats: each one's 16 bits are the high half of its float32 bits (exact)
+  static inline F bf16_values(const uint16_t* p) {
+    return bits_as_float(QG_OP(slli_epi32)(QG_OP(cvtepu16_epi32)(byte_pairs(p)), 16));
   }
   // The integer product of int8_activation_rows: 32 weights as int16, kIntRegs registers of 2 kLanes.
   static constexpr int kIntRegs = 16 / QG_LANES;
@@ -152,6 +160,35 @@ struct F32Row {
     for (int c = 0; c < kVecs; ++c) w[c] = V::load(p + k + V::kLanes * c);
   }
   inline float at(int64_t k) const { return p[k]; }
+  inline const char* address(int64_t k) const { return reinterpret_cast<const char*>(p + k); }
+};
+
+// 16-bit float weights (formats 4 IEEE half, 5 bfloat16; scale 1) of a 16-bit engine's float linears: each weight
+// widened to float32 exactly as it is read, so the product is float32 activations times the stored values,
+// accumulated in float32 (the engine rounds the output to its dtype once), at half the bytes of float32.
+struct F16Row {
+  using T = uint16_t;
+  const uint16_t* p;
+  static constexpr float kUnit = 1.0f;
+  static constexpr int64_t kBlockBytes = 64;  // bytes of one 32-value block
+  static constexpr bool kOffset = false;
+  inline void decode(int64_t k, V::F w[kVecs]) const {
+    for (int c = 0; c < kVecs; ++c) w[c] = V::half_values(p + k + V::kLanes * c);
+  }
+  inline float at(int64_t k) const { return static_cast<float>(c10::Half(p[k], c10::Half::from_bits())); }
+  inline const char* address(int64_t k) const { return reinterpret_cast<const char*>(p + k); }
+};
+
+struct Bf16Row {
+  using T = uint16_t;
+  const uint16_t* p;
+  static constexpr float kUnit = 1.0f;
+  static constexpr int64_t kBlockBytes = 64;  // bytes of one 32-value block
+  static constexpr bool kOffset = false;
+  inline void decode(int64_t k, V::F w[kVecs]) const {
+    for (int c = 0; c < kVecs; ++c) w[c] = V::bf16_values(p + k + V::kLanes * c);
+  }
+  inline float at(int64_t k) const { return static_cast<float>(c10::BFloat16(p[k], c10::BFloat16::from_bits())); }
   inline const char* address(int64_t k) const { return reinterpret_cast<const char*>(p + k); }
 };
 
@@ -597,13 +634,15 @@ void run(const Problem& P, const typename Row::T* w, int64_t stride) {
   });
 }
 
-// y = x W^T for weights of `format` (0 int8, 1 int4, 2 fp8, 3 float32; see quant_gemm.cpp), layouts checked by the
-// caller.
+// y = x W^T for weights of `format` (0 int8, 1 int4, 2 fp8, 3 float32, 4 half, 5 bfloat16; see quant_gemm.cpp),
+// layouts checked by the caller.
 void run_format(int64_t format, const Problem& P, const void* w, int64_t stride) {
   switch (format) {
     case 0: run<Int8Row>(P, static_cast<const int8_t*>(w), stride); break;
     case 1: run<Int4Row>(P, static_cast<const uint8_t*>(w), stride); break;
     case 2: run<Fp8Row>(P, static_cast<const uint8_t*>(w), stride); break;
+    case 4: run<F16Row>(P, static_cast<const uint16_t*>(w), stride); break;
+    case 5: run<Bf16Row>(P, static_cast<const uint16_t*>(w), stride); break;
     default: run<F32Row>(P, static_cast<const float*>(w), stride); break;
   }
 }
