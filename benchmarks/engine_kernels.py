@@ -60,7 +60,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--formats", nargs="*", default=list(FORMATS), choices=list(FORMATS))
     p.add_argument("--before", help="a git revision of this repository whose compiled kernels to compare")
-    p.add_argument("--isa", choices=["avx2", "avx512"], help="with --before or --kernel_before: both sides on this weight-kernel instance")
+    p.add_argument("--isa", choices=["avx2", "avx512"],
+                   help="with --before or --kernel_before: both sides on this weight-kernel instance")
     p.add_argument("--isas", action="store_true", help="compare this tree's AVX2 and AVX-512 instances")
     p.add_argument("--kernel_before", choices=["torch", "onednn", "native"],
                    help="compare the linear kernel NAME (before) with auto (after), both with this tree's kernels")

@@ -161,27 +161,27 @@ class NativeKernel(OneDnnKernel):
     """float32 weights: `NativeFloatLinear`, the compiled GEMV at decode batch sizes. `benchmarks/linear_kernels.py`
     (random weights of SmolLM2-135M's 120 linear shapes, 2-core AMD EPYC, 2 threads): 23-26 GB/s against oneDNN's
     packed GEMM's 17-19 GB/s at one row, 0.64-0.82x its time at 8 rows. float16 and bfloat16 weights take the same
-    GEMV in their own 16-bit storage (half the bytes; before, a 16-bit engine ran torch's 16-bit GEMM or oneDNN's
-    bfloat16 one); quantized weights as `onednn` (see __init__). float32 RMSNorms are one compiled call: torch's formula is seven ops, ~50 us for a decode step's 576
-    values on that machine (two norms per layer), the compiled call ~5 us. So is a plain layer's attention at decode
-    widths (RoPE, the cache write and causal attention; `attend` is about fifteen ops, ~190 us a layer at batch 1),
-    and a gated MLP's silu(fc) * gate (chunk, silu and multiply: ~25 us a layer at batch 1; the compiled call computes
-    the same bits)."""
+    GEMV in their 16-bit storage (half the bytes; 16-bit engines ran torch's 16-bit GEMM, or oneDNN's bfloat16 one,
+    before). Quantized weights: see __init__. float32 RMSNorms are one compiled call: torch's formula is seven ops,
+    ~50 us for a decode step's 576 values on that machine (two norms per layer), the compiled call ~5 us. So is a
+    plain layer's attention at decode widths (RoPE, the cache write and causal attention; `attend` is about fifteen
+    ops, ~190 us a layer at batch 1), and a gated MLP's silu(fc) * gate (chunk, silu and multiply: ~25 us a layer at
+    batch 1; the compiled call computes the same bits)."""
 
     name = "native"
     MAX_FUSED_POSITIONS = 8  # query positions per sequence the fused attention takes (decode); more: SDPA
-
-    @functools.cached_property
-    def kernels(self):
-        from pipeline.runtime import native
-
-        return native.load()
 
     def __init__(self, dtype: torch.dtype = torch.float32):
         # Quantized weights of a 16-bit engine take torch's bfloat16 weight-only kernels only where oneDNN's bfloat16
         # GEMM runs (the `onednn` kernel's choice), else their exact dequantization (the `torch` kernel's): the
         # compiled integer kernels take float32 engines.
         self.fast_quantized = dtype == torch.float32 or onednn_supports(dtype)
+
+    @functools.cached_property
+    def kernels(self):
+        from pipeline.runtime import native
+
+        return native.load()
 
     def prepare(self, w):
         if w.dtype not in NativeFloatLinear.FORMATS:

@@ -166,31 +166,26 @@ struct F32Row {
 // 16-bit float weights (formats 4 IEEE half, 5 bfloat16; scale 1) of a 16-bit engine's float linears: each weight
 // widened to float32 exactly as it is read, so the product is float32 activations times the stored values,
 // accumulated in float32 (the engine rounds the output to its dtype once), at half the bytes of float32.
-struct F16Row {
+template <bool kBfloat16>
+struct Float16Row {
   using T = uint16_t;
   const uint16_t* p;
   static constexpr float kUnit = 1.0f;
   static constexpr int64_t kBlockBytes = 64;  // bytes of one 32-value block
   static constexpr bool kOffset = false;
   inline void decode(int64_t k, V::F w[kVecs]) const {
-    for (int c = 0; c < kVecs; ++c) w[c] = V::half_values(p + k + V::kLanes * c);
+    for (int c = 0; c < kVecs; ++c) {
+      w[c] = kBfloat16 ? V::bf16_values(p + k + V::kLanes * c) : V::half_values(p + k + V::kLanes * c);
+    }
   }
-  inline float at(int64_t k) const { return static_cast<float>(c10::Half(p[k], c10::Half::from_bits())); }
+  inline float at(int64_t k) const {
+    if constexpr (kBfloat16) return static_cast<float>(c10::BFloat16(p[k], c10::BFloat16::from_bits()));
+    else return static_cast<float>(c10::Half(p[k], c10::Half::from_bits()));
+  }
   inline const char* address(int64_t k) const { return reinterpret_cast<const char*>(p + k); }
 };
-
-struct Bf16Row {
-  using T = uint16_t;
-  const uint16_t* p;
-  static constexpr float kUnit = 1.0f;
-  static constexpr int64_t kBlockBytes = 64;  // bytes of one 32-value block
-  static constexpr bool kOffset = false;
-  inline void decode(int64_t k, V::F w[kVecs]) const {
-    for (int c = 0; c < kVecs; ++c) w[c] = V::bf16_values(p + k + V::kLanes * c);
-  }
-  inline float at(int64_t k) const { return static_cast<float>(c10::BFloat16(p[k], c10::BFloat16::from_bits())); }
-  inline const char* address(int64_t k) const { return reinterpret_cast<const char*>(p + k); }
-};
+using F16Row = Float16Row<false>;
+using Bf16Row = Float16Row<true>;
 
 // Rows [n0, n1) of the output for activation rows [m0, m0 + B).
 // The loops over activation rows and vectors are unrolled by pragma: GCC otherwise unrolls them after its scalar
