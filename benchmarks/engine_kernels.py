@@ -63,7 +63,7 @@ def main() -> None:
     p.add_argument("--isa", choices=["avx2", "avx512"],
                    help="with --before or --kernel_before: both sides on this weight-kernel instance")
     p.add_argument("--isas", action="store_true", help="compare this tree's AVX2 and AVX-512 instances")
-    p.add_argument("--kernel_before", choices=["torch", "onednn", "native"],
+    p.add_argument("--kernel_before", choices=["torch", "onednn"],
                    help="compare the linear kernel NAME (before) with auto (after), both with this tree's kernels")
     p.add_argument("--rounds", type=int, default=30, help="pairs of bursts per format and batch")
     p.add_argument("--steps", type=int, default=5, help="tokens per burst")
@@ -92,11 +92,11 @@ def main() -> None:
         else:
             sides = {"before": Instance(kernels_of_revision(args.before, Path(tmp)), args.isa),
                      "after": Instance(after, args.isa)}
+        kernel = {"before": args.kernel_before or "auto", "after": "auto"}
         engines = {f: engine_for(f, Path(args.cache).resolve()) for f in args.formats}  # built before any timing
         bandwidth = read_bandwidth()
         rows = []
         for fmt, engine in engines.items():
-            kernel = {"before": args.kernel_before or "auto", "after": "auto"}
             models = {name: runner_with(engine, side.module, kernel[name]).model for name, side in sides.items()}
             activate = {name: side.activate for name, side in sides.items()}
             figures = {batch: paired_bursts(models, batch, args.rounds, args.steps, activate) for batch in (1, 8)}

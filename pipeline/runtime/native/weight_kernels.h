@@ -435,13 +435,6 @@ void rows_kernel_int4_factored_tiled(const Problem& P, const uint8_t* base, int6
 }
 
 #if QG_LANES == 16
-// int4 in the AVX-512 instance, groups of whole blocks, any number of rows: a group's weights take only 16 values,
-// (u - 8) * s (+ z) for the stored u = q + 8 in 0..15. rows_kernel computes that per weight (a conversion, a
-// multiply and maybe an add); here the group's 16 values are computed once into one vector, by the same operations
-// in the same order (so each weight is the same float as rows_kernel's), and each weight is looked up in it by its
-// nibble (int4_group_table, int4_lookup_block). At
-// one or two rows this also replaces rows_kernel_factored (whose per-group sums and offset cost a third of its
-// instructions at groups of 64); from three rows on its chains are rows_kernel's, and so are its bits.
 // Output row n's group g as its 16 dequantized values, (u - 8) * s (+ z) for u = 0..15: rows_kernel's operations
 // (a multiply, then maybe an add), so each looked-up weight is the float rows_kernel computes.
 inline V::F int4_group_table(const Problem& P, int64_t n, int64_t g) {
@@ -461,6 +454,13 @@ inline void int4_lookup_block(const uint8_t* bytes, V::F table, V::F (&w)[kVecs]
   w[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(u, 4), table);
 }
 
+// int4 in the AVX-512 instance, groups of whole blocks, any number of rows: a group's weights take only 16 values,
+// (u - 8) * s (+ z) for the stored u = q + 8 in 0..15. rows_kernel computes that per weight (a conversion, a
+// multiply and maybe an add); here the group's 16 values are computed once into one vector, by the same operations
+// in the same order (so each weight is the same float as rows_kernel's), and each weight is looked up in it by its
+// nibble (int4_group_table, int4_lookup_block). At one or two rows this also replaces rows_kernel_factored (whose
+// per-group sums and offset cost a third of its instructions at groups of 64); from three rows on its chains are
+// rows_kernel's, and so are its bits.
 template <int B, int kGroupBlocks>
 void rows_kernel_int4_lookup(const Problem& P, const uint8_t* base, int64_t stride, int64_t m0, int64_t n0,
                              int64_t n1) {
