@@ -1,6 +1,8 @@
 """The KV cache's in-place write: each sequence's keys and values land at its own positions (or ring slots), nothing
 else changes, and the returned view covers [0, kv_len) of this batch's rows."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -55,3 +57,24 @@ def test_full_rotary_fast_path_equals_the_partial_formula():
     assert torch.equal(apply_rope(x, cos, sin), expected)
     partial = apply_rope(x, cos[..., :4], sin[..., :4])
     assert torch.equal(partial[..., 4:], x[..., 4:])
+
+
+def _resident_bytes() -> int:
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="resident memory is read from Linux's /proc")
+def test_a_cache_becomes_resident_only_where_written():
+    # 2 x 128 MiB of cache, [8, 4, 4096, 256] float32: each sequence's KV head is 4 MiB, so a write at one position
+    # of every row touches 64 pages. Huge pages would make that 64 x 2 MiB resident; 4 KiB pages, 256 KiB.
+    cache = KVCache(8, 4, 4096, 256, torch.float32)
+    before = _resident_bytes()
+    k = torch.randn(8, 4, 1, 256)
+    cache.update(torch.full((8, 1), 3000), k, -k, 3001)
+    grown = _resident_bytes() - before
+    assert grown < 16 * 2**20, f"writing one position of every row made {grown / 2**20:.0f} MiB resident"
+    assert torch.equal(cache.k[:, :, 3000:3001], k) and torch.equal(cache.v[:, :, 3000:3001], -k)
+    assert not cache.k[:, :, :3000].any() and not cache.v[:, :, 3001:].any()
