@@ -21,7 +21,7 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     step on a 2-core VM, against ~11 MB and ~10 ms in 4 KiB pages. A decode step reads a few positions of each
     sequence's rows, so huge pages buy it nothing."""
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    if nbytes == 0 or not hasattr(mmap, "MAP_PRIVATE"):  # no anonymous private mappings (Windows): calloc'd zeros
+    if nbytes == 0 or not hasattr(mmap, "MAP_ANONYMOUS"):  # no anonymous private mappings (Windows): calloc'd zeros
         same_size = {2: np.int16, 4: np.float32, 1: np.int8}[torch.empty((), dtype=dtype).element_size()]
         return torch.from_numpy(np.zeros(shape, dtype=same_size)).view(dtype)
     pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
