@@ -20,9 +20,10 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     2 MiB page: a SmolLM2 decode step at batch 8 writes into ~1,400 of them, ~2.9 GB resident and ~5 s for the first
     step on a 2-core VM, against ~11 MB and ~10 ms in 4 KiB pages. A decode step reads a few positions of each
     sequence's rows, so huge pages buy it nothing."""
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * itemsize
     if nbytes == 0 or not hasattr(mmap, "MAP_ANONYMOUS"):  # no anonymous private mappings (Windows): calloc'd zeros
-        same_size = {2: np.int16, 4: np.float32, 1: np.int8}[torch.empty((), dtype=dtype).element_size()]
+        same_size = {2: np.int16, 4: np.float32, 1: np.int8}[itemsize]
         return torch.from_numpy(np.zeros(shape, dtype=same_size)).view(dtype)
     pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
                       prot=mmap.PROT_READ | mmap.PROT_WRITE)

@@ -1,6 +1,7 @@
 """The KV cache's in-place write: each sequence's keys and values land at its own positions (or ring slots), nothing
 else changes, and the returned view covers [0, kv_len) of this batch's rows."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -60,8 +61,6 @@ def test_full_rotary_fast_path_equals_the_partial_formula():
 
 
 def _resident_bytes() -> int:
-    import os
-
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
