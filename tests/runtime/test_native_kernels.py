@@ -25,8 +25,11 @@ BITS = {"int8": 8, "int4": 4, "fp8": 0}
 # multiple of 8 or 32 (20, 40 in groups of 8, 48 in groups of 16), one group per row. Batches 1 and 2 of groups of whole
 # 32-value blocks run the kernel that scales each group's sum once (rows_kernel_factored; groups of 64 and 128 have
 # their own instances), the others rows_kernel; int4 in the AVX-512 instance runs rows_kernel_int4_lookup at any
-# batch where groups are whole blocks.
-SHAPES = [(13, 20, 1), (17, 40, 5), (5, 48, 3), (33, 288, 9), (96, 576, 9), (40, 384, 3), (64, 768, 1), (31, 96, 3)]
+# batch where groups are whole blocks. Inputs of 1056 and 1536 at eight rows (over 32 KB of activations) run
+# rows_kernel_k_chunks: 1056 in groups of 96, which straddle its 512-value chunks, and a last chunk of one block;
+# 37 and 21 output rows, not multiples of its tiles.
+SHAPES = [(13, 20, 1), (17, 40, 5), (5, 48, 3), (33, 288, 9), (96, 576, 9), (40, 384, 3), (64, 768, 1), (31, 96, 3),
+          (37, 1056, 11), (21, 1536, 1)]
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +114,7 @@ def test_int4_weights_come_out_exactly(kernels, isa, zero):
     sum of the integer values once: the same in exact arithmetic only, see
     test_native_kernel_equals_reference_dequantization)."""
     row_counts = (1, 2, 4, 8) if isa == "avx512" else (4, 8)  # each divides every k
-    for n, k, groups in [(16, 128, 2), (7, 96, 1), (9, 256, 2), (5, 576, 1), (3, 576, 9)]:
+    for n, k, groups in [(16, 128, 2), (7, 96, 1), (9, 256, 2), (5, 576, 1), (3, 576, 9), (6, 1056, 11)]:
         w = quantized("int4", n, k, groups, zero, None)
         w.q[:, :16] = torch.arange(-8, 8, dtype=torch.int8)  # every value in the first block of every row
         linear = QuantLinear(w, None, torch.float32, True, OneDnnKernel())
@@ -119,6 +122,21 @@ def test_int4_weights_come_out_exactly(kernels, isa, zero):
         for rows in row_counts:
             got = torch.cat([linear(x) for x in torch.eye(k).split(rows)])
             assert torch.equal(got, want), (n, k, groups, rows)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "fp8"])
+@pytest.mark.parametrize("zero", [False, True])
+def test_inputs_in_chunks_give_the_unchunked_bits(kernels, isa, fmt, zero):
+    """Eight rows of 1056 inputs (34 KB of activations) run rows_kernel_k_chunks; five rows of them (21 KB) run
+    rows_kernel, whose operations per row are the same from five rows on. Each row comes out with the same bits
+    either way: the chunks keep every row's order of operations."""
+    for n, k, groups in [(37, 1056, 11), (21, 1536, 1), (40, 1536, 24)]:
+        w = quantized(fmt, n, k, groups, zero, None)
+        linear = QuantLinear(w, None, torch.float32, True, OneDnnKernel())
+        x = torch.randn(8, k, generator=torch.Generator().manual_seed(k))
+        chunked = linear(x)
+        assert torch.equal(chunked[:5], linear(x[:5])), (n, k, groups)
+        assert torch.equal(chunked[3:], linear(x[3:])), (n, k, groups)
 
 
 def activation_cases(act: str, scale: float) -> torch.Tensor:

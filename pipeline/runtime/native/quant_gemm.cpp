@@ -65,6 +65,14 @@ inline float hsum(__m256 v) {
 #define PREFETCH_DIST 2048
 #endif
 constexpr int64_t kPrefetchBytes = PREFETCH_DIST;
+// The hints for the block at k of `row` itself (the caller chooses a row that will be read later).
+template <class Row>
+inline void prefetch_at(const Row& row, int64_t k) {
+  if constexpr (kPrefetchBytes > 0) {
+    const char* a = row.address(k);
+    for (int64_t o = 0; o < Row::kBlockBytes; o += 64) _mm_prefetch(a + o, _MM_HINT_T0);
+  }
+}
 template <class Row>
 inline void prefetch_ahead(const Row& row, int64_t k) {
   if constexpr (kPrefetchBytes > 0) {
@@ -72,6 +80,11 @@ inline void prefetch_ahead(const Row& row, int64_t k) {
     for (int64_t o = 0; o < Row::kBlockBytes; o += 64) _mm_prefetch(a + o, _MM_HINT_T0);
   }
 }
+
+// The L1 data cache of the CPUs the kernels are tuned on (AMD Zen 2-5, Intel since Skylake: 32-48 KB), and the bytes
+// of activations a chunk of rows_kernel_k_chunks keeps there beside the weights being streamed and its kept chains.
+constexpr int64_t kL1Bytes = 32 * 1024;
+constexpr int64_t kChunkBytes = 16 * 1024;
 
 struct Problem {
   const float* x;      // (m, k) activations, row stride k
