@@ -65,21 +65,18 @@ inline float hsum(__m256 v) {
 #define PREFETCH_DIST 2048
 #endif
 constexpr int64_t kPrefetchBytes = PREFETCH_DIST;
+// The hints for a block's bytes at `a`, one per 64-byte line.
+template <class Row>
+inline void prefetch_block(const char* a) {
+  if constexpr (kPrefetchBytes > 0) {
+    for (int64_t o = 0; o < Row::kBlockBytes; o += 64) _mm_prefetch(a + o, _MM_HINT_T0);
+  }
+}
+template <class Row>
+inline void prefetch_ahead(const Row& row, int64_t k) { prefetch_block<Row>(row.address(k) + kPrefetchBytes); }
 // The hints for the block at k of `row` itself (the caller chooses a row that will be read later).
 template <class Row>
-inline void prefetch_at(const Row& row, int64_t k) {
-  if constexpr (kPrefetchBytes > 0) {
-    const char* a = row.address(k);
-    for (int64_t o = 0; o < Row::kBlockBytes; o += 64) _mm_prefetch(a + o, _MM_HINT_T0);
-  }
-}
-template <class Row>
-inline void prefetch_ahead(const Row& row, int64_t k) {
-  if constexpr (kPrefetchBytes > 0) {
-    const char* a = row.address(k) + kPrefetchBytes;
-    for (int64_t o = 0; o < Row::kBlockBytes; o += 64) _mm_prefetch(a + o, _MM_HINT_T0);
-  }
-}
+inline void prefetch_at(const Row& row, int64_t k) { prefetch_block<Row>(row.address(k)); }
 
 // The L1 data cache of the CPUs the kernels are tuned on (AMD Zen 2-5, Intel since Skylake: 32-48 KB), and the bytes
 // of activations a chunk of rows_kernel_k_chunks keeps there beside the weights being streamed and its kept chains.

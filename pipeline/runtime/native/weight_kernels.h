@@ -270,8 +270,9 @@ void rows_kernel(const Problem& P, const typename Row::T* base, int64_t stride, 
 // Each (output, activation) row pair takes its blocks in rows_kernel's order into chains kept as they are between
 // chunks, so the same bits. Each block's hint prefetches the same block of the row a tile further on: this tile's
 // reads jump from row to row a chunk at a time, so a hint ahead in the same row would fetch what the next chunk reads.
-// 30 layers of the default model's shapes at eight rows, 2-core AMD EPYC (AVX2): the (576, 1536) projection 0.81-0.92x
-// the time in int4, 0.64x in int8, 0.80x in FP8, 0.91x in float32; at four rows 1.01-1.17x, so not used there.
+// 30 layers of the default model's shapes at eight rows, 2-core AMD EPYC (AVX2), two runs: the (576, 1536) projection
+// 0.78-0.92x the time in int4, 0.64-0.69x in int8, 0.80-0.82x in FP8, 0.89-0.91x in float32; at four rows 1.01-1.17x,
+// so not used there.
 template <int B, class Row>
 void rows_kernel_k_chunks(const Problem& P, const typename Row::T* base, int64_t stride, int64_t m0, int64_t n0,
                           int64_t n1) {
@@ -295,7 +296,8 @@ void rows_kernel_k_chunks(const Problem& P, const typename Row::T* base, int64_t
         for (int64_t g = c0 / P.group; g * P.group < c1; ++g) {  // the groups this chunk overlaps
           const float s = P.scale[n * P.groups + g];
           const V::F vs = V::set1(s * Row::kUnit), vz = V::set1(P.zero ? P.zero[n * P.groups + g] : 0.f);
-          for (int64_t k = std::max(g * P.group, c0); k < std::min((g + 1) * P.group, c1); k += kBlock) {
+          const int64_t k1 = std::min((g + 1) * P.group, c1);
+          for (int64_t k = std::max(g * P.group, c0); k < k1; k += kBlock) {
             prefetch_at(next_tile, k);
             dequantized_block_into<B>(P, row, k, vs, vz, x, acc);
           }
