@@ -88,3 +88,28 @@ def test_calibration_tokens_are_the_per_text_stream(quant_model, monkeypatch, wi
         stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     want = torch.tensor(stream[: n * length]).view(n, length)
     assert torch.equal(calibrate.calibration_tokens(tokenizer, cfg), want)
+
+
+def test_recording_kernel_takes_the_packed_gemm_and_records_what_f_linear_computes():
+    """Where torch has oneDNN, calibration's linears run its GEMM on weights packed at load (the engine's `onednn`
+    kernel); outputs and statistics equal F.linear's up to float32 rounding, Hessians included."""
+    import torch.nn.functional as F
+
+    from pipeline.quantize.calibrate import RecordingKernel
+    from pipeline.runtime.kernels import TorchKernel, onednn_available
+
+    torch.manual_seed(0)
+    x, w, b = torch.randn(3, 40, 96), torch.randn(72, 96), torch.randn(72)
+    fast, plain = RecordingKernel(hessian=True), RecordingKernel(hessian=True, gemm=TorchKernel())
+    outputs = []
+    for kernel in (fast, plain):
+        prepared = kernel.prepare(w)
+        kernel.names = {id(prepared): "mlp.fc"}
+        outputs.append(kernel(x, prepared, b))
+    if onednn_available():
+        assert fast.prepare(w).layout == torch._mkldnn  # packed once, at load
+    assert torch.allclose(outputs[0], F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    got, want = fast.acc["mlp.fc"].tensors("m"), plain.acc["mlp.fc"].tensors("m")
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.allclose(got[name], want[name], rtol=1e-5, atol=1e-5), name
