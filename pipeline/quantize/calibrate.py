@@ -77,7 +77,7 @@ class _Accumulator:
 class RecordingKernel(TorchKernel):
     """An fp32 linear that records each named weight's input and output statistics. The products are oneDNN's GEMM
     on weights packed once per layer where torch has oneDNN (`OneDnnKernel`), else F.linear (MKL's GEMM): on the
-    calibration's shapes (1024 rows) the packed GEMM ran 1.15-1.4x as fast (2-core AMD EPYC Zen 4), and a layer's
+    calibration's shapes (1024 rows) the packed GEMM ran 1.1-1.5x as fast (2-core AMD EPYC Zen 4), and a layer's
     weights serve every batch. The two differ only in float32 rounding."""
 
     def __init__(self, hessian: bool, gemm: TorchKernel | None = None):
