@@ -101,13 +101,13 @@ def test_recording_kernel_takes_the_packed_gemm_and_records_what_f_linear_comput
     torch.manual_seed(0)
     x, w, b = torch.randn(3, 40, 96), torch.randn(72, 96), torch.randn(72)
     fast, plain = RecordingKernel(hessian=True), RecordingKernel(hessian=True, gemm=TorchKernel())
-    outputs = []
+    prepared, outputs = [], []
     for kernel in (fast, plain):
-        prepared = kernel.prepare(w)
-        kernel.names = {id(prepared): "mlp.fc"}
-        outputs.append(kernel(x, prepared, b))
+        prepared.append(kernel.prepare(w))
+        kernel.names = {id(prepared[-1]): "mlp.fc"}
+        outputs.append(kernel(x, prepared[-1], b))
     if onednn_available():
-        assert fast.prepare(w).layout == torch._mkldnn  # packed once, at load
+        assert prepared[0].layout == torch._mkldnn  # packed once, at load
     assert torch.allclose(outputs[0], F.linear(x, w, b), rtol=1e-5, atol=1e-5)
     got, want = fast.acc["mlp.fc"].tensors("m"), plain.acc["mlp.fc"].tensors("m")
     assert got.keys() == want.keys()
