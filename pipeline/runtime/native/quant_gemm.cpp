@@ -55,25 +55,42 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// Software prefetch of the weights kPrefetchBytes ahead of the block being read (a hint per 64-byte line of the
-// block; a hint past the end of a matrix is harmless). The hardware prefetchers alone left an 8-row pass streaming
-// float32 weights at ~10 GB/s on a 2-core Xeon VM; with the hints, 30 layers of the default model's shapes (2
-// threads, best of 6 rounds) took 0.90x the time at one row and 0.73x at eight in float32, 0.65x and 0.76x in int8,
-// 0.91x at one row in int4, and the float32 lm_head 0.84x and 0.63x. 2048 bytes was the best of 1, 2 and 4 KiB.
-// -DPREFETCH_DIST=0 compiles them out (for measurement).
+// Software prefetch of the weights ahead of the block being read (a hint per 64-byte line of the block; a hint past
+// the end of a matrix is harmless). The hardware prefetchers alone left an 8-row pass streaming float32 weights at
+// ~10 GB/s on a 2-core Xeon VM; with hints into L1 2 KiB ahead, 30 layers of the default model's shapes (2 threads,
+// best of 6 rounds) took 0.90x the time at one row and 0.73x at eight in float32, 0.65x and 0.76x in int8, 0.91x at
+// one row in int4, and the float32 lm_head 0.84x and 0.63x. 2048 bytes was the best of 1, 2 and 4 KiB.
+// Rows whose stream, not their decode, is the slower part (`kPrefetchToL2`: float32, half, bfloat16 and int8) take
+// their hints into L2 instead, 8 KiB ahead (kL2PrefetchBytes). On a 2-core AMD EPYC Zen 4 VM, 30 layers of the
+// default model's shapes, hint kinds built side by side and called alternately (medians of 11, two runs): float32
+// took 0.72-0.86x the time at one row and 0.64-0.66x at eight, the float32 lm_head 0.70-0.72x and 0.61-0.73x, half
+// and bfloat16 0.73-0.75x and 0.91x, int8 0.90-0.94x and 0.99-1.00x. For float32 at eight rows, hints into L2 2 KiB
+// ahead took 0.85x, 4 KiB 0.69x, 16 KiB as 8 KiB; hints into both (L1 2 KiB, L2 8 KiB ahead) 1.27-1.36x. int4 and
+// FP8, whose decode bounds them, keep L1 2 KiB ahead: into L2 8 KiB ahead int4 took 1.07-1.10x at one row and FP8
+// 0.94-1.05x, both 1.01-1.04x at eight. (Presumably the L1 hints' few misses in flight held the denser streams back.)
+// -DPREFETCH_DIST=0 compiles all hints out (for measurement).
 #ifndef PREFETCH_DIST
 #define PREFETCH_DIST 2048
 #endif
+#ifndef L2_PREFETCH_DIST
+#define L2_PREFETCH_DIST 8192
+#endif
 constexpr int64_t kPrefetchBytes = PREFETCH_DIST;
+constexpr int64_t kL2PrefetchBytes = PREFETCH_DIST > 0 ? L2_PREFETCH_DIST : 0;
 // The hints for a block's bytes at `a`, one per 64-byte line.
 template <class Row>
 inline void prefetch_block(const char* a) {
   if constexpr (kPrefetchBytes > 0) {
-    for (int64_t o = 0; o < Row::kBlockBytes; o += 64) _mm_prefetch(a + o, _MM_HINT_T0);
+    for (int64_t o = 0; o < Row::kBlockBytes; o += 64) {
+      if constexpr (Row::kPrefetchToL2) _mm_prefetch(a + o, _MM_HINT_T1);
+      else _mm_prefetch(a + o, _MM_HINT_T0);
+    }
   }
 }
 template <class Row>
-inline void prefetch_ahead(const Row& row, int64_t k) { prefetch_block<Row>(row.address(k) + kPrefetchBytes); }
+inline void prefetch_ahead(const Row& row, int64_t k) {
+  prefetch_block<Row>(row.address(k) + (Row::kPrefetchToL2 ? kL2PrefetchBytes : kPrefetchBytes));
+}
 // The hints for the block at k of `row` itself (the caller chooses a row that will be read later).
 template <class Row>
 inline void prefetch_at(const Row& row, int64_t k) { prefetch_block<Row>(row.address(k)); }

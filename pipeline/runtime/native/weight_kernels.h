@@ -104,6 +104,7 @@ struct Int8Row {
   static constexpr float kUnit = 1.0f;
   static constexpr int64_t kBlockBytes = 32;  // bytes of one 32-value block
   static constexpr bool kOffset = false;
+  static constexpr bool kPrefetchToL2 = true;  // see quant_gemm.cpp: prefetch_block
   inline void decode(int64_t k, V::F w[kVecs]) const {
     for (int c = 0; c < kVecs; ++c) w[c] = V::int8_values(p + k + V::kLanes * c);
   }
@@ -118,6 +119,7 @@ struct Int4Row {
   static constexpr int64_t kBlockBytes = 16;  // bytes of one 32-value block
   // The factored kernel multiplies the stored values u = q + 8 (decode_offset) and subtracts 8 * sum(x) per group.
   static constexpr bool kOffset = true;
+  static constexpr bool kPrefetchToL2 = false;  // its decode, not its stream, is the slower part
   inline void decode_offset(int64_t k, V::F w[kVecs]) const { V::int4_offset_values(p + k / 2, w); }
   inline void decode(int64_t k, V::F w[kVecs]) const {
     decode_offset(k, w);
@@ -141,6 +143,7 @@ struct Fp8Row {
   static constexpr float kUnit = 256.0f;
   static constexpr int64_t kBlockBytes = 32;  // bytes of one 32-value block
   static constexpr bool kOffset = false;
+  static constexpr bool kPrefetchToL2 = false;  // its decode, not its stream, is the slower part
   inline void decode(int64_t k, V::F w[kVecs]) const {
     for (int c = 0; c < kVecs; ++c) w[c] = V::fp8_values(p + k + V::kLanes * c);
   }
@@ -157,6 +160,7 @@ struct F32Row {
   static constexpr float kUnit = 1.0f;
   static constexpr int64_t kBlockBytes = 128;  // bytes of one 32-value block
   static constexpr bool kOffset = false;
+  static constexpr bool kPrefetchToL2 = true;
   inline void decode(int64_t k, V::F w[kVecs]) const {
     for (int c = 0; c < kVecs; ++c) w[c] = V::load(p + k + V::kLanes * c);
   }
@@ -174,6 +178,7 @@ struct Float16Row {
   static constexpr float kUnit = 1.0f;
   static constexpr int64_t kBlockBytes = 64;  // bytes of one 32-value block
   static constexpr bool kOffset = false;
+  static constexpr bool kPrefetchToL2 = true;
   inline void decode(int64_t k, V::F w[kVecs]) const {
     for (int c = 0; c < kVecs; ++c) {
       w[c] = kBfloat16 ? V::bf16_values(p + k + V::kLanes * c) : V::half_values(p + k + V::kLanes * c);
